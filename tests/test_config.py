@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import pytest
-from omegaconf.errors import ConfigCompositionException, OmegaConfBaseException
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import OmegaConfBaseException
 
 from _runs import cli, compose_cfg
 from worldline.train.config import ConfigError, validate
@@ -27,12 +28,29 @@ def test_groups_compose() -> None:
 
 @pytest.mark.parametrize("override, key", [
     ("train.stepz=3", "stepz"),
-    ("+model.dit.hiden_size=3", "hiden_size"),
+    ("model.dit.hiden_size=3", "hiden_size"),
 ])
 def test_unknown_key_is_rejected_naming_it(override: str, key: str) -> None:
     with pytest.raises((ConfigCompositionException, OmegaConfBaseException)) as e:
         compose_cfg(["stage=autoencoder", override])
     assert key in str(e.value) + str(e.value.__cause__)
+
+
+def test_forced_unknown_key_is_rejected_by_validate() -> None:
+    # "+key=value" deliberately bypasses struct mode; validate() still names the key.
+    cfg = compose_cfg(["stage=autoencoder", "+model.dit.hiden_size=3"])
+    with pytest.raises(ConfigError, match=r"model\.dit\.hiden_size: unknown key"):
+        validate(cfg)
+
+
+def test_unknown_key_in_a_yaml_file_is_rejected(tmp_path) -> None:
+    # A user's own experiment file with a typo, found through hydra.searchpath.
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\ntrain:\n  stepz: 3\n")
+    with pytest.raises((ConfigCompositionException, OmegaConfBaseException)) as e:
+        compose_cfg([f"hydra.searchpath=[file://{tmp_path}]", "experiment=mine"])
+    assert "stepz" in str(e.value) + str(e.value.__cause__)
 
 
 @pytest.mark.parametrize("override, key", [

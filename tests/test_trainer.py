@@ -90,9 +90,9 @@ def test_exact_resume_is_bitwise(tmp_path, datasets, ae_run) -> None:
     a, b = _losses(straight), _losses(resumed)
     assert [s for s, _ in a] == list(range(1, 2 * n + 1))
     assert a == b  # float equality of every step's loss
-    ta = torch.load(straight / "checkpoints" / f"step_{2 * n}" / "rng" / "rank_0.pt",
+    ta = torch.load(straight / "checkpoints" / f"step_{2 * n}" / "ranks" / "rank_0.pt",
                     weights_only=True)
-    tb = torch.load(resumed / "checkpoints" / f"step_{2 * n}" / "rng" / "rank_0.pt",
+    tb = torch.load(resumed / "checkpoints" / f"step_{2 * n}" / "ranks" / "rank_0.pt",
                     weights_only=True)
     assert torch.equal(ta["generators"]["train"], tb["generators"]["train"])
     sa = json.loads((straight / "checkpoints" / f"step_{2 * n}" / "train_state.json").read_text())

@@ -5,7 +5,8 @@ Layout of ``<run dir>/checkpoints/``::
     step_<N>/                 # renamed into place only once every file below is written
         .metadata, *.distcp   # torch.distributed.checkpoint: model, optim, ema, frozen modules
         train_state.json      # TrainState (step, data position, scheduler, W&B id, ...)
-        rng/rank_<r>.pt       # per-rank RNG states (tensors only: loads with weights_only)
+        ranks/rank_<r>.pt     # per-rank RNG states (tensors only: loads with weights_only)
+        ranks/rank_<r>.json   # per-rank data-loader position (each rank streams its own shards)
         meta.json             # resolved config, world size, versions
     latest                    # text file "step_<N>", written last (atomically)
 
@@ -151,12 +152,14 @@ class Checkpointer:
         _barrier()
         with _quiet_dcp():
             dcp.save(tensors, checkpoint_id=str(partial))
-        (partial / "rng").mkdir(exist_ok=True)
-        torch.save(rng, partial / "rng" / f"rank_{rank}.pt")
+        (partial / "ranks").mkdir(exist_ok=True)
+        torch.save(rng, partial / "ranks" / f"rank_{rank}.pt")
+        _atomic_write_text(partial / "ranks" / f"rank_{rank}.json",
+                           json.dumps({"data": train_state.data}))
         _barrier()
         if rank == 0:
-            _atomic_write_text(partial / "train_state.json",
-                               json.dumps(train_state.to_dict(), indent=1))
+            shared = {**train_state.to_dict(), "data": "per rank: ranks/rank_<r>.json"}
+            _atomic_write_text(partial / "train_state.json", json.dumps(shared, indent=1))
             _atomic_write_text(partial / "meta.json", json.dumps(meta, indent=1, default=str))
             if final.exists():  # re-saving a step (e.g. resumed at a save boundary)
                 shutil.rmtree(final)
@@ -187,13 +190,17 @@ def load_tensors(ckpt: Path, tensors: dict[str, Any], allow_partial: bool = Fals
         dcp.load(tensors, checkpoint_id=str(ckpt), planner=planner)
 
 
-def load_train_state(ckpt: Path) -> TrainState:
-    return TrainState.from_dict(json.loads((ckpt / "train_state.json").read_text()))
+def load_train_state(ckpt: Path, rank: int) -> TrainState:
+    """The shared TrainState with this rank's data-loader position filled in."""
+    state = TrainState.from_dict(json.loads((ckpt / "train_state.json").read_text()))
+    f = ckpt / "ranks" / f"rank_{rank}.json"
+    state.data = json.loads(f.read_text())["data"] if f.is_file() else {}
+    return state
 
 
 def load_rng(ckpt: Path, rank: int) -> Optional[dict[str, Any]]:
     """This rank's RNG state, or None when the checkpoint came from fewer ranks."""
-    f = ckpt / "rng" / f"rank_{rank}.pt"
+    f = ckpt / "ranks" / f"rank_{rank}.pt"
     return torch.load(f, weights_only=True) if f.is_file() else None
 
 

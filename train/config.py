@@ -10,6 +10,7 @@ entry point calls right after composition.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -212,8 +213,25 @@ def _one_of(value: Any, key: str, allowed: tuple[str, ...]) -> None:
     _check(value in allowed, key, f"{value!r} is not one of {list(allowed)}")
 
 
+def _check_known_keys(node: Any, prefix: str) -> None:
+    # Struct mode rejects unknown keys in YAML and plain overrides, but Hydra's "+key=value"
+    # opens the struct on purpose; catch such additions against the dataclass fields here.
+    if not isinstance(node, DictConfig):
+        return
+    typ = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(typ):
+        known = {f.name for f in dataclasses.fields(typ)}
+        for key in node.keys():
+            if key not in known:
+                raise ConfigError(f"invalid config: {prefix}{key}: unknown key "
+                                  f"(valid: {', '.join(sorted(known))})")
+    for key in node.keys():
+        _check_known_keys(node._get_node(key), f"{prefix}{key}.")
+
+
 def validate(cfg: DictConfig | WorldlineConfig) -> None:
     """Cross-field checks that types cannot express. Raises :class:`ConfigError` naming the key."""
+    _check_known_keys(cfg, "")
     _one_of(cfg.stage.name, "stage.name", STAGES)
     _one_of(cfg.stage.objective, "stage.objective", OBJECTIVES)
     for c in cfg.stage.conditions:

@@ -21,7 +21,8 @@ class TrainState:
     samples_seen: int = 0
     tokens_seen: int = 0
     skipped_steps: int = 0
-    # Data-loader position (JSON): restores the exact next batch.
+    # This rank's data-loader position (JSON): restores the exact next batch. Saved per rank
+    # (ranks/rank_<r>.json in the checkpoint), since every rank streams its own shards.
     data: dict[str, Any] = field(default_factory=dict)
     # LR scheduler state_dict (JSON-able for LambdaLR).
     scheduler: dict[str, Any] = field(default_factory=dict)

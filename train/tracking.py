@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -73,7 +74,8 @@ class Tracker:
                          ("WANDB_DATA_DIR", ".data"), ("WANDB_ARTIFACT_DIR", ".artifacts")):
             os.environ.setdefault(var, str(wdir / sub))
         os.environ.setdefault("WANDB_SILENT", "true")
-        self.run_id = self.run_id or wandb.util.generate_id()
+        # Our own id (W&B's generator is not public API); kept in TrainState for resume.
+        self.run_id = self.run_id or uuid.uuid4().hex[:12]
         self.wandb = wandb.init(
             project=cfg.project,
             entity=cfg.entity,

@@ -326,7 +326,7 @@ class Trainer:
                        optim_state_dict=tensors["optim"])
         for key, module in self.frozen.items():
             module.load_state_dict(tensors[key])
-        self.state = ckpt_lib.load_train_state(path)
+        self.state = ckpt_lib.load_train_state(path, self.rank)
         self.scheduler.load_state_dict(self.state.scheduler)
         self.loader.load_state_dict(self.state.data)
         rng = ckpt_lib.load_rng(path, self.rank)

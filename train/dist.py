@@ -1,0 +1,123 @@
+"""Process-group set-up from torchrun or SLURM variables, and a clean distributed exit.
+
+Launch modes:
+
+- ``torchrun`` (single or multi-node with rendezvous) sets RANK, LOCAL_RANK, WORLD_SIZE,
+  MASTER_ADDR and MASTER_PORT.
+- ``srun`` starting one task per GPU sets SLURM_PROCID, SLURM_LOCALID and SLURM_NTASKS; the
+  master is the first host of ``scontrol show hostnames $SLURM_JOB_NODELIST`` resolved through
+  ``scontrol show node`` (NodeAddr, since node names need not resolve) and the port is derived
+  from the job id.
+- Otherwise: one process, no process group.
+
+CUDA + NCCL when a GPU is visible, CPU + gloo otherwise.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    master_addr: Optional[str] = None
+    master_port: Optional[int] = None
+    launcher: str = "none"
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _scontrol(*args: str) -> str:
+    return subprocess.run(["scontrol", *args], check=True, capture_output=True, text=True,
+                          timeout=30).stdout
+
+
+def slurm_master_addr(nodelist: str) -> str:
+    """NodeAddr of the first host in a SLURM nodelist expression (e.g. ``node[1-2]``)."""
+    first = _scontrol("show", "hostnames", nodelist).split()[0]
+    m = re.search(r"NodeAddr=(\S+)", _scontrol("show", "node", first))
+    return m.group(1) if m else first
+
+
+def slurm_port(job_id: str, base: int = 20000, span: int = 20000) -> int:
+    """A port derived from the job id, so concurrent jobs on shared nodes rarely collide."""
+    return base + int(re.sub(r"\D", "", job_id) or 0) % span
+
+
+def dist_env(environ: Optional[dict[str, str]] = None) -> DistInfo:
+    """Read the launcher's variables (torchrun first, then srun) without side effects."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistInfo(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]),
+                        env.get("MASTER_ADDR"), int(env["MASTER_PORT"]) if "MASTER_PORT" in env
+                        else None, "torchrun")
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
+        return DistInfo(
+            int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
+            env.get("MASTER_ADDR") or slurm_master_addr(env["SLURM_JOB_NODELIST"]),
+            int(env["MASTER_PORT"]) if "MASTER_PORT" in env else slurm_port(env["SLURM_JOB_ID"]),
+            "srun")
+    return DistInfo()
+
+
+def init_distributed(timeout_s: float = 600.0) -> DistInfo:
+    """Initialise the default process group when launched with several ranks.
+
+    ``timeout_s`` bounds every collective, so a dead or stalled rank makes the others fail
+    with an error instead of hanging forever."""
+    info = dist_env()
+    if not info.distributed or dist.is_initialized():
+        return info
+    if info.master_addr:
+        os.environ["MASTER_ADDR"] = info.master_addr
+    if info.master_port:
+        os.environ["MASTER_PORT"] = str(info.master_port)
+    os.environ.setdefault("RANK", str(info.rank))
+    os.environ.setdefault("WORLD_SIZE", str(info.world_size))
+    os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    log.info("rank %d/%d (local %d) up via %s, backend %s", info.rank, info.world_size,
+             info.local_rank, info.launcher, backend)
+    return info
+
+
+def finish(code: int = 0) -> None:
+    """Exit a distributed entry point cleanly and never return.
+
+    A 2-process gloo run that wrote a checkpoint can abort at interpreter shutdown
+    ("terminate called without an active exception") while gloo's threads are torn down; a
+    barrier, an explicit destroy, flushed streams and ``os._exit`` sidestep that teardown."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            if code == 0:
+                dist.barrier()
+            dist.destroy_process_group()
+        except Exception as e:  # a peer already died: still exit with our own code
+            log.warning("process-group teardown failed: %s", e)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
