@@ -72,7 +72,7 @@ def load_for_inference(cfg: DictConfig, checkpoint: str, use_ema: bool):
     OmegaConf.set_struct(cfg, True)
     validate(cfg)
     trainer = make_trainer(cfg)
-    used = ckpt_lib.load_module_weights(trainer.model, path, "model", prefer_ema=use_ema)
+    used = ckpt_lib.load_module_weights(trainer.module, path, "model", prefer_ema=use_ema)
     trainer.model.eval()
     log.info("loaded %s (%s weights)", path, "EMA" if used else "raw")
     return trainer, path

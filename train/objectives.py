@@ -53,15 +53,17 @@ class AutoencoderTrainer(Trainer):
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = to_unit_range(batch["video"])
         recon, mean, logvar = self.model(x, generator=self.generator)
-        loss, parts = autoencoder_loss(x, recon, mean, logvar, self.model.args)
+        loss, parts = autoencoder_loss(x, recon, mean, logvar, self.module.args)
         self._track_latent_stats(mean.detach())
         return loss, parts
 
     @torch.no_grad()
-    def _track_latent_stats(self, mean: torch.Tensor, momentum: float = 0.02) -> None:
+    def _track_latent_stats(self, mean: torch.Tensor, min_momentum: float = 0.02) -> None:
         # Per-channel statistics of the latents, saved with the weights, so the diffusion
-        # stage trains on unit-variance latents without a separate statistics pass.
-        m = self.model
+        # stage trains on unit-variance latents without a separate statistics pass. A running
+        # average at first (momentum 1/k), then an EMA that follows the still-moving encoder.
+        m = self.module
+        momentum = max(1.0 / (self.state.step + 1), min_momentum)
         dims = [0, 2, 3, 4]
         m.latent_mean.lerp_(mean.float().mean(dims), momentum)
         m.latent_std.lerp_(mean.float().std(dims).clamp_min(1e-4), momentum)
@@ -72,7 +74,7 @@ class AutoencoderTrainer(Trainer):
 
     def flops_per_sample(self) -> float:
         d = self.cfg.data
-        return float(self.model.flops_per_sample(d.num_frames, *d.resolution))
+        return float(self.module.flops_per_sample(d.num_frames, *d.resolution))
 
     def probe_batch(self) -> dict[str, Any]:
         """The first batch of the data in fixed (unshuffled) order: the same clips every time."""
@@ -82,13 +84,13 @@ class AutoencoderTrainer(Trainer):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        mean, _ = self.model.encode(x)
-        return self.model.decode(mean).clamp(-1, 1)
+        mean, _ = self.module.encode(x)
+        return self.module.decode(mean).clamp(-1, 1)
 
     def sample(self, step: int) -> None:
         batch = self.probe_batch()
         x = to_unit_range(batch["video"])
-        ctx = self.ema.applied_to(self.model) if self.ema is not None else nullcontext()
+        ctx = self.ema.applied_to(self.module) if self.ema is not None else nullcontext()
         with ctx:
             recon = self.reconstruct(x)
         out = self.run_dir / "samples" / f"step_{step}"
@@ -149,10 +151,10 @@ class FlowTrainer(Trainer):
         return (t // pt) * (h // ph) * (w // pw)
 
     def tokens_per_sample(self) -> int:
-        return self._num_tokens(self.model)
+        return self._num_tokens(self.module)
 
     def flops_per_sample(self) -> float:
-        return float(self.model.flops_per_sample(self.latent_shape, self.cfg.model.text.max_len))
+        return float(self.module.flops_per_sample(self.latent_shape, self.cfg.model.text.max_len))
 
     @torch.no_grad()
     def encode(self, video_u8: torch.Tensor) -> torch.Tensor:
@@ -163,7 +165,7 @@ class FlowTrainer(Trainer):
     def conditions(self, batch: dict[str, Any], n: int) -> dict[str, Any]:
         """Text ids/mask, actions and camera for the active stage conditions (others None)."""
         active = set(self.cfg.stage.conditions)
-        ids, mask = self.model.tokenizer(list(batch["caption"])[:n], self.cfg.model.text.max_len)
+        ids, mask = self.module.tokenizer(list(batch["caption"])[:n], self.cfg.model.text.max_len)
         return {
             "text_ids": ids.to(self.device),
             "text_mask": mask.to(self.device),
@@ -217,7 +219,7 @@ class FlowTrainer(Trainer):
         s = self.cfg.sample
         prompts = list(s.prompts)
         batch = self.probe_batch(len(prompts))
-        ctx = self.ema.applied_to(self.model) if (self.ema is not None and s.use_ema) else nullcontext()
+        ctx = self.ema.applied_to(self.module) if (self.ema is not None and s.use_ema) else nullcontext()
         with ctx:
             videos = self.generate(prompts, batch, s.seed, s.num_steps, s.cfg_scale)
         out = self.run_dir / "samples" / f"step_{step}"

@@ -77,6 +77,11 @@ class Trainer:
         self.device = pick_device()
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
+        if self.device.type == "cpu":
+            # Zero-initialised (adaLN-zero) and decaying weights produce denormal floats, which
+            # run ~20x slower on x86 CPUs (measured on the tiny autoencoder: 3.6 s vs 0.17 s a
+            # step). Flushing them to zero changes no result we care about.
+            torch.set_flush_denormal(True)
         if cfg.run.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(cfg.run.seed)
@@ -85,12 +90,16 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(
             cfg.run.seed * 1_000_003 + self.rank)
         self.frozen = {}
-        self.model = self.build_model().to(self.device)
+        # ``module`` is the pure model (attributes, EMA, weights I/O); ``model`` is what the
+        # parallel backend wrapped around it (forward/backward). They are the same object
+        # until a distributed backend wraps it.
+        self.module = self.build_model().to(self.device)
         self.freeze(cfg.stage.freeze)
+        self.model = self.parallelize(self.module)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = self.build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        self.ema = EMA(self.module, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.loader = self.build_loader()
         self.state = TrainState()
         self.checkpointer = ckpt_lib.Checkpointer(self.run_dir, cfg.train.keep_last)
@@ -101,15 +110,19 @@ class Trainer:
     def build_model(self) -> nn.Module:
         raise NotImplementedError
 
+    def parallelize(self, module: nn.Module) -> nn.Module:
+        """Wrap the pure model for the configured backend (``dist=single``: unchanged)."""
+        return module
+
     def freeze(self, prefixes: list[str]) -> None:
         """Freeze parameters whose name starts with any of ``prefixes``."""
-        for name, p in self.model.named_parameters():
+        for name, p in self.module.named_parameters():
             if any(name.startswith(pre) for pre in prefixes):
                 p.requires_grad_(False)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
         # No weight decay on gains, biases and embeddings' 1-D parameters.
         decay = [p for n, p in named if p.ndim >= 2]
         no_decay = [p for n, p in named if p.ndim < 2]
@@ -337,10 +350,10 @@ class Trainer:
 
     def init_from(self, path: Path) -> None:
         """Start the trained model from another run's weights (EMA if it has them)."""
-        used_ema = ckpt_lib.load_module_weights(self.model, path, "model", prefer_ema=True,
+        used_ema = ckpt_lib.load_module_weights(self.module, path, "model", prefer_ema=True,
                                                 allow_partial=True)
         if self.ema is not None:
-            self.ema = EMA(self.model, self.cfg.train.ema_decay)
+            self.ema = EMA(self.module, self.cfg.train.ema_decay)
         log.info("initialised weights from %s (%s)", path, "EMA" if used_ema else "raw")
 
     def write_run_config(self) -> None:
