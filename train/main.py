@@ -61,15 +61,11 @@ def load_for_inference(cfg: DictConfig, checkpoint: str, use_ema: bool):
     from worldline.train.objectives import make_trainer
 
     path = ckpt_lib.resolve_checkpoint(checkpoint)
-    saved = OmegaConf.create(ckpt_lib.read_meta(path)["config"])
-    cfg = cfg.copy()
-    OmegaConf.set_struct(cfg, False)
-    cfg.model = saved.model
-    cfg.stage = saved.stage
+    saved = ckpt_lib.read_meta(path)["config"]
     # The checkpoint carries its frozen autoencoder; never chase the original training paths.
-    cfg.stage.init_from = None
-    cfg.stage.autoencoder_from = str(path) if saved.stage.objective == "flow" else None
-    OmegaConf.set_struct(cfg, True)
+    stage = {**saved["stage"], "init_from": None,
+             "autoencoder_from": str(path) if saved["stage"]["objective"] == "flow" else None}
+    cfg = OmegaConf.merge(cfg, {"model": saved["model"], "stage": stage})
     validate(cfg)
     trainer = make_trainer(cfg)
     used = ckpt_lib.load_module_weights(trainer.module, path, "model", prefer_ema=use_ema)
@@ -85,7 +81,7 @@ def train_app(cfg: DictConfig) -> None:
     run_training(cfg)
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="config")
+@hydra.main(version_base=None, config_path="../conf", config_name="eval")
 @_fail_cleanly
 def eval_app(cfg: DictConfig) -> None:
     """``worldline-eval eval.checkpoint=<run or checkpoint dir>``: deterministic validation
@@ -104,7 +100,7 @@ def eval_app(cfg: DictConfig) -> None:
     print(json.dumps(report, indent=1))
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="config")
+@hydra.main(version_base=None, config_path="../conf", config_name="sample")
 @_fail_cleanly
 def sample_app(cfg: DictConfig) -> None:
     """``worldline-sample sample.checkpoint=<run or checkpoint dir>``: mp4s + contact sheet for

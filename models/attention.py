@@ -1,0 +1,124 @@
+"""One attention entry point for every model in worldline.
+
+`attention(q, k, v)` picks the fastest kernel that is correct for the inputs:
+
+* flash-attn (`flash_attn_func`, or `flash_attn_varlen_func` when a key-padding mask is
+  given) when the package imports, the tensors live on CUDA in fp16/bf16 and no arbitrary
+  mask is needed;
+* `torch.nn.functional.scaled_dot_product_attention` otherwise (CPU, fp32, arbitrary masks),
+  which itself dispatches to PyTorch's flash / memory-efficient / math kernels.
+
+flash-attn is optional: nothing here requires it to be installed.
+
+    >>> q = k = v = torch.randn(2, 4, 16, 32)   # [B, heads, N, Dh]
+    >>> attention(q, k, v).shape
+    torch.Size([2, 4, 16, 32])
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:  # Optional dependency; import errors (missing wheel, ABI mismatch) mean "not available".
+    from flash_attn import flash_attn_func as _flash_attn_func
+    from flash_attn import flash_attn_varlen_func as _flash_attn_varlen_func
+
+    _FLASH_ATTN_IMPORT_OK = True
+except Exception:  # noqa: BLE001 - any failure to import just disables the fast path
+    _flash_attn_func = None
+    _flash_attn_varlen_func = None
+    _FLASH_ATTN_IMPORT_OK = False
+
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+__all__ = ["attention", "flash_attn_available"]
+
+
+def flash_attn_available() -> bool:
+    """True when the flash-attn package imported successfully (says nothing about devices)."""
+    return _FLASH_ATTN_IMPORT_OK
+
+
+def _can_use_flash(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    return (
+        _FLASH_ATTN_IMPORT_OK
+        and q.is_cuda
+        and q.dtype in _FLASH_DTYPES
+        and q.dtype == k.dtype == v.dtype
+        # flash-attn supports head dims up to 256.
+        and q.shape[-1] <= 256
+    )
+
+
+def _flash_varlen_keys(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor) -> Tensor:
+    """flash-attn with padded keys: queries stay dense, keys/values are unpadded.
+
+    q [B, H, Nq, Dh]; k, v [B, H, Nk, Dh]; key_padding_mask [B, Nk] (True = real token).
+    """
+    b, h, nq, dh = q.shape
+    nk = k.shape[2]
+    q_ = q.transpose(1, 2).reshape(b * nq, h, dh)
+    mask = key_padding_mask.bool()
+    # Boolean indexing syncs with the host once; acceptable for cross-attention on short text.
+    k_ = k.transpose(1, 2)[mask]
+    v_ = v.transpose(1, 2)[mask]
+    seqlens_k = mask.sum(dim=1, dtype=torch.int32)
+    cu_k = F.pad(seqlens_k.cumsum(0, dtype=torch.int32), (1, 0))
+    cu_q = torch.arange(0, (b + 1) * nq, nq, device=q.device, dtype=torch.int32)
+    # Nk is a valid upper bound for the longest key sequence and avoids a host sync.
+    out = _flash_attn_varlen_func(q_, k_, v_, cu_q, cu_k, nq, nk)
+    return out.view(b, nq, h, dh).transpose(1, 2)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+) -> Tensor:
+    """Scaled dot-product attention with kernel dispatch.
+
+    Args:
+        q: [B, heads, Nq, Dh]; k, v: [B, heads, Nk, Dh].
+        attn_mask: optional mask broadcastable to [B, heads, Nq, Nk]; bool (True = attend) or
+            additive float. Forces the SDPA path.
+        is_causal: causal (lower-triangular) masking.
+        key_padding_mask: optional [B, Nk] bool, True for real keys. Uses flash-attn varlen on
+            CUDA, an SDPA mask otherwise. Every row must keep at least one key.
+
+    Returns:
+        [B, heads, Nq, Dh], same dtype as q.
+    """
+    if attn_mask is None and _can_use_flash(q, k, v):
+        if key_padding_mask is None:
+            # flash-attn layout is [B, N, heads, Dh].
+            out = _flash_attn_func(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=is_causal
+            )
+            return out.transpose(1, 2)
+        if not is_causal:
+            return _flash_varlen_keys(q, k, v, key_padding_mask)
+
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.bool()[:, None, None, :]  # [B, 1, 1, Nk]
+        if attn_mask is None:
+            attn_mask = kpm
+        elif attn_mask.dtype == torch.bool:
+            attn_mask = attn_mask & kpm
+        else:
+            attn_mask = attn_mask.masked_fill(~kpm, float("-inf"))
+    if attn_mask is not None and is_causal:
+        # SDPA rejects mask + is_causal together; fold causality into the mask.
+        nq, nk = q.shape[-2], k.shape[-2]
+        causal = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril()
+        if attn_mask.dtype == torch.bool:
+            attn_mask = attn_mask & causal
+        else:
+            attn_mask = attn_mask.masked_fill(~causal, float("-inf"))
+        is_causal = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)

@@ -1,0 +1,100 @@
+"""The world model: text encoder + latent video DiT, with classifier-free-guidance dropout.
+
+The trainer draws the dropout masks (with its own generator, so runs stay reproducible) and
+passes them in; this module only applies them:
+
+* dropped text  -> every text token is replaced by a learned null embedding (mask all True);
+* dropped actions/camera -> learned null control vectors inside the DiT.
+
+    >>> wm = WorldModel(DiTArgs(hidden_size=128, depth=2, num_heads=4, text_dim=64),
+    ...                 TextEncoderArgs(dim=64, depth=1, num_heads=4, max_len=32))
+    >>> ids, mask = wm.tokenizer(["a red circle moves up", "a blue square"], max_len=32)
+    >>> v = wm(torch.randn(2, 4, 5, 8, 8), torch.rand(2), ids, mask)   # [2, 4, 5, 8, 8]
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from worldline.models.dit import DiTArgs, VideoDiT
+from worldline.models.text import ByteTokenizer, TextEncoder, TextEncoderArgs
+
+__all__ = ["WorldModel"]
+
+
+class WorldModel(nn.Module):
+    def __init__(self, dit_args: DiTArgs, text_args: TextEncoderArgs) -> None:
+        super().__init__()
+        if dit_args.text_dim != text_args.dim:
+            raise ValueError(
+                f"dit.text_dim ({dit_args.text_dim}) must equal text.dim ({text_args.dim})"
+            )
+        self.tokenizer = ByteTokenizer()  # plain attribute: no state, nothing to checkpoint
+        self.text_encoder = TextEncoder(text_args)
+        self.dit = VideoDiT(dit_args)
+        self.null_text = nn.Parameter(torch.zeros(text_args.dim))
+        nn.init.normal_(self.null_text, std=0.02)
+
+    def init_weights(self) -> None:
+        """Re-initialize everything (after materializing from the meta device)."""
+        self.text_encoder.init_weights()
+        self.dit.init_weights()
+        nn.init.normal_(self.null_text, std=0.02)
+
+    def encode_text(self, text_ids: Tensor, text_mask: Tensor) -> Tensor:
+        """ids [B, L], mask [B, L] -> text features [B, L, text_dim] (cacheable)."""
+        return self.text_encoder(text_ids, text_mask)
+
+    def forward(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        text_ids: Tensor | None,
+        text_mask: Tensor | None,
+        actions: Tensor | None = None,
+        camera: Tensor | None = None,
+        drop_text: Tensor | None = None,
+        drop_actions: Tensor | None = None,
+        *,
+        text_emb: Tensor | None = None,
+    ) -> Tensor:
+        """Velocity prediction.
+
+        Args:
+            x_t: noisy latents [B, C, t, h, w]; t: [B] (or [B, t]) flow time in [0, 1].
+            text_ids, text_mask: [B, L] tokens and bool mask; both None = unconditional.
+            actions: [B, T_pix, S] long; camera: [B, T_pix, camera_dim] float (or None).
+            drop_text, drop_actions: [B] bool CFG dropout masks (True = replace by null).
+            text_emb: precomputed `encode_text` output [B, L, text_dim]; skips the encoder.
+        Returns:
+            velocity [B, C, t, h, w].
+        """
+        b = x_t.shape[0]
+        if text_emb is None and text_ids is not None:
+            text_emb = self.encode_text(text_ids, text_mask)
+        if text_emb is None:  # no text at all: one null token per sample
+            text_emb = self.null_text.view(1, 1, -1).expand(b, 1, -1)
+            text_mask = None
+        elif drop_text is not None:
+            drop = drop_text.bool()
+            null = self.null_text.to(text_emb.dtype).view(1, 1, -1).expand_as(text_emb)
+            text_emb = torch.where(drop.view(b, 1, 1), null, text_emb)
+            if text_mask is not None:
+                # Identical null tokens give the same attention output for any non-empty mask;
+                # all True keeps every row valid and independent of the dropped text's length.
+                text_mask = text_mask.bool() | drop.view(b, 1)
+        return self.dit(x_t, t, text_emb, text_mask, actions, camera, drop_actions)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_sample(
+        self, latent_shape: tuple[int, int, int, int] | list[int], text_len: int
+    ) -> float:
+        """Training FLOPs (fwd + bwd) per sample: DiT (see VideoDiT.flops_per_sample) plus the
+        text encoder over `text_len` tokens (drop the latter when text features are cached)."""
+        return self.dit.flops_per_sample(
+            latent_shape, text_len
+        ) + self.text_encoder.flops_per_sample(text_len)
