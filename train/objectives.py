@@ -54,19 +54,7 @@ class AutoencoderTrainer(Trainer):
         x = to_unit_range(batch["video"])
         recon, mean, logvar = self.model(x, generator=self.generator)
         loss, parts = autoencoder_loss(x, recon, mean, logvar, self.module.args)
-        self._track_latent_stats(mean.detach())
         return loss, parts
-
-    @torch.no_grad()
-    def _track_latent_stats(self, mean: torch.Tensor, min_momentum: float = 0.02) -> None:
-        # Per-channel statistics of the latents, saved with the weights, so the diffusion
-        # stage trains on unit-variance latents without a separate statistics pass. A running
-        # average at first (momentum 1/k), then an EMA that follows the still-moving encoder.
-        m = self.module
-        momentum = max(1.0 / (self.state.step + 1), min_momentum)
-        dims = [0, 2, 3, 4]
-        m.latent_mean.lerp_(mean.float().mean(dims), momentum)
-        m.latent_std.lerp_(mean.float().std(dims).clamp_min(1e-4), momentum)
 
     def tokens_per_sample(self) -> int:
         d = self.cfg.data
@@ -119,13 +107,15 @@ class FlowTrainer(Trainer):
         m = self.cfg.model
         ae = VideoAutoencoder(OmegaConf.to_object(m.autoencoder))
         src = self._autoencoder_source()
+        ae.requires_grad_(False).eval().to(self.device)
+        self.autoencoder = ae
+        self.frozen["autoencoder"] = ae
         if src is not None:
             path, key = src
             used_ema = ckpt_lib.load_module_weights(ae, path, key, prefer_ema=True)
             log.info("autoencoder from %s[%s]%s", path, key, " (EMA)" if used_ema else "")
-        ae.requires_grad_(False).eval().to(self.device)
-        self.autoencoder = ae
-        self.frozen["autoencoder"] = ae
+            if key == "model":  # straight from an autoencoder run: no statistics yet
+                self.measure_latent_stats()
         model = WorldModel(OmegaConf.to_object(m.dit), OmegaConf.to_object(m.text))
         d = self.cfg.data
         self.latent_shape = ae.latent_shape(d.num_frames, *d.resolution)
@@ -133,6 +123,24 @@ class FlowTrainer(Trainer):
         self.shift = f.shift if f.shift is not None else resolution_shift(
             self._num_tokens(model))
         return model
+
+    @torch.no_grad()
+    def measure_latent_stats(self, num_batches: int = 8) -> None:
+        """Per-channel mean/std of the frozen autoencoder's latents over the first clips (fixed
+        order), stored in its buffers, so the diffusion targets are ~unit variance. Measured
+        with the exact weights in use (e.g. EMA) and then carried by every checkpoint of this
+        and later stages, so a model never sees differently-normalised latents."""
+        ae = self.autoencoder
+        ae.latent_mean.zero_()
+        ae.latent_std.fill_(1.0)
+        loader = iter(self.build_loader(shuffle=False))
+        lat = torch.cat([self.encode(next(loader)["video"].to(self.device))
+                         for _ in range(num_batches)])
+        dims = [0, 2, 3, 4]
+        ae.latent_mean.copy_(lat.float().mean(dims))
+        ae.latent_std.copy_(lat.float().std(dims).clamp_min(1e-4))
+        log.info("latent stats: mean %s std %s", [round(v, 3) for v in ae.latent_mean.tolist()],
+                 [round(v, 3) for v in ae.latent_std.tolist()])
 
     def _autoencoder_source(self) -> Optional[tuple[Path, str]]:
         s = self.cfg.stage
