@@ -1,9 +1,14 @@
 """worldline.data: bytes on disk -> batches.
 
-- ``video``: mp4 encode (PyAV) / decode (decord), preview mp4 and contact sheets;
+- ``video``: mp4 encode (PyAV) / decode (decord), clip sampling, uint8 resize/crop, previews;
+- ``probe``: decode-free container-header facts and sanity limits;
 - ``synthetic``: the procedural world used as the embedded default dataset;
+- ``sources`` + ``ingest``: folder / CSV / JSONL of videos -> validated shards (``worldline-shards``);
 - ``shards``: WebDataset shard + manifest writing, ``ensure_synthetic_dataset``;
-- ``loader``: ``ShardLoader``, streaming batches with exact resume.
+- ``samples``: tar members -> validated samples -> decoded clips -> batches (safe by design);
+- ``buckets``: resolution x frame-count buckets with per-bucket batch sizes;
+- ``streams`` + ``loader``: ``ShardLoader``, streaming batches with exact resume;
+- ``latents``: encode shards once into latent shards, stream them back.
 
 Importing this package is cheap: names below resolve lazily (PEP 562), so ``import
 worldline.data`` does not pull in torch, decord or PyAV.
@@ -16,15 +21,24 @@ import importlib
 _EXPORTS = {
     "encode_mp4": "video",
     "decode_clip": "video",
+    "resize_crop": "video",
     "write_mp4": "video",
     "write_contact_sheet": "video",
+    "probe_video": "probe",
+    "VideoLimits": "probe",
     "SyntheticWorldConfig": "synthetic",
     "render_clip": "synthetic",
     "ACTION_NAMES": "synthetic",
     "NUM_ACTIONS": "synthetic",
     "write_shards": "shards",
     "ensure_synthetic_dataset": "shards",
+    "make_shards": "ingest",
+    "IngestOptions": "ingest",
+    "Bucket": "buckets",
+    "buckets_for_budget": "buckets",
     "ShardLoader": "loader",
+    "resolve_shards": "loader",
+    "encode_latent_shards": "latents",
 }
 
 __all__ = sorted(_EXPORTS)

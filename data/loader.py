@@ -1,25 +1,49 @@
-"""Streaming WebDataset loader (decord decode) with exact, sample-level resume.
+"""Streaming WebDataset loader (decord decode, buckets, shuffle buffer) with exact resume.
 
-Structure. The shard list is permuted per epoch (``seed``, ``epoch``), split across ranks
-(``order[rank::world_size]``) and then across ``num_streams = max(1, num_workers)``
-sub-streams (``[stream::num_streams]``). Each DataLoader worker plays one sub-stream: it
-walks its shards in order, samples in tar order, and batches inside the worker. A
-sub-stream's position is ``[epoch, shard_slot, sample_index]`` (the next sample to read),
-so epochs are per sub-stream: batches may straddle an epoch boundary.
+Structure. Shards are split across ranks and DataLoader workers: in epoch mode, epoch ``e``'s
+shard permutation (seeded by ``seed`` and ``e``; identity with ``shuffle_shards=False``) goes
+``order[rank::world_size][stream::num_streams]``, ``num_streams = max(1, num_workers)``.
+Each worker plays one sub-stream (``streams.Stream``): it reads its shards in order, inspects
+samples (JSON, container headers, bucket) before an optional shuffle buffer, decodes them
+after it, and fills per-bucket batches; every batch is homogeneous. Epochs are per
+sub-stream; a sub-stream empties its shuffle buffer before it reads the next epoch, so only a
+partly filled bucket carries samples over an epoch boundary (``batch["epoch"]`` tags each
+sample). Sub-streams with fewer shards run through epochs faster.
+Without resampling every sample is delivered exactly once per epoch across all ranks x
+workers (skipped samples aside); fewer shards than ``world_size x num_streams`` is an error,
+never a silently empty rank. ``resample=True`` is the infinite pretraining mode: each
+sub-stream draws shards with replacement (any shard count works).
 
-Resume. A DataLoader over an IterableDataset pulls batches round-robin, so batch ``n``
-comes from worker ``n % W``. Every batch carries its sub-stream id and post-batch position;
-the main process records them only when it hands the batch to the consumer, so prefetched
-batches never count. ``state_dict()`` = consumed-batch count + each sub-stream's position.
-On resume, worker ``w`` plays sub-stream ``(w + consumed) % W`` from its saved position,
-skipping already-read samples at the tar-member level (members are never read or decoded).
+Resume, same layout (``world_size``, ``num_streams`` and sampling settings unchanged). A
+DataLoader over an IterableDataset pulls batches round-robin, so batch ``n`` comes from worker
+``n % W``. Every batch carries its sub-stream's position *after* it (work queue with the cursor
+inside the current shard, shuffle-buffer and bucket contents as ``[tag, shard, index]``
+references, RNG counter). The main process records it only when it hands the batch to the
+consumer, so prefetched batches never count. ``state_dict()`` = consumed-batch count + every
+sub-stream's position. On resume, worker ``w`` plays sub-stream ``(w + consumed) % W``; it
+re-reads only the referenced members (by name; other members are never read) and then sees
+exactly the batches the uninterrupted run would have seen, bit for bit.
+
+Resume, different layout (e.g. 2 ranks -> 1, or another worker count, batch size or bucket
+set). Pass the list of *all* old ranks' states to ``load_state_dict`` (or a
+``merge_states(states)`` result; one state suffices when it came from a 1-rank run). Its
+guarantee: every sample of every epoch that any old sub-stream had opened (epoch <= M, the
+highest open epoch) that was not yet delivered - unread shard remainders and samples sitting
+in old shuffle buffers or partial buckets - is delivered exactly once, with its epoch tag
+and its old clip window/crop; no delivered sample is delivered again within its epoch; from
+epoch M + 1 on the new layout's regular schedule applies. The batch sequence itself differs
+from the old run (it cannot be the same with a different number of consumers). The merge
+works on global, rank-independent positions (per shard: epoch, next member index, pending
+member indices), lists that work explicitly, and deals it round-robin to the new sub-streams.
+In resampled mode only the pending and partly-read work carries over; draws restart with a new
+generation seed (no epoch guarantee exists there to keep).
 
 Tiny CPU example::
 
     from worldline.data.shards import ensure_synthetic_dataset
     from worldline.data.synthetic import SyntheticWorldConfig
     root = ensure_synthetic_dataset("/tmp/wl-data", SyntheticWorldConfig(num_clips=16, clips_per_shard=4))
-    loader = ShardLoader(root, batch_size=2, num_frames=8, resolution=(64, 64))
+    loader = ShardLoader(root, batch_size=2, num_frames=8, resolution=(64, 64), shuffle_buffer=8)
     batch = next(iter(loader))      # batch["video"]: uint8 [2, 3, 8, 64, 64]
     state = loader.state_dict()     # JSON-safe; ShardLoader(...).load_state_dict(state) resumes
 """
@@ -28,35 +52,32 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import logging
 import os
-from collections import Counter
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
-from worldline.data.video import POSITIONS, ClipTooShortError, decode_clip
+from worldline.data.buckets import Bucket, BucketSet
+from worldline.data.probe import VideoLimits
+from worldline.data.samples import LatentCodec, PixelCodec
+from worldline.data.streams import POOL_SLOTS, Stream, epoch_share, fresh_stream
+from worldline.data.video import CROPS, POSITIONS, resize_crop
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
-_MSG_CHARS = 200  # decord puts the whole input into some messages: keep warnings short
-
-
-class _Skip(Exception):
-    """A sample that cannot be used; ``reason`` becomes a ``stats`` counter."""
-
-    def __init__(self, reason: str, message: str = ""):
-        super().__init__(reason, message)
-        self.reason, self.message = reason, message[:_MSG_CHARS]
+STATE_VERSION = 2
+_MSG_CHARS = 200
+_MAX_CRASH_RESTARTS = 64  # decoder crashes survived per iteration before giving up
+INPUTS = ("pixel", "latent")
 
 
 def _split_top_level(spec: str, sep: str = ",") -> list[str]:
@@ -73,13 +94,14 @@ def _split_top_level(spec: str, sep: str = ",") -> list[str]:
 
 
 def resolve_shards(shards: str | os.PathLike | Sequence[str]) -> list[str]:
-    """Shard paths from a list, a dataset dir or its ``manifest.json``, or a string of
-    comma-separated brace patterns (``shard-{000000..000009}.tar``)."""
+    """Shard URLs from a list, a dataset dir or its ``manifest.json``, or a string of
+    comma-separated brace patterns (``shard-{000000..000009}.tar``, also inside webdataset
+    URLs such as ``pipe:cat /data/shard-{000000..000009}.tar``)."""
     if isinstance(shards, (str, os.PathLike)):
         path = Path(shards)
         if path.is_dir():
             path = path / "manifest.json"
-        if path.name == "manifest.json":
+        if path.name == "manifest.json" and path.is_file():
             manifest = json.loads(path.read_text())
             return [str(path.parent / name) for name in manifest["shards"]]
         return [url for part in _split_top_level(str(shards)) for url in expand_urls(part.strip())]
@@ -87,60 +109,67 @@ def resolve_shards(shards: str | os.PathLike | Sequence[str]) -> list[str]:
 
 
 def resize_center_crop(frames: np.ndarray, size: tuple[int, int]) -> tuple[torch.Tensor, float]:
-    """Aspect-preserving resize to cover ``size`` then centre crop.
-
-    ``frames`` uint8 ``[T, h, w, 3]`` -> (uint8 ``[T, H, W, 3]``, scale factor). A no-op copy
-    when the size already matches. Bilinear with antialias so downscaling does not alias.
-    """
-    out_h, out_w = size
-    _, h, w, _ = frames.shape
-    video = torch.from_numpy(np.ascontiguousarray(frames))
-    if (h, w) == (out_h, out_w):
-        return video, 1.0
-    scale = max(out_h / h, out_w / w)
-    new_h, new_w = max(out_h, round(h * scale)), max(out_w, round(w * scale))
-    top, left = (new_h - out_h) // 2, (new_w - out_w) // 2
-    if (new_h, new_w) == (h, w):  # only the aspect ratio differs: crop, no resampling
-        return video[:, top : top + out_h, left : left + out_w].contiguous(), 1.0
-    x = video.permute(0, 3, 1, 2).float()
-    x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
-    x = x[:, :, top : top + out_h, left : left + out_w]
-    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous(), scale
+    """``frames`` uint8 ``[T, h, w, 3]`` -> (contiguous uint8 ``[T, H, W, 3]``, scale): an
+    aspect-preserving resize to cover ``size``, then a centre crop (see ``video.resize_crop``)."""
+    out, scale, _ = resize_crop(frames, size, "center")
+    return out.contiguous(), scale
 
 
 def _identity(batch):
     return batch
 
 
-def _warn_and_continue(exn: Exception) -> bool:
-    log.warning("webdataset: %s", str(exn)[:_MSG_CHARS])
-    return True
+def _worker_init(_: int) -> None:
+    # One intra-op thread per worker: workers already parallelise across clips, and more
+    # threads than cores only adds contention (decord is given num_threads=1 likewise).
+    torch.set_num_threads(1)
+
+
+def _empty_stats() -> dict:
+    return {"batches": 0, "samples": 0, "skipped": 0, "shard_errors": 0, "skipped_reasons": {}}
 
 
 class _StreamDataset(IterableDataset):
     """Runs in each DataLoader worker (or in-process when ``num_workers == 0``)."""
 
-    def __init__(self, loader: ShardLoader, positions: list[list[int]], offset: int):
-        self.loader, self.positions, self.offset = loader, positions, offset
+    def __init__(self, loader: "ShardLoader", streams: list[dict], offset: int):
+        self.loader, self.streams, self.offset = loader, streams, offset
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker = 0 if info is None else info.id
-        stream = (worker + self.offset) % self.loader.num_streams
-        yield from self.loader._stream_batches(stream, list(self.positions[stream]))
+        local = (worker + self.offset) % self.loader.num_streams
+        yield from Stream(self.loader, local, self.streams[local]).batches()
 
 
 class ShardLoader:
-    """Infinite iterator of video batches from WebDataset shards, with exact resume.
+    """Infinite iterator of homogeneous batches from WebDataset shards, with exact resume.
 
-    Batch: ``video`` uint8 ``[B, 3, T, H, W]``; ``actions`` int64 ``[B, T, S]`` (action taken
-    at each sampled frame; zero-padded to the largest S in the batch, ``S = 0`` without
-    actions); ``camera`` float32 ``[B, T, 2]``: per-frame camera *deltas* (dx, dy) between
-    consecutive sampled frames in output pixels (scaled by the resize factor), ``camera[:, 0]
-    = 0``; ``caption`` list[str]; ``key`` list[str].
+    Pixel batch (``input="pixel"``): ``video`` uint8 ``[B, 3, T, H, W]``; ``actions`` int64
+    ``[B, T, S]`` (action taken at each sampled frame, zero-padded to the largest S in the
+    batch, ``S = 0`` without actions); ``camera`` float32 ``[B, T, 2]``: per-frame camera
+    *deltas* (dx, dy) between consecutive sampled frames in output pixels (scaled by the resize
+    factor), ``camera[:, 0] = 0``; ``caption`` list[str]; ``key`` list[str]; ``style``
+    list[list[str]]; ``epoch`` list[int] (-1 when resampling); ``refs`` (``with_refs``) list of
+    uint8 ``[R, 3, H, W]``. Latent batch (``input="latent"``): ``latents`` float ``[B, C, t, h,
+    w]`` instead of ``video`` (plus ``text_emb``/``text_mask`` when the cache has them).
 
-    ``stats`` counts delivered batches/samples and skipped samples by reason. Only one
-    iterator should be active at a time; a new ``iter()`` continues from the consumed state.
+    Clip sampling: ``num_frames`` frames ``frame_stride`` apart, or at ``fps`` (resampled from
+    timestamps); temporal ``position`` start/center/random; aspect-preserving resize then
+    ``crop`` center/random. ``buckets`` (list of ``Bucket``/dicts/``[H, W, T, B]``) replaces
+    the single ``(resolution, num_frames, batch_size)`` bucket; ``upscale`` (default: True for
+    the single bucket, False with explicit buckets) lets small videos into bigger buckets.
+
+    ``channels_last=True`` returns ``video`` with the same shape in ``torch.channels_last_3d``
+    memory (``[B, T, H, W, 3]``, decord's layout; not contiguous): it saves the channel
+    transpose (10-20 % of a clip's CPU time), for a consumer that moves the batch to the GPU
+    and calls ``.contiguous()`` there (or feeds channels-last convolutions directly).
+
+    Bad input is skipped, counted in ``stats`` (``skipped``, ``skipped_reasons``,
+    ``shard_errors``) and warned about once with shard and key; a sub-stream whose skipped
+    fraction exceeds ``max_skip_fraction`` after ``skip_check_after`` samples aborts.
+    Only one iterator should be active at a time; a new ``iter()`` continues from the
+    consumed state.
     """
 
     def __init__(
@@ -157,42 +186,118 @@ class ShardLoader:
         position: str = "start",
         shuffle_shards: bool = True,
         *,
+        fps: float | None = None,
+        crop: str = "center",
+        buckets: Sequence[Bucket | Mapping | Sequence[int]] | None = None,
+        upscale: bool | None = None,
+        shuffle_buffer: int = 0,
+        resample: bool = False,
+        input: str = "pixel",
+        max_skip_fraction: float = 0.5,
+        skip_check_after: int = 100,
+        limits: VideoLimits | None = None,
+        with_refs: bool = False,
+        decode_threads: int = 1,
+        channels_last: bool = False,
         prefetch_factor: int = 2,
         pin_memory: bool = False,
     ):
         self.shards = resolve_shards(shards)
-        if position not in POSITIONS:
-            raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
-        if batch_size < 1 or num_frames < 1 or frame_stride < 1:
-            raise ValueError("batch_size, num_frames and frame_stride must be >= 1")
+        if not self.shards:
+            raise ValueError(f"no shards in {shards!r}")
+        if position not in POSITIONS or crop not in CROPS or input not in INPUTS:
+            raise ValueError(f"position in {POSITIONS}, crop in {CROPS}, input in {INPUTS}; "
+                             f"got {position!r}, {crop!r}, {input!r}")
+        if batch_size < 1 or num_frames < 1 or frame_stride < 1 or shuffle_buffer < 0:
+            raise ValueError("batch_size, num_frames, frame_stride must be >= 1, shuffle_buffer >= 0")
+        if fps is not None and (fps <= 0 or frame_stride != 1):
+            raise ValueError("fps must be > 0 and cannot be combined with frame_stride != 1")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
-        self.batch_size, self.num_frames, self.frame_stride = batch_size, num_frames, frame_stride
+        self.batch_size, self.num_frames, self.frame_stride, self.fps = batch_size, num_frames, frame_stride, fps
         self.resolution = (int(resolution[0]), int(resolution[1]))
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.seed, self.position, self.shuffle_shards = seed, position, shuffle_shards
+        self.shuffle_buffer, self.resample, self.input = shuffle_buffer, resample, input
+        self.max_skip_fraction, self.skip_check_after = max_skip_fraction, skip_check_after
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
+        if input == "latent":
+            self.codec = LatentCodec(batch_size)
+        else:
+            explicit = buckets is not None
+            bucket_list = list(buckets) if explicit else [Bucket(*self.resolution, num_frames, batch_size)]
+            bset = BucketSet(bucket_list, upscale=(not explicit) if upscale is None else upscale,
+                             frame_stride=frame_stride, fps=fps)
+            self.codec = PixelCodec(bset, position, crop, limits, with_refs, decode_threads, channels_last)
         # Sub-streams are tied to workers; 0 workers means one in-process stream.
         self.num_streams = max(1, num_workers)
-        if len(self.shards) < world_size * self.num_streams:
+        if not resample and len(self.shards) < world_size * self.num_streams:
             raise ValueError(
                 f"{len(self.shards)} shards cannot feed world_size={world_size} x "
-                f"num_workers={num_workers} (= {world_size * self.num_streams} sub-streams); "
-                f"write more, smaller shards or use fewer workers"
+                f"num_workers={num_workers} (= {world_size * self.num_streams} sub-streams) "
+                f"without leaving one empty; write more, smaller shards, use fewer workers, or "
+                f"resample=True"
             )
         digest = hashlib.sha1("\n".join(os.path.basename(s) for s in self.shards).encode())
         self._shards_digest = digest.hexdigest()[:12]
-        self._positions = [[0, 0, 0] for _ in range(self.num_streams)]
+        sampling = json.dumps([self.codec.signature(), shuffle_buffer], sort_keys=True)
+        self._sampling_digest = hashlib.sha1(sampling.encode()).hexdigest()[:12]
+        self.generation = 0
+        # (shard, index) of samples that crashed a decoder process (native segfault): skipped
+        # as decoder_crash from then on, in every epoch.
+        self.crashed: set[tuple[int, int]] = set()
+        self._marks: torch.Tensor | None = None
+        self._free: torch.Tensor | None = None  # see streams.POOL_SLOTS
+        self._outstanding: list = []
+        self._streams = [fresh_stream() for _ in range(self.num_streams)]
         self._consumed = 0
         self._warned: set[tuple[str, str]] = set()
-        self.stats: dict = {"batches": 0, "samples": 0, "skipped": 0, "shard_errors": 0, "skipped_reasons": {}}
+        self.stats: dict = _empty_stats()
 
     # ---------------------------------------------------------------- main process
     def __iter__(self) -> Iterator[dict]:
-        dataset = _StreamDataset(self, copy.deepcopy(self._positions), self._consumed)
+        for restart in itertools.count():
+            batches = self._batches()
+            try:
+                for batch in batches:
+                    stream, state, skips = batch.pop("_stream"), batch.pop("_state"), batch.pop("_skips")
+                    self._track(stream, batch.pop("_buf"), batch)
+                    expected = self._consumed % self.num_streams
+                    if stream != expected:  # guards the round-robin assumption resume relies on
+                        raise RuntimeError(f"batch from sub-stream {stream}, expected {expected}")
+                    # Book-keeping happens as the consumer receives the batch, never earlier.
+                    self._streams[stream] = state
+                    self._consumed += 1
+                    self._record(skips, len(batch["key"]))
+                    yield batch
+            except RuntimeError as exc:
+                culprits = self._crash_culprits(exc)
+                if not culprits or restart >= _MAX_CRASH_RESTARTS:
+                    raise
+                # A worker died inside a native decoder: never decode that sample again and
+                # restart the workers from the consumed position (no batch is lost or repeated).
+                for ref in culprits:
+                    log.warning("data worker crashed decoding sample %s of %s; skipping it from now on",
+                                ref[2], self.shards[ref[1]])
+                    self.crashed.add((ref[1], ref[2]))
+            finally:
+                # Stop workers now: left to garbage collection after an error (the traceback
+                # keeps this frame alive), torch's worker shutdown waits out a 5 s join timeout.
+                shutdown = getattr(batches, "_shutdown_workers", None)
+                if shutdown is not None:
+                    shutdown()
+
+    def _batches(self):
+        """A fresh DataLoader iterator over the sub-streams, from the consumed position."""
+        dataset = _StreamDataset(self, copy.deepcopy(self._streams), self._consumed)
         kwargs = {}
         if self.num_workers > 0:
-            kwargs["prefetch_factor"] = self.prefetch_factor
+            kwargs.update(prefetch_factor=self.prefetch_factor, worker_init_fn=_worker_init)
+            # Per sub-stream: [tag, shard, index, pid] of the sample being decoded, pid -1 if none.
+            self._marks = torch.full((self.num_streams, 4), -1, dtype=torch.int64).share_memory_()
+            # Per sub-stream and pool slot: 1 = the main process released that batch buffer.
+            self._free = torch.zeros((self.num_streams, POOL_SLOTS), dtype=torch.uint8).share_memory_()
+            self._outstanding = []
         loader = DataLoader(
             dataset,
             batch_size=None,  # batches are formed inside the workers
@@ -201,16 +306,30 @@ class ShardLoader:
             pin_memory=self.pin_memory,
             **kwargs,
         )
-        for batch in loader:
-            stream, pos, skips = batch.pop("_stream"), batch.pop("_pos"), batch.pop("_skips")
-            expected = self._consumed % self.num_streams
-            if stream != expected:  # guards the round-robin assumption resume relies on
-                raise RuntimeError(f"batch from sub-stream {stream}, expected {expected}")
-            # Book-keeping happens as the consumer receives the batch, never earlier.
-            self._positions[stream] = [int(v) for v in pos]
-            self._consumed += 1
-            self._record(skips, len(batch["key"]))
-            yield batch
+        return iter(loader)
+
+    def _track(self, stream: int, slot: int, batch: dict) -> None:
+        """Flag the worker's pooled batch buffers whose batches nobody holds any more (every
+        view gone) as free, and start watching this batch's buffer."""
+        still = []
+        for s, k, ref in self._outstanding:
+            if ref.expired():
+                self._free[s, k] = 1
+            else:
+                still.append((s, k, ref))
+        self._outstanding = still
+        if slot >= 0:
+            tensor = batch["video"] if "video" in batch else batch["latents"]
+            self._outstanding.append((stream, slot, StorageWeakRef(tensor.untyped_storage())))
+
+    def _crash_culprits(self, exc: RuntimeError) -> list[list[int]]:
+        """Samples that dead workers were decoding, from torch's "DataLoader worker (pid(s)
+        ...) exited unexpectedly / is killed by signal" error; [] for any other error."""
+        found = re.search(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\)", str(exc))
+        if self._marks is None or found is None:
+            return []
+        pids = {int(p) for p in re.findall(r"\d+", found.group(1))}
+        return [row[:3] for row in self._marks.tolist() if row[3] in pids]
 
     def _record(self, skips: list[list[str]], num_samples: int) -> None:
         self.stats["batches"] += 1
@@ -220,176 +339,165 @@ class ShardLoader:
             # A bad shard is not a sample: counted apart so "skipped" stays a sample count.
             self.stats["shard_errors" if reason == "bad_shard" else "skipped"] += 1
             reasons[reason] = reasons.get(reason, 0) + 1
-            message = message[:_MSG_CHARS]
             if (shard, key) not in self._warned:
                 self._warned.add((shard, key))
-                log.warning("skipping sample %r in shard %s: %s %s", key, shard, reason, message)
+                log.warning("skipping sample %r in shard %s: %s %s", key, shard, reason, message[:_MSG_CHARS])
 
     @property
     def epoch(self) -> int:
-        """Epochs every sub-stream of this rank has completed (informational)."""
-        return min(p[0] for p in self._positions)
+        """Lowest epoch with samples this rank has not delivered yet (= epochs completed by
+        every sub-stream); 0 in resampled mode."""
+        if self.resample:
+            return 0
+        tags = [s["epoch"] for s in self._streams]
+        for s in self._streams:
+            tags += [it[0] for it in s["todo"]] + [r[0] for r in s["buffer"]]
+            tags += [r[0] for _, refs in s["buckets"] for r in refs]
+        return min(tags)
 
+    def stream_shards(self, epoch: int, stream: int) -> list[int]:
+        """Shard ids (indices into ``self.shards``) sub-stream ``stream`` reads in ``epoch``."""
+        return epoch_share(len(self.shards), self.seed, self.shuffle_shards, epoch, self.rank,
+                           self.world_size, self.num_streams, stream)
+
+    # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        """JSON-safe state after the batches the consumer has received (ints/strs/lists)."""
+        """JSON-safe position after the batches the consumer has received."""
         return {
             "version": STATE_VERSION,
+            "format": "rank",
             "seed": self.seed,
             "rank": self.rank,
             "world_size": self.world_size,
             "num_streams": self.num_streams,
             "shuffle_shards": self.shuffle_shards,
+            "resample": self.resample,
+            "num_shards": len(self.shards),
             "shards_digest": self._shards_digest,
+            "sampling_digest": self._sampling_digest,
+            "generation": self.generation,
             "consumed_batches": self._consumed,
+            "crashed": sorted(list(r) for r in self.crashed),
             "epoch": self.epoch,
-            "streams": copy.deepcopy(self._positions),
+            "streams": copy.deepcopy(self._streams),
             "stats": copy.deepcopy(self.stats),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue exactly after the batches recorded in ``state``.
+    def _check_same_data(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"cannot resume: data-loader state version {state.get('version')!r}, "
+                             f"this loader reads {STATE_VERSION}")
+        for name, mine in (("seed", self.seed), ("shards_digest", self._shards_digest),
+                           ("num_shards", len(self.shards)), ("resample", self.resample),
+                           ("shuffle_shards", self.shuffle_shards)):
+            if state.get(name) != mine:
+                raise ValueError(f"cannot resume: state has {name}={state.get(name)!r}, loader has {mine!r}")
 
-        The stream layout must match (seed, rank, world_size, workers, shard list); batch
-        size, clip length and resolution may change (positions are per sample).
+    def load_state_dict(self, state: dict | list[dict]) -> None:
+        """Continue after the batches recorded in ``state``.
+
+        ``state``: this rank's ``state_dict()``, the list of every old rank's states, or a
+        ``merge_states`` result. Same layout and sampling settings -> exact (bit-identical
+        batches; a list is searched for this rank's entry). Otherwise the states are merged and
+        this rank takes its share of the remaining work (module docstring). The data itself
+        (shard list, seed, resample, shuffle_shards) must not change.
         """
-        mine = self.state_dict()
-        for name in ("version", "seed", "rank", "world_size", "num_streams", "shuffle_shards", "shards_digest"):
-            if state.get(name) != mine[name]:
-                raise ValueError(
-                    f"cannot resume: state has {name}={state.get(name)!r}, loader has {mine[name]!r}"
-                )
-        streams = state["streams"]
-        if len(streams) != self.num_streams or any(len(p) != 3 for p in streams):
-            raise ValueError(f"malformed stream positions in state: {streams!r}")
-        self._positions = [[int(v) for v in p] for p in streams]
-        self._consumed = int(state["consumed_batches"])
-        self.stats = copy.deepcopy(state.get("stats", self.stats))
+        states = list(state) if isinstance(state, (list, tuple)) else [state]
+        if not states or any(not isinstance(s, dict) or not s for s in states):
+            raise ValueError("cannot resume from an empty data-loader state; after a world-size "
+                             "change pass the list of all old ranks' states")
+        for s in states:
+            self._check_same_data(s)
+        if len(states) == 1 and states[0].get("format") == "global":
+            self._load_global(states[0])
+            return
+        mine = [s for s in states if s.get("rank") == self.rank]
+        same = (states[0]["world_size"] == self.world_size and states[0]["num_streams"] == self.num_streams
+                and states[0].get("sampling_digest") == self._sampling_digest)
+        if same and mine:
+            s = mine[0]
+            if len(s["streams"]) != self.num_streams:
+                raise ValueError(f"malformed stream positions in state: {s['streams']!r}")
+            self._streams = copy.deepcopy(s["streams"])
+            self._consumed = int(s["consumed_batches"])
+            self.generation = int(s.get("generation", 0))
+            self.crashed = {tuple(r) for r in s.get("crashed", [])}
+            self.stats = copy.deepcopy(s.get("stats", _empty_stats()))
+            return
+        self._load_global(self.merge_states(states))
 
-    # ---------------------------------------------------------------- worker side
-    def stream_shards(self, epoch: int, stream: int) -> list[int]:
-        """Shard ids (indices into ``self.shards``) sub-stream ``stream`` reads in ``epoch``."""
-        n = len(self.shards)
-        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle_shards else np.arange(n)
-        return order[self.rank :: self.world_size][stream :: self.num_streams].tolist()
+    def _load_global(self, state: dict) -> None:
+        total = self.world_size * self.num_streams
+        work = state["work"]
+        self._streams = [
+            fresh_stream(state["next_epoch"], [list(w) for w in work[self.rank * self.num_streams + i :: total]])
+            for i in range(self.num_streams)
+        ]
+        self._consumed = 0
+        self.generation = int(state["generation"])
+        self.crashed = {tuple(r) for r in state.get("crashed", [])}
+        # Old counters go to rank 0 only, so summing the new ranks' stats keeps the totals.
+        self.stats = copy.deepcopy(state["stats"]) if self.rank == 0 else _empty_stats()
+        log.info("data loader: resumed from a %s-rank state with a new layout; %d carried-over "
+                 "work items, regular schedule from epoch %d", state.get("from_world_size"),
+                 len(work), state["next_epoch"])
 
-    def _iter_shard(self, path: str, skip: int) -> Iterator[tuple[int, dict]]:
-        """``(index, raw sample)`` for samples ``index >= skip`` of one tar shard.
+    @staticmethod
+    def merge_states(states: Sequence[dict]) -> dict:
+        """All old ranks' ``state_dict()``s -> one rank-independent ("global") state: the
+        explicit list of work left in every open epoch plus where the regular schedule
+        resumes. ``load_state_dict`` of any layout takes its share of it."""
+        states = list(states)
+        if len(states) == 1 and states[0].get("format") == "global":
+            return copy.deepcopy(states[0])
+        world = states[0]["world_size"]
+        ranks = sorted(s["rank"] for s in states)
+        if ranks != list(range(world)) or any(s.get("format") != "rank" for s in states):
+            raise ValueError(f"need the data-loader states of all {world} ranks of the old run "
+                             f"(got ranks {ranks}) to resume with a different layout")
+        first = states[0]
+        for s in states:
+            for name in ("version", "seed", "shards_digest", "num_shards", "resample",
+                         "shuffle_shards", "num_streams", "generation"):
+                if s.get(name) != first.get(name):
+                    raise ValueError(f"rank states disagree on {name}: {s.get(name)!r} vs {first.get(name)!r}")
+        n, seed, shuffle, resample = first["num_shards"], first["seed"], first["shuffle_shards"], first["resample"]
+        num_streams = first["num_streams"]
+        streams = [(s["rank"], i, st) for s in states for i, st in enumerate(s["streams"])]
+        work: list[list] = []
+        for _, _, st in streams:
+            work += [list(it) for it in st["todo"]]
+            pending: dict[tuple[int, int], list[int]] = {}
+            for tag, shard, index in st["buffer"] + [r for _, refs in st["buckets"] for r in refs]:
+                pending.setdefault((tag, shard), []).append(index)
+            work += [[tag, shard, 0, sorted(idx)] for (tag, shard), idx in pending.items()]
+        next_epoch = 0
+        if not resample:
+            last = max(st["epoch"] for _, _, st in streams)
+            for rank, i, st in streams:  # the rest of every open epoch's regular share
+                for epoch in range(st["epoch"], last + 1):
+                    share = epoch_share(n, seed, shuffle, epoch, rank, world, num_streams, i)
+                    work += [[epoch, shard, 0, None] for shard in share[st["slot"] if epoch == st["epoch"] else 0:]]
+            next_epoch = last + 1
+        perms: dict[int, dict[int, int]] = {}
 
-        Members of the first ``skip`` samples are rejected by name in ``select_files``, so
-        the tar iterator never reads (let alone decodes) them. Counting key changes here is
-        exactly how ``group_by_keys`` forms samples, so indices agree.
-        """
-        groups = {"index": -1, "prefix": None}
+        def order(item: list) -> tuple:
+            tag, shard, start, only = item
+            if not resample and shuffle and tag not in perms:
+                perms[tag] = {int(s): p for p, s in enumerate(np.random.default_rng([seed, tag]).permutation(n))}
+            return (tag, only is None, perms[tag][shard] if tag in perms else shard, start)
 
-        def select(fname: str) -> bool:
-            prefix, _ = base_plus_ext(fname)
-            if prefix is None:
-                return False
-            if prefix != groups["prefix"]:
-                groups["index"] += 1
-                groups["prefix"] = prefix
-            return groups["index"] >= skip
-
-        with gopen(path, "rb") as stream:
-            files = tar_file_iterator(stream, handler=_warn_and_continue, select_files=select)
-            files = ({**f, "__url__": path} for f in files)
-            samples = group_by_keys(files, handler=_warn_and_continue)
-            yield from enumerate(samples, start=skip)
-
-    def _decode(self, raw: dict, epoch: int, shard_id: int, index: int) -> dict:
-        """Raw tar members -> one sample (or ``_Skip``). Members are decoded by extension
-        here; no webdataset decoder runs, so nothing is ever unpickled."""
-        mp4 = raw.get("mp4")
-        if mp4 is None:
-            raise _Skip("missing_mp4", f"members: {sorted(k for k in raw if not k.startswith('__'))}")
-        if len(mp4) == 0:
-            raise _Skip("empty_mp4")
-        if raw.get("json") is None:
-            raise _Skip("missing_json")
-        try:
-            meta = json.loads(raw["json"].decode("utf-8"))
-            if not isinstance(meta, dict):
-                raise ValueError(f"top level is {type(meta).__name__}, not an object")
-        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise _Skip("bad_json", str(exc)) from None
-        caption = raw["txt"].decode("utf-8", "replace") if raw.get("txt") is not None else meta.get("caption", "")
-        # Per-sample generator: the random window depends on nothing but where the sample is.
-        rng = np.random.default_rng([self.seed, epoch, shard_id, index])
-        try:
-            frames, idx = decode_clip(mp4, self.num_frames, self.frame_stride, self.position, rng)
-        except ClipTooShortError as exc:
-            raise _Skip("too_short", str(exc)) from None
-        except Exception as exc:  # decord raises RuntimeError/DECORDError on corrupt input
-            raise _Skip("decode_error", f"{type(exc).__name__}: {exc}") from None
-        video, scale = resize_center_crop(frames, self.resolution)
-        try:
-            actions = np.asarray(meta.get("actions", np.zeros((idx[-1] + 1, 0))), dtype=np.int64)
-            camera = np.asarray(meta.get("camera", np.zeros((idx[-1] + 1, 2))), dtype=np.float64)
-            if actions.ndim != 2 or camera.ndim != 2 or camera.shape[1] != 2:
-                raise ValueError(f"actions {actions.shape} / camera {camera.shape} not [N, S] / [N, 2]")
-            if min(len(actions), len(camera)) <= idx[-1]:
-                raise ValueError(f"actions/camera shorter than frame {idx[-1]}")
-        except (ValueError, TypeError) as exc:
-            raise _Skip("bad_annotations", str(exc)) from None
-        cam = camera[idx]
-        deltas = np.diff(cam, axis=0, prepend=cam[:1]) * scale
+        work.sort(key=order)
+        stats = _empty_stats()
+        for s in states:
+            for k in ("batches", "samples", "skipped", "shard_errors"):
+                stats[k] += s.get("stats", {}).get(k, 0)
+            for reason, count in s.get("stats", {}).get("skipped_reasons", {}).items():
+                stats["skipped_reasons"][reason] = stats["skipped_reasons"].get(reason, 0) + count
         return {
-            "video": video.permute(3, 0, 1, 2),  # [T, H, W, 3] -> [3, T, H, W]
-            "actions": torch.from_numpy(actions[idx]),
-            "camera": torch.from_numpy(deltas.astype(np.float32)),
-            "caption": caption,
-            "key": raw["__key__"],
+            "version": STATE_VERSION, "format": "global", "seed": seed, "num_shards": n,
+            "shards_digest": first["shards_digest"], "resample": resample, "shuffle_shards": shuffle,
+            "generation": first.get("generation", 0) + 1, "next_epoch": next_epoch, "work": work,
+            "stats": stats, "from_world_size": world,
+            "crashed": sorted({tuple(r) for s in states for r in s.get("crashed", [])}),
         }
-
-    def _collate(self, items: list[dict], stream: int, pos: list[int], skips: list) -> dict:
-        num_actors = max(it["actions"].shape[1] for it in items)
-        actions = torch.zeros((len(items), self.num_frames, num_actors), dtype=torch.int64)
-        for i, it in enumerate(items):
-            actions[i, :, : it["actions"].shape[1]] = it["actions"]
-        return {
-            "video": torch.stack([it["video"] for it in items]),
-            "actions": actions,
-            "camera": torch.stack([it["camera"] for it in items]),
-            "caption": [it["caption"] for it in items],
-            "key": [it["key"] for it in items],
-            "_stream": stream,
-            "_pos": list(pos),
-            "_skips": skips,
-        }
-
-    def _stream_batches(self, stream: int, pos: list[int]) -> Iterator[dict]:
-        """Batches of sub-stream ``stream`` from position ``[epoch, shard_slot, sample]``."""
-        epoch, slot, skip = pos
-        items: list[dict] = []
-        skips: list[list[str]] = []
-        while True:
-            shard_ids = self.stream_shards(epoch, stream)
-            full_pass, valid = slot == 0 and skip == 0, 0
-            while slot < len(shard_ids):
-                shard_id = shard_ids[slot]
-                path = self.shards[shard_id]
-                name = os.path.basename(path)
-                samples = self._iter_shard(path, skip)
-                while True:
-                    try:
-                        index, raw = next(samples)
-                    except StopIteration:
-                        break
-                    except Exception as exc:  # unreadable / truncated tar: keep what was read
-                        skips.append([name, "*", "bad_shard", f"{type(exc).__name__}: {exc}"])
-                        break
-                    try:
-                        items.append(self._decode(raw, epoch, shard_id, index))
-                        valid += 1
-                    except _Skip as exc:
-                        skips.append([name, raw["__key__"], exc.reason, exc.message])
-                    if len(items) == self.batch_size:
-                        yield self._collate(items, stream, [epoch, slot, index + 1], skips)
-                        items, skips = [], []
-                slot, skip = slot + 1, 0
-            if full_pass and valid == 0:
-                raise RuntimeError(
-                    f"rank {self.rank} sub-stream {stream} found no usable sample in a full pass "
-                    f"over shards {[self.shards[i] for i in shard_ids]}"
-                )
-            epoch, slot = epoch + 1, 0

@@ -18,7 +18,6 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import io
 import json
 import logging
 import os
@@ -60,26 +59,20 @@ def _encode_sample(sample: dict) -> dict:
 
 
 def probe_mp4(mp4: bytes) -> dict:
-    """Container-level facts about an mp4 without decoding frames.
+    """Container-level facts about an mp4 without decoding frames (``probe.probe_video``).
 
     Returns ``{"resolution": [H, W], "fps": float, "num_frames": int, "duration": float}``;
     values are ``None`` when the bytes are not a readable video.
     """
-    import av  # lazy: only shard writing needs PyAV
+    from worldline.data.probe import ProbeError, probe_video
 
     try:
-        with av.open(io.BytesIO(mp4)) as container:
-            stream = container.streams.video[0]
-            fps = float(stream.average_rate or stream.guessed_rate or 0) or None
-            num_frames = stream.frames
-            if not num_frames:  # some containers lack a frame count: count packets instead
-                num_frames = sum(1 for p in container.demux(stream) if p.size)
-            height, width = stream.codec_context.height, stream.codec_context.width
-    except (av.error.FFmpegError, IndexError, ValueError) as exc:
+        info = probe_video(mp4)
+    except ProbeError as exc:
         log.warning("probe_mp4: unreadable video (%s)", str(exc)[:200])
         return {"resolution": None, "fps": None, "num_frames": None, "duration": None}
-    duration = num_frames / fps if fps else None
-    return {"resolution": [height, width], "fps": fps, "num_frames": num_frames, "duration": duration}
+    return {"resolution": [info.height, info.width], "fps": info.fps, "num_frames": info.num_frames,
+            "duration": info.duration}
 
 
 def brace_pattern(pattern: str, num_shards: int) -> str | None:

@@ -1,26 +1,37 @@
-"""Codec I/O: uint8 frames <-> in-memory mp4 bytes, plus preview writers.
+"""Codec I/O: uint8 frames <-> in-memory mp4 bytes, clip sampling, resize/crop, previews.
 
-Encoding uses PyAV (libx264 by default), decoding uses decord, because decord is what the
-loader workers use (frame-accurate ``get_batch`` on a random-access reader).
+Encoding uses PyAV (libx264 by default; mpeg4, libvpx-vp9 and libx265 work too), decoding uses
+decord on in-memory bytes, because decord is what the loader workers use (frame-accurate
+``get_batch`` on a random-access reader, no temp files).
+
+Clip sampling. A clip is ``num_frames`` frames taken either every ``stride`` source frames or
+at a target ``fps`` resampled from the source's per-frame timestamps (so variable-frame-rate
+video is sampled in real time, not in frame counts; frames repeat when the target rate is
+above the source's). ``position`` places the window at the ``start``, the ``center`` or a
+``random`` point. A video shorter than the window raises ``ClipTooShortError``; the loader
+counts that as ``too_short`` (or, with buckets, routes the video to a shorter bucket).
 
 Odd frame sizes: H.264 in yuv420p subsamples chroma 2x2, so x264 rejects odd widths/heights
 and the bitstream cannot crop by a single pixel. With the default ``pix_fmt="yuv420p"`` we
 therefore pad the right column / bottom row by edge replication up to the next even size, so
 an ``[T, 45, 63, 3]`` clip decodes as ``[T, 46, 64, 3]`` whose top-left ``45x63`` is the clip.
-The loader's resize + centre crop absorbs the extra pixel. Pass ``pix_fmt="yuv444p"`` to keep
-odd sizes exactly (valid H.264, but some browsers and players cannot show 4:4:4).
+The loader's resize + crop absorbs the extra pixel. Pass ``pix_fmt="yuv444p"`` to keep odd
+sizes exactly (libx264, libx265, libvpx-vp9; valid, but some players cannot show 4:4:4).
 
 Tiny CPU example::
 
     frames = np.zeros((8, 64, 64, 3), np.uint8)
     mp4 = encode_mp4(frames, fps=8.0)
-    clip, idx = decode_clip(mp4, num_frames=4, stride=2)   # [4, 64, 64, 3], [0, 2, 4, 6]
+    clip, idx = decode_clip(mp4, num_frames=4, stride=2)          # [4, 64, 64, 3], [0, 2, 4, 6]
+    clip, idx = decode_clip(mp4, num_frames=4, fps=4.0)           # same frames, chosen by time
+    out, scale, _ = resize_crop(clip, (32, 48))                   # uint8 [4, 32, 48, 3]
 """
 
 from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -29,13 +40,14 @@ import numpy as np
 from PIL import Image
 
 POSITIONS = ("start", "center", "random")
+CROPS = ("center", "random")
+
+# Float slack when matching sample times to frame timestamps (timestamps are in seconds).
+_TIME_EPS = 1e-6
 
 
 class ClipTooShortError(ValueError):
-    """The video has fewer frames than the requested strided window."""
-
-# x264/x265 understand CRF and presets; other encoders (mpeg4, ...) get PyAV's defaults.
-_CRF_CODECS = {"libx264", "libx265"}
+    """The video has fewer frames (or less time) than the requested window."""
 
 
 def _check_frames(frames: np.ndarray) -> np.ndarray:
@@ -47,6 +59,19 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
     return frames
 
 
+def _codec_options(codec: str, crf: int, preset: str) -> dict[str, str]:
+    # One thread per encoder: clips are small and shard writing parallelises over clips.
+    if codec == "libx264":
+        return {"crf": str(crf), "preset": preset, "threads": "1"}
+    if codec == "libx265":
+        return {"crf": str(crf), "preset": preset,
+                "x265-params": "log-level=error:pools=1:frame-threads=1"}
+    if codec == "libvpx-vp9":  # constant quality (b=0), fast realtime encoding
+        return {"crf": str(min(63, crf + 14)), "b": "0", "deadline": "realtime",
+                "cpu-used": "8", "threads": "1"}
+    return {}
+
+
 def encode_mp4(
     frames: np.ndarray,
     fps: float,
@@ -55,27 +80,42 @@ def encode_mp4(
     *,
     pix_fmt: str = "yuv420p",
     preset: str = "veryfast",
+    timestamps: Sequence[float] | None = None,
+    bit_rate: int | None = None,
 ) -> bytes:
     """Encode uint8 frames ``[T, H, W, 3]`` (RGB) into mp4 bytes, entirely in memory.
 
-    With a 4:2:0 ``pix_fmt`` odd sizes are padded to even by edge replication (see module
-    docstring). ``threads=1``: clips are small, and data generation parallelises over clips.
+    ``timestamps`` (seconds, one per frame, increasing) writes a variable-frame-rate file with
+    those presentation times (millisecond time base); otherwise frames are ``1 / fps`` apart.
+    With a 4:2:0 ``pix_fmt`` odd sizes are padded to even by edge replication (module
+    docstring). Codecs without CRF (``mpeg4``) get ``bit_rate`` (default ~1 bit per pixel·s).
     """
     frames = _check_frames(frames)
     if pix_fmt.startswith(("yuv420", "nv12")):
         pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
         if pad_h or pad_w:
             frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    if timestamps is not None:
+        pts = np.round(np.asarray(timestamps, np.float64) * 1000).astype(np.int64)
+        if pts.shape != (len(frames),) or (np.diff(pts) <= 0).any():
+            raise ValueError("timestamps must be one increasing value (ms-distinct) per frame")
     _, height, width, _ = frames.shape
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:
         # limit_denominator keeps NTSC rates (29.97 -> 30000/1001) exact and others small.
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
-        if codec in _CRF_CODECS:
-            stream.options = {"crf": str(crf), "preset": preset, "threads": "1"}
-        for frame in frames:
+        options = _codec_options(codec, crf, preset)
+        if options:
+            stream.options = options
+        else:
+            stream.bit_rate = bit_rate or max(200_000, int(height * width * fps))
+        if timestamps is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        for i, frame in enumerate(frames):
             video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            if timestamps is not None:
+                video_frame.pts, video_frame.time_base = int(pts[i]), Fraction(1, 1000)
             container.mux(stream.encode(video_frame))
         container.mux(stream.encode())  # flush delayed (B-)frames
     return buf.getvalue()
@@ -112,6 +152,92 @@ def clip_indices(
     return start + stride * np.arange(num_frames, dtype=np.int64)
 
 
+def resample_indices(
+    timestamps: np.ndarray,
+    num_frames: int,
+    fps: float,
+    position: str = "start",
+    rng: np.random.Generator | None = None,
+    end: float | None = None,
+) -> np.ndarray:
+    """Indices ``[num_frames]`` of the frames shown at times ``t0 + k / fps``.
+
+    ``timestamps``: presentation time (seconds) of each frame, increasing; frame ``i`` is shown
+    from ``timestamps[i]`` until the next frame (the last one until ``end``, default: its own
+    start). So a VFR video is sampled by time, and a target rate above the source's repeats
+    frames. All sample times must fall before ``end``: the video must last longer than the
+    window's ``(num_frames - 1) / fps`` seconds.
+    """
+    if num_frames < 1 or not fps > 0:
+        raise ValueError(f"num_frames must be >= 1 and fps > 0, got {num_frames}, {fps}")
+    if position not in POSITIONS:
+        raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
+    ts = np.asarray(timestamps, np.float64)
+    if len(ts) == 0:
+        raise ClipTooShortError("video has no frames")
+    # Last admissible start for the final sample: just before the last frame stops showing.
+    last = float(end) - _TIME_EPS if end is not None and end > ts[-1] else float(ts[-1])
+    span = (num_frames - 1) / fps
+    room = last - float(ts[0]) - span
+    if room < -_TIME_EPS:
+        raise ClipTooShortError(
+            f"video too short: lasts {last - ts[0] + _TIME_EPS:.3f} s ({len(ts)} frames), needs "
+            f"{span:.3f} s (num_frames={num_frames}, fps={fps:g})"
+        )
+    room = max(room, 0.0)
+    if position == "start":
+        offset = 0.0
+    elif position == "center":
+        offset = room / 2
+    else:
+        offset = float((rng or np.random.default_rng()).uniform(0.0, room)) if room > 0 else 0.0
+    times = ts[0] + offset + np.arange(num_frames) / fps
+    idx = np.searchsorted(ts, times + _TIME_EPS, side="right") - 1
+    return np.clip(idx, 0, len(ts) - 1).astype(np.int64)
+
+
+def _pyav_frames(mp4: bytes, indices: np.ndarray) -> np.ndarray:
+    """Frames ``indices`` (presentation order) decoded with PyAV: ``uint8 [T, H, W, 3]``."""
+    wanted = {int(i) for i in indices}
+    last, got = max(wanted), {}
+    with av.open(io.BytesIO(mp4)) as container:
+        stream = container.streams.video[0]
+        stream.thread_count = 1
+        for i, frame in enumerate(container.decode(stream)):
+            if i in wanted:
+                got[i] = frame.to_ndarray(format="rgb24")
+            if i >= last:
+                break
+    return np.stack([got[int(i)] for i in indices])
+
+
+def read_frames(reader, mp4: bytes, indices: np.ndarray, as_tensor: bool = False):
+    """``reader.get_batch(indices)`` as ``uint8 [T, H, W, 3]``: a numpy array, or with
+    ``as_tensor`` a torch tensor sharing decord's buffer through DLPack (no copy; the loader
+    copies each clip exactly once, into its batch).
+
+    decord 0.6 cannot copy out frames of a few small widths (a scan of 2..2100 px found 2-8,
+    12, 16, 24, 48 and 72 px; it raises "DECORDArrayCopyFromTo: The size must exactly
+    match"), so those clips fall back to a PyAV decode of the same frames.
+    """
+    try:
+        batch = reader.get_batch(indices.tolist())
+    except Exception as exc:  # decord's DECORDError is not importable as a stable name
+        if "DECORDArrayCopyFromTo" not in str(exc):
+            raise
+        frames = _pyav_frames(mp4, indices)
+        if as_tensor:
+            import torch
+
+            return torch.from_numpy(frames)
+        return frames
+    if as_tensor:
+        from torch.utils.dlpack import from_dlpack
+
+        return from_dlpack(batch.to_dlpack())
+    return batch.asnumpy()
+
+
 def decode_clip(
     mp4: bytes,
     num_frames: int,
@@ -119,23 +245,68 @@ def decode_clip(
     position: str = "start",
     rng: np.random.Generator | None = None,
     *,
+    fps: float | None = None,
     num_threads: int = 1,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Decode ``num_frames`` frames, ``stride`` apart, from mp4 bytes with decord.
+    as_tensor: bool = False,
+):
+    """Decode a ``num_frames`` clip from video bytes with decord (from memory, no temp file).
 
-    Returns ``(frames uint8 [T, H, W, 3], indices int64 [T])``. Raises ``ValueError`` if the
-    video is shorter than the window and ``RuntimeError`` (decord's) if it cannot be decoded.
-    ``ClipTooShortError`` is a ``ValueError``, so callers may catch either.
-    ``num_threads=1`` by default because loader workers already parallelise across clips.
+    Frames are ``stride`` apart, or sampled at ``fps`` from the frame timestamps when given.
+    Returns ``(frames uint8 [T, H, W, 3], source frame indices int64 [T])``; frames are numpy,
+    or a torch tensor viewing decord's buffer with ``as_tensor``. Raises ``ClipTooShortError``
+    (a ``ValueError``) when the video is shorter than the window and ``RuntimeError``
+    (decord's) if it cannot be decoded. ``num_threads=1`` by default because loader workers
+    already parallelise across clips.
     """
     import decord  # lazy: decord is heavy and only needed where clips are decoded
 
     if len(mp4) == 0:
         raise ValueError("empty mp4 (0 bytes)")
     reader = decord.VideoReader(io.BytesIO(mp4), num_threads=num_threads)
-    indices = clip_indices(len(reader), num_frames, stride, position, rng)
-    frames = reader.get_batch(indices.tolist()).asnumpy()
-    return frames, indices
+    if fps is None:
+        indices = clip_indices(len(reader), num_frames, stride, position, rng)
+    else:
+        times = reader.get_frame_timestamp(np.arange(len(reader)))  # [N, 2] start, end (s)
+        indices = resample_indices(times[:, 0], num_frames, fps, position, rng, end=times[-1, 1])
+    return read_frames(reader, mp4, indices, as_tensor), indices
+
+
+def resize_crop(
+    frames,
+    size: tuple[int, int],
+    crop: str = "center",
+    rng: np.random.Generator | None = None,
+):
+    """Aspect-preserving resize to cover ``size``, then a centre or random crop to it.
+
+    ``frames`` uint8 ``[T, h, w, 3]`` (numpy or torch) -> ``(uint8 tensor [T, H, W, 3] (a
+    view, maybe strided), scale, (top, left))``: ``scale`` maps source to output pixels and
+    ``(top, left)`` is the crop's corner in the resized frame. Frames stay uint8 throughout: torch's uint8
+    bilinear+antialias kernel runs on the channels-last layout decord already produces, about
+    10x faster than a float round trip. No resampling at all when only the aspect differs.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if crop not in CROPS:
+        raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
+    out_h, out_w = size
+    _, h, w, _ = frames.shape
+    video = torch.from_numpy(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
+    scale = max(out_h / h, out_w / w)
+    new_h, new_w = max(out_h, round(h * scale)), max(out_w, round(w * scale))
+    if (new_h, new_w) == (h, w):
+        scale = 1.0
+    if crop == "center":
+        top, left = (new_h - out_h) // 2, (new_w - out_w) // 2
+    else:
+        rng = rng or np.random.default_rng()
+        top, left = int(rng.integers(0, new_h - out_h + 1)), int(rng.integers(0, new_w - out_w + 1))
+    if (new_h, new_w) != (h, w):
+        x = video.permute(0, 3, 1, 2)  # [T, 3, h, w] view, channels-last strides
+        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+        video = x.permute(0, 2, 3, 1)
+    return video[:, top : top + out_h, left : left + out_w], scale, (top, left)
 
 
 def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float, **kwargs) -> None:

@@ -8,4 +8,9 @@ Modules (import them directly; this package stays import-light):
 - ``world_model``: text encoder + DiT with CFG dropout (``WorldModel``).
 - ``flow``: rectified-flow timesteps, path, loss, Euler/Heun samplers, CFG.
 - ``attention``: one attention entry point (flash-attn on CUDA when importable, SDPA otherwise).
+- ``conditioning``: per-frame timestep/action/camera embedder, i2v input builder, references.
+- ``rollout``: autoregressive world-model rollout with a windowed KV cache and per-condition CFG.
+- ``losses``: optional perceptual loss (user-supplied local net) and 3D PatchGAN + hinge losses.
+- ``metrics``: PSNR and SSIM.
+- ``adapters``: diffusers video VAE and transformers text encoders from local folders.
 """

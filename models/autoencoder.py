@@ -26,6 +26,7 @@ and leak the future into the past.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +54,9 @@ class AutoencoderArgs:
     kl_weight: float = 1e-4
     l1_weight: float = 1.0
     l2_weight: float = 1.0
+    # Optional terms (off by default): weight of a user-supplied perceptual network
+    # (models.losses.PerceptualLoss; the path lives in the trainer config).
+    perceptual_weight: float = 0.0
 
 
 def _log2(n: int, name: str) -> int:
@@ -106,6 +110,10 @@ class CausalConv3d(nn.Module):
     ) -> None:
         super().__init__()
         self.time_pad = kernel - 1
+        self.kernel_t, self.t_stride = kernel, t_stride
+        # Chunked (streaming) mode: a dict holding the not-yet-consumed tail of the padded
+        # input stream, set by VideoAutoencoder._streaming(); None = whole-video mode.
+        self._stream: dict | None = None
         self.conv = nn.Conv3d(
             in_ch,
             out_ch,
@@ -115,8 +123,19 @@ class CausalConv3d(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.time_pad:
+        st = self._stream
+        tail = None if st is None else st.get("tail")
+        if tail is not None:  # later chunk: continue the stream where the last one stopped
+            x = torch.cat([tail, x], dim=2)
+        elif self.time_pad:
             x = torch.cat([x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1), x], dim=2)
+        if st is not None:
+            k, s = self.kernel_t, self.t_stride
+            n_out = (x.shape[2] - k) // s + 1
+            if n_out < 1:
+                raise ValueError("chunk too short for this causal conv; use longer chunks")
+            st["tail"] = x[:, :, n_out * s :]  # frames the next outputs still need
+            x = x[:, :, : (n_out - 1) * s + k]
         return self.conv(x)
 
 
@@ -135,23 +154,34 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
-def _space_time_to_depth(x: Tensor, ft: int, fs: int) -> Tensor:
+def _space_time_to_depth(x: Tensor, ft: int, fs: int, first: bool = True) -> Tensor:
     """[B, C, T, H, W] -> [B, C*ft*fs*fs, T', H/fs, W/fs], causally: with ft = 2 frame 0 is
-    replicated in front so T = 1 + 2n -> 1 + n and output frame i holds frames 2i-1, 2i."""
-    if ft > 1:
+    replicated in front so T = 1 + 2n -> 1 + n and output frame i holds frames 2i-1, 2i.
+    first=False (a later chunk of a stream): no replication, T = 2n -> n."""
+    if ft > 1 and first:
         x = torch.cat([x[:, :, :1].expand(-1, -1, ft - 1, -1, -1), x], dim=2)
     b, c, t, h, w = x.shape
     x = x.view(b, c, t // ft, ft, h // fs, fs, w // fs, fs).permute(0, 1, 3, 5, 7, 2, 4, 6)
     return x.reshape(b, c * ft * fs * fs, t // ft, h // fs, w // fs)
 
 
-def _depth_to_space_time(x: Tensor, ft: int, fs: int) -> Tensor:
-    """Inverse of _space_time_to_depth (drops the replicated leading frames)."""
+def _depth_to_space_time(x: Tensor, ft: int, fs: int, first: bool = True) -> Tensor:
+    """Inverse of _space_time_to_depth (drops the replicated leading frames when first)."""
     b, c, t, h, w = x.shape
     c_out = c // (ft * fs * fs)
     x = x.view(b, c_out, ft, fs, fs, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
     x = x.reshape(b, c_out, t * ft, h * fs, w * fs)
-    return x[:, :, ft - 1 :]
+    return x[:, :, ft - 1 :] if first else x
+
+
+def _stream_first(m: nn.Module) -> bool:
+    """True unless m is streaming and has already seen a chunk (then marks it as seen)."""
+    st = m._stream
+    if st is None:
+        return True
+    first = not st.get("seen", False)
+    st["seen"] = True
+    return first
 
 
 class Downsample(nn.Module):
@@ -168,11 +198,13 @@ class Downsample(nn.Module):
         self.conv = CausalConv3d(in_ch, out_ch, t_stride=self.ft, s_stride=self.fs)
         factor = in_ch * self.ft * self.fs**2
         self.group = factor // out_ch if factor % out_ch == 0 else 0
+        self._stream: dict | None = None  # see CausalConv3d
 
     def forward(self, x: Tensor) -> Tensor:
+        first = _stream_first(self)
         h = self.conv(x)
         if self.group:
-            s = _space_time_to_depth(x, self.ft, self.fs)
+            s = _space_time_to_depth(x, self.ft, self.fs, first)
             h = h + s.view(s.shape[0], -1, self.group, *s.shape[2:]).mean(2)
         return h
 
@@ -188,16 +220,19 @@ class Upsample(nn.Module):
         self.conv = CausalConv3d(in_ch, out_ch)
         factor = out_ch * self.ft * self.fs**2
         self.repeats = factor // in_ch if factor % in_ch == 0 else 0
+        self._stream: dict | None = None  # see CausalConv3d
 
     def forward(self, x: Tensor) -> Tensor:
+        first = _stream_first(self)
         h = x
         if self.ft > 1:
-            h = h.repeat_interleave(2, dim=2)[:, :, 1:]
+            h = h.repeat_interleave(2, dim=2)[:, :, (1 if first else 0) :]
         if self.fs > 1:
             h = h.repeat_interleave(2, dim=3).repeat_interleave(2, dim=4)
         h = self.conv(h)
         if self.repeats:
-            h = h + _depth_to_space_time(x.repeat_interleave(self.repeats, dim=1), self.ft, self.fs)
+            rep = x.repeat_interleave(self.repeats, dim=1)
+            h = h + _depth_to_space_time(rep, self.ft, self.fs, first)
         return h
 
 
@@ -288,6 +323,55 @@ class Decoder(nn.Module):
         return _pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), self.patch_size)
 
 
+def _tiled(
+    fn, x: Tensor, tile: int, overlap: int, scale: float, out_ch: int
+) -> Tensor:
+    """Apply fn to overlapping spatial tiles of x [B, C, T, H, W] and blend the outputs.
+
+    fn maps a tile of (th, tw) to (th * scale, tw * scale); outputs are averaged with linear
+    ramps across each overlap (weights sum to 1 everywhere), hiding seams.
+    """
+    h, w = x.shape[-2:]
+    stride = tile - overlap
+    if stride <= 0:
+        raise ValueError(f"tile_overlap {overlap} must be smaller than tile_size {tile}")
+
+    def starts(n: int) -> list[int]:
+        s = list(range(0, max(n - tile, 0) + 1, stride))
+        if s[-1] + tile < n:
+            s.append(n - tile)  # last tile flush with the border
+        return s
+
+    out = weight = None
+    ov = max(1, round(overlap * scale))
+    for y in starts(h):
+        for xx in starts(w):
+            o = fn(x[..., y : y + tile, xx : xx + tile])
+            th, tw = o.shape[-2:]
+            if out is None:
+                shape = (*o.shape[:3], round(h * scale), round(w * scale))
+                out, weight = o.new_zeros(shape), o.new_zeros(shape[-2:])
+            # Ramps only on sides that have a neighbour, so the borders keep weight 1.
+            wy = _ramp(th, ov, y > 0, y + tile < h, o)
+            wx = _ramp(tw, ov, xx > 0, xx + tile < w, o)
+            m = wy[:, None] * wx[None, :]
+            oy, ox = round(y * scale), round(xx * scale)
+            out[..., oy : oy + th, ox : ox + tw] += o * m
+            weight[oy : oy + th, ox : ox + tw] += m
+    return out / weight
+
+
+def _ramp(n: int, ov: int, lo: bool, hi: bool, like: Tensor) -> Tensor:
+    r = torch.ones(n, dtype=like.dtype, device=like.device)
+    ramp = (torch.arange(ov, dtype=like.dtype, device=like.device) + 1) / (ov + 1)
+    ov = min(ov, n)
+    if lo:
+        r[:ov] = ramp[:ov]
+    if hi:
+        r[n - ov :] = torch.minimum(r[n - ov :], ramp[:ov].flip(0))
+    return r
+
+
 class VideoAutoencoder(nn.Module):
     """Causal video VAE: [B, 3, T, H, W] in [-1, 1] <-> latents [B, C, t, h, w]."""
 
@@ -322,16 +406,82 @@ class VideoAutoencoder(nn.Module):
         )
 
     # --- encode / decode ----------------------------------------------------------------
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x [B, 3, T, H, W] in [-1, 1] -> (mean, logvar), each [B, C, t, h, w]."""
+    def encode(
+        self,
+        x: Tensor,
+        *,
+        chunk_frames: int | None = None,
+        tile_size: int | None = None,
+        tile_overlap: int = 16,
+    ) -> tuple[Tensor, Tensor]:
+        """x [B, 3, T, H, W] in [-1, 1] -> (mean, logvar), each [B, C, t, h, w].
+
+        chunk_frames: encode k * temporal_downsample pixel frames at a time (the first chunk
+            has one extra frame); the causal padding state is carried between chunks, so the
+            result equals a whole-video encode up to float rounding, at a fraction of the
+            activation memory.
+        tile_size, tile_overlap: encode overlapping spatial tiles of tile_size pixels and
+            blend latents linearly across the overlap (approximate: tiles do not see each
+            other beyond the overlap). Both are multiples of spatial_downsample.
+        """
         self.latent_shape(*x.shape[2:])
-        moments = self.encoder(x)
+
+        def enc(v: Tensor) -> Tensor:
+            if chunk_frames is None:
+                return self.encoder(v)
+            tf = self.args.temporal_downsample
+            step = max(1, chunk_frames // tf) * tf
+            bounds = [0, 1 + step] + list(range(1 + 2 * step, v.shape[2] + step, step))
+            with self._streaming(self.encoder):
+                return torch.cat([self.encoder(v[:, :, a:b]) for a, b in
+                                  zip(bounds[:-1], bounds[1:]) if a < v.shape[2]], dim=2)
+
+        f = self.args.spatial_downsample
+        if tile_size is not None:
+            moments = _tiled(enc, x, tile_size, tile_overlap, 1 / f, 2 * self.args.latent_channels)
+        else:
+            moments = enc(x)
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
-    def decode(self, z: Tensor) -> Tensor:
-        """z [B, C, t, h, w] -> x_hat [B, 3, 1 + (t - 1) * temporal_downsample, H, W]."""
-        return self.decoder(z)
+    def decode(
+        self,
+        z: Tensor,
+        *,
+        chunk_frames: int | None = None,
+        tile_size: int | None = None,
+        tile_overlap: int = 2,
+    ) -> Tensor:
+        """z [B, C, t, h, w] -> x_hat [B, 3, 1 + (t - 1) * temporal_downsample, H, W].
+
+        chunk_frames: decode this many latent frames at a time with carried causal state
+            (equals the whole decode up to rounding). tile_size, tile_overlap: spatial tiles
+            in latent pixels, blended linearly in pixel space (approximate).
+        """
+
+        def dec(v: Tensor) -> Tensor:
+            if chunk_frames is None:
+                return self.decoder(v)
+            with self._streaming(self.decoder):
+                return torch.cat([self.decoder(v[:, :, a : a + chunk_frames])
+                                  for a in range(0, v.shape[2], chunk_frames)], dim=2)
+
+        if tile_size is not None:
+            f = self.args.spatial_downsample
+            return _tiled(dec, z, tile_size, tile_overlap, f, self.args.in_channels)
+        return dec(z)
+
+    @contextmanager
+    def _streaming(self, root: nn.Module):
+        """Chunked mode for every causal module under root; state dropped on exit."""
+        mods = [m for m in root.modules() if hasattr(m, "_stream")]
+        for m in mods:
+            m._stream = {}
+        try:
+            yield
+        finally:
+            for m in mods:
+                m._stream = None
 
     def forward(
         self, x: Tensor, generator: torch.Generator | None = None, sample: bool = True
@@ -389,12 +539,26 @@ class VideoAutoencoder(nn.Module):
 
 
 def autoencoder_loss(
-    x: Tensor, recon: Tensor, mean: Tensor, logvar: Tensor, args: AutoencoderArgs
+    x: Tensor,
+    recon: Tensor,
+    mean: Tensor,
+    logvar: Tensor,
+    args: AutoencoderArgs,
+    *,
+    perceptual: nn.Module | None = None,
+    disc_logits: Tensor | None = None,
+    adv_weight: float | Tensor = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Weighted L1 + L2 reconstruction + KL(q(z|x) || N(0, I)).
+    """Weighted L1 + L2 reconstruction + KL(q(z|x) || N(0, I)) [+ perceptual] [+ GAN].
 
     All terms are means (per pixel, per latent element) so weights do not depend on clip
-    size. Returns (total loss, {"loss", "l1", "l2", "kl"}) as tensors; no host sync.
+    size. Returns (total loss, {"loss", "l1", "l2", "kl"[, "perceptual"][, "g_adv"]}) as
+    tensors; no host sync.
+
+    perceptual: a models.losses.PerceptualLoss (or any (recon, x) -> scalar module), weighted
+        by args.perceptual_weight. disc_logits: discriminator logits on `recon` (gradients
+        must flow to recon), hinge generator loss weighted by adv_weight (use
+        losses.adversarial_weight for the warm-up switch).
     """
     diff = recon.float() - x.float()
     l1 = diff.abs().mean()
@@ -402,4 +566,13 @@ def autoencoder_loss(
     mean, logvar = mean.float(), logvar.float()
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
     loss = args.l1_weight * l1 + args.l2_weight * l2 + args.kl_weight * kl
-    return loss, {"loss": loss.detach(), "l1": l1.detach(), "l2": l2.detach(), "kl": kl.detach()}
+    parts = {"l1": l1.detach(), "l2": l2.detach(), "kl": kl.detach()}
+    if perceptual is not None and args.perceptual_weight > 0:
+        p = perceptual(recon, x)
+        loss = loss + args.perceptual_weight * p
+        parts["perceptual"] = p.detach()
+    if disc_logits is not None:
+        g = -disc_logits.float().mean()  # hinge generator loss (losses.hinge_g_loss)
+        loss = loss + adv_weight * g
+        parts["g_adv"] = g.detach()
+    return loss, {"loss": loss.detach(), **parts}

@@ -34,6 +34,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from worldline.models.attention import attention
+from worldline.models.conditioning import (  # noqa: F401 - re-exported, historical home
+    ConditionEmbedder,
+    frame_phase,
+    pool_to_latent_frames,
+    timestep_embedding,
+)
 
 __all__ = [
     "DiTArgs",
@@ -44,6 +50,8 @@ __all__ = [
     "pool_to_latent_frames",
     "rope_3d",
     "apply_rope",
+    "frame_causal_mask",
+    "REF_TIME_POS",
 ]
 
 
@@ -59,10 +67,17 @@ class DiTArgs:
     text_dim: int = 256  # 0 disables text cross-attention
     num_action_slots: int = 0  # S independently acted sprites; 0 disables actions
     num_actions: int = 5  # discrete action vocabulary per slot
+    action_dim: int = 0  # continuous action vector size per pixel frame; 0 disables
     camera_dim: int = 2  # 0 disables camera conditioning
     temporal_downsample: int = 4  # pixel frames per latent frame (after the first)
     rope_theta: float = 10000.0
     freq_dim: int = 256  # sinusoidal timestep features
+    # Image-to-video: one extra input channel marks clean conditioning frames (1) vs noisy (0).
+    mask_channel: bool = False
+    # Default attention pattern: False = full spacetime, True = block-causal per latent frame
+    # (diffusion forcing / rollout). forward(frame_causal=...) overrides per call.
+    frame_causal: bool = False
+    max_refs: int = 0  # reference-image slots (learned ref embeddings); 0 disables refs
 
 
 # hidden/depth/heads per named size; head dim 128 from 1B up (flash-attn's sweet spot).
@@ -82,123 +97,6 @@ def dit_args(size: str, **overrides) -> DiTArgs:
     if size not in DIT_SIZES:
         raise KeyError(f"unknown DiT size {size!r}; choose from {sorted(DIT_SIZES)}")
     return DiTArgs(**{**DIT_SIZES[size], **overrides})
-
-
-# ---------------------------------------------------------------------------------------------
-# Embeddings
-# ---------------------------------------------------------------------------------------------
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal features of t in [0, 1]: [...] -> [..., dim] (float32).
-
-    t is scaled by 1000 so the frequency range matches the usual integer-step embeddings.
-    """
-    half = dim // 2
-    freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half
-    )
-    args = (t.float() * 1000.0)[..., None] * freqs
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
-def pool_to_latent_frames(e: Tensor, num_latent: int, tf: int) -> Tensor:
-    """Causally group per-pixel-frame features into latent frames.
-
-    e [B, T_pix, D] with T_pix = 1 + (num_latent - 1) * tf -> [B, num_latent, D]: latent frame
-    0 takes pixel frame 0, latent frame i the mean of pixel frames (i-1)*tf+1 ... i*tf.
-    """
-    b, t_pix, d = e.shape
-    if t_pix != 1 + (num_latent - 1) * tf:
-        raise ValueError(
-            f"conditioning has {t_pix} pixel frames but the latent has {num_latent} frames; "
-            f"expected 1 + ({num_latent} - 1) * {tf} = {1 + (num_latent - 1) * tf}"
-        )
-    rest = e[:, 1:].reshape(b, num_latent - 1, tf, d).mean(dim=2)
-    return torch.cat([e[:, :1], rest], dim=1)
-
-
-def frame_phase(num_pixel_frames: int, tf: int, device=None) -> Tensor:
-    """Position of each pixel frame inside its latent-frame group: [T_pix] long in [0, tf).
-
-    Frame 0 is alone in its group and gets tf - 1 (the last slot, like every group's newest
-    frame). Embedding the phase before mean-pooling keeps the order of events within a group.
-    """
-    f = torch.arange(num_pixel_frames, device=device)
-    return torch.where(f == 0, tf - 1, (f - 1) % tf)
-
-
-class ConditionEmbedder(nn.Module):
-    """Per-latent-frame conditioning c [B, t, D] = MLP(timestep) + actions + camera.
-
-    Actions and camera are embedded per pixel frame (with the frame's phase in its group),
-    then mean-pooled causally into latent frames. Missing or dropped (classifier-free
-    guidance) actions/camera are replaced by learned null vectors, so "no control" is its own
-    input rather than a particular action or a zero camera.
-    """
-
-    def __init__(self, args: DiTArgs) -> None:
-        super().__init__()
-        d, tf = args.hidden_size, args.temporal_downsample
-        self.args = args
-        self.t_mlp = nn.Sequential(nn.Linear(args.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
-        if args.num_action_slots > 0:
-            # One row per (slot, action): the sum over slots is a linear map of the
-            # concatenated one-hots, so which sprite did what is kept.
-            self.action_emb = nn.Embedding(args.num_action_slots * args.num_actions, d)
-            self.action_phase = nn.Parameter(torch.zeros(tf, d))
-            self.action_mlp = nn.Sequential(nn.SiLU(), nn.Linear(d, d))
-            self.null_action = nn.Parameter(torch.zeros(d))
-        if args.camera_dim > 0:
-            self.camera_in = nn.Linear(args.camera_dim, d)
-            self.camera_phase = nn.Parameter(torch.zeros(tf, d))
-            self.camera_mlp = nn.Sequential(nn.SiLU(), nn.Linear(d, d))
-            self.null_camera = nn.Parameter(torch.zeros(d))
-
-    def forward(
-        self,
-        t: Tensor,
-        num_frames: int,
-        actions: Tensor | None = None,
-        camera: Tensor | None = None,
-        drop: Tensor | None = None,
-    ) -> Tensor:
-        """t [B] or [B, num_frames] in [0, 1]; actions [B, T_pix, S] long; camera
-        [B, T_pix, camera_dim]; drop [B] bool (null actions and camera) -> [B, num_frames, D]."""
-        a = self.args
-        if t.dim() == 1:
-            t = t[:, None].expand(-1, num_frames)
-        c = self.t_mlp(timestep_embedding(t, a.freq_dim).to(self.t_mlp[0].weight.dtype))
-        keep = None if drop is None else (~drop.bool()).view(-1, 1, 1)
-        if a.num_action_slots > 0:
-            e = None
-            if actions is not None:
-                if actions.shape[-1] != a.num_action_slots:
-                    raise ValueError(
-                        f"actions have {actions.shape[-1]} slots, "
-                        f"model expects {a.num_action_slots}"
-                    )
-                offsets = torch.arange(a.num_action_slots, device=actions.device) * a.num_actions
-                e = self.action_emb(actions.long() + offsets).sum(dim=2)  # [B, T_pix, D]
-                e = self._pool(self.action_mlp(e + self._phase(self.action_phase, e)), num_frames)
-            c = c + self._or_null(e, self.null_action, keep)
-        if a.camera_dim > 0:
-            e = None
-            if camera is not None:
-                e = self.camera_in(camera.to(c.dtype))
-                e = self._pool(self.camera_mlp(e + self._phase(self.camera_phase, e)), num_frames)
-            c = c + self._or_null(e, self.null_camera, keep)
-        return c
-
-    def _phase(self, table: Tensor, e: Tensor) -> Tensor:
-        return table[frame_phase(e.shape[1], self.args.temporal_downsample, e.device)]
-
-    def _pool(self, e: Tensor, num_frames: int) -> Tensor:
-        return pool_to_latent_frames(e, num_frames, self.args.temporal_downsample)
-
-    @staticmethod
-    def _or_null(e: Tensor | None, null: Tensor, keep: Tensor | None) -> Tensor:
-        if e is None:
-            return null.view(1, 1, -1)
-        return e if keep is None else torch.where(keep, e, null.view(1, 1, -1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,10 +138,34 @@ def rope_3d(
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate consecutive pairs of x [B, H, N, Dh] by angles (cos, sin [N, Dh/2]); fp32 math."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    x1, x2 = xf[..., 0], xf[..., 1]
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    # One complex multiply instead of 6 real elementwise ops + a stack: ~3x less memory
+    # traffic, which dominates RoPE's cost (and its backward) on CPU and GPU alike.
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    out = torch.view_as_real(xc * torch.complex(cos, sin))
     return out.flatten(-2).to(x.dtype)
+
+
+# Reserved RoPE time position of reference tokens: just before frame 0, never a video frame.
+REF_TIME_POS = -1
+
+
+def frame_causal_mask(
+    frames: int, refs: int, per_frame: int, past: int = 0, device=None
+) -> Tensor:
+    """Block-causal attention mask [N, past + N] bool (True = attend) for token frames
+    0..frames-1 followed by `refs` reference frames, `per_frame` tokens each.
+
+    Video frame i attends frames <= i and every reference; references attend references only
+    (so they never see the video, and cached reference K/V stay valid). The first `past` keys
+    (a KV cache of earlier frames and references) are visible to every video token.
+    """
+    rank = torch.cat([torch.arange(frames, device=device),
+                      torch.full((refs,), -1, device=device)]).repeat_interleave(per_frame)
+    mask = rank[:, None] >= rank[None, :]
+    if past:
+        seen = (rank >= 0)[:, None].expand(-1, past)
+        mask = torch.cat([seen, mask], dim=1)
+    return mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,12 +197,24 @@ class SelfAttention(nn.Module):
         self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        attn_mask: Tensor | None = None,
+        past_kv: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x [B, N, D]; attn_mask [N, N_past + N] bool (True = attend); past_kv: cached
+        (k, v) [B, H, N_past, Dh] of earlier tokens (already rotated), prepended to this call's
+        keys. Returns (out [B, N, D], (k, v) of this call's tokens, for a KV cache)."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
-        out = attention(q, k, v)  # [B, H, N, Dh]
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        kv = (k, v)
+        if past_kv is not None:
+            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+        out = attention(q, k, v, attn_mask=attn_mask)  # [B, H, N, Dh]
+        return self.proj(out.transpose(1, 2).reshape(b, n, d)), kv
 
 
 class CrossAttention(nn.Module):
@@ -342,13 +276,16 @@ class DiTBlock(nn.Module):
         rope: tuple[Tensor, Tensor],
         ctx: Tensor | None = None,
         ctx_mask: Tensor | None = None,
-    ) -> Tensor:
-        """x [B, N, D]; mod [B, F, 6, D] shared modulation; ctx [B, L, D] -> [B, N, D]."""
+        attn_mask: Tensor | None = None,
+        past_kv: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x [B, N, D]; mod [B, F, 6, D] shared modulation; ctx [B, L, D] -> ([B, N, D], kv)."""
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (mod + self.modulation).unbind(2)
-        x = x + gate(self.attn(modulate(self.norm1(x), shift_a, scale_a), rope), gate_a)
+        a, kv = self.attn(modulate(self.norm1(x), shift_a, scale_a), rope, attn_mask, past_kv)
+        x = x + gate(a, gate_a)
         if self.has_cross and ctx is not None:
             x = x + self.cross(self.norm2(x), ctx, ctx_mask)
-        return x + gate(self.mlp(modulate(self.norm3(x), shift_m, scale_m)), gate_m)
+        return x + gate(self.mlp(modulate(self.norm3(x), shift_m, scale_m)), gate_m), kv
 
 
 class FinalLayer(nn.Module):
@@ -381,7 +318,13 @@ class VideoDiT(nn.Module):
         rope_axis_dims(self.head_dim)  # validate early
         pt, ph, pw = args.patch_size
         self.patch_dim = args.in_channels * pt * ph * pw
-        self.x_embed = nn.Linear(self.patch_dim, d)
+        in_dim = (args.in_channels + int(args.mask_channel)) * pt * ph * pw
+        self.x_embed = nn.Linear(in_dim, d)
+        if args.max_refs > 0:
+            # Reference tokens sit at a reserved RoPE time position (REF_TIME_POS, before any
+            # frame) and carry a learned per-slot embedding: together these tell the model
+            # "this is a reference, not frame k" without giving it a place on the timeline.
+            self.ref_embed = nn.Parameter(torch.zeros(args.max_refs, d))
         self.cond_embed = ConditionEmbedder(args)
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         if args.text_dim > 0:
@@ -407,6 +350,8 @@ class VideoDiT(nn.Module):
             nn.init.normal_(lin.weight, std=0.02)
         if hasattr(ce, "action_emb"):
             nn.init.normal_(ce.action_emb.weight, std=0.02)
+        if hasattr(self, "ref_embed"):
+            nn.init.normal_(self.ref_embed, std=0.02)
         for name in ("action_phase", "null_action", "camera_phase", "null_camera"):
             if hasattr(ce, name):
                 nn.init.normal_(getattr(ce, name), std=0.02)
@@ -460,34 +405,86 @@ class VideoDiT(nn.Module):
         actions: Tensor | None = None,
         camera: Tensor | None = None,
         drop_actions: Tensor | None = None,
-    ) -> Tensor:
+        *,
+        frame_causal: bool | None = None,
+        refs: Tensor | None = None,
+        frame_start: int = 0,
+        past_kv: list[tuple[Tensor, Tensor]] | None = None,
+        return_kv: bool = False,
+    ) -> Tensor | tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """Predict the flow velocity.
 
         Args:
-            x: noisy latents [B, C, t, h, w].
-            t: flow time in [0, 1], [B] (or [B, t] per latent frame).
+            x: noisy latents [B, C(+1 with mask_channel), t, h, w].
+            t: flow time in [0, 1], [B] or [B, t] per latent frame (diffusion forcing).
             text: text features [B, L, text_dim]; None skips cross-attention.
             text_mask: [B, L] bool, True on real tokens (None: all real).
-            actions: [B, T_pix, S] long in [0, num_actions), T_pix = 1 + (t - 1) * tf.
+            actions: [B, T_pix, S] long in [0, num_actions) (or [B, T_pix, action_dim] float
+                when continuous), T_pix = 1 + (t - 1) * tf.
             camera: [B, T_pix, camera_dim] float.
             drop_actions: [B] bool; True replaces that sample's actions and camera by nulls.
+            frame_causal: block-causal attention (token frame i sees frames <= i and the
+                references; references see only references). None: args.frame_causal.
+            refs: clean reference latents [B, K, C(+1), h, w], K <= max_refs, same h, w as x.
+            frame_start, past_kv, return_kv: cached rollout (worldline.models.rollout):
+                x holds latent frames frame_start.., past_kv is per block the rotated (k, v)
+                [B, H, N_past, Dh] of earlier tokens that these frames attend to in full.
         Returns:
-            velocity [B, C, t, h, w].
+            velocity [B, C, t, h, w]; with return_kv also per block (k, v) of x's tokens
+            (video tokens first, then reference tokens).
         """
         a = self.args
+        causal = a.frame_causal if frame_causal is None else frame_causal
         grid = self.grid(*x.shape[2:])
+        pt = a.patch_size[0]
+        if frame_start % pt:
+            raise ValueError(f"frame_start {frame_start} must be a multiple of p_t={pt}")
         h = self.x_embed(self.patchify(x).to(self.x_embed.weight.dtype))
-        c = self.cond_embed(t, x.shape[2], actions, camera, drop_actions)  # [B, t, D]
-        if a.patch_size[0] > 1:  # several latent frames share a token frame: average them
-            c = c.view(c.shape[0], grid[0], a.patch_size[0], -1).mean(dim=2)
-        mod = self.adaLN(c).unflatten(-1, (6, -1))  # [B, F, 6, D]
-        rope = rope_3d(grid, self.head_dim, a.rope_theta, device=x.device)
+        c = self.cond_embed(t, x.shape[2], actions, camera, drop_actions, frame_start)
+        if pt > 1:  # several latent frames share a token frame: average them
+            c = c.view(c.shape[0], grid[0], pt, -1).mean(dim=2)
+        # RoPE time positions are absolute frame indices: a rollout keeps counting up.
+        rope = rope_3d(grid, self.head_dim, a.rope_theta, x.device, t_start=frame_start // pt)
+        c_all, n_refs = c, 0
+        if refs is not None:
+            h_ref, c_ref = self._ref_tokens(refs)
+            n_refs = refs.shape[1]
+            h, c_all = torch.cat([h, h_ref], dim=1), torch.cat([c, c_ref], dim=1)
+            r_cos, r_sin = rope_3d((1, grid[1], grid[2]), self.head_dim, a.rope_theta,
+                                   device=x.device, t_start=REF_TIME_POS)
+            rope = (torch.cat([rope[0], r_cos.repeat(n_refs, 1)]),
+                    torch.cat([rope[1], r_sin.repeat(n_refs, 1)]))
+        mask = None
+        n_past = 0 if past_kv is None else past_kv[0][0].shape[2]
+        if causal and (grid[0] > 1 or n_refs):
+            mask = frame_causal_mask(grid[0], n_refs, grid[1] * grid[2], n_past, x.device)
+        mod = self.adaLN(c_all).unflatten(-1, (6, -1))  # [B, F (+K), 6, D]
         ctx = None
         if a.text_dim > 0 and text is not None:
             ctx = self.context_proj(text.to(h.dtype))
-        for block in self.blocks:
-            h = block(h, mod, rope, ctx, text_mask)
-        return self.unpatchify(self.final(h, c), grid).to(x.dtype)
+        kvs = []
+        for i, block in enumerate(self.blocks):
+            past = None if past_kv is None else past_kv[i]
+            h, kv = block(h, mod, rope, ctx, text_mask, mask, past)
+            if return_kv:
+                kvs.append(kv)
+        n_video = math.prod(grid)
+        out = self.unpatchify(self.final(h[:, :n_video], c), grid).to(x.dtype)
+        return (out, kvs) if return_kv else out
+
+    def _ref_tokens(self, refs: Tensor) -> tuple[Tensor, Tensor]:
+        """refs [B, K, C, h, w] -> tokens [B, K * n, D] and per-ref conditioning [B, K, D]
+        (clean: timestep 0, null controls, plus the learned slot embedding)."""
+        b, k = refs.shape[:2]
+        if k > self.args.max_refs:
+            raise ValueError(f"{k} references but max_refs={self.args.max_refs}")
+        pt = self.args.patch_size[0]
+        # One reference = one token frame: repeat the image p_t times to fill a temporal patch.
+        r = refs.flatten(0, 1)[:, :, None].expand(-1, -1, pt, -1, -1)
+        h = self.x_embed(self.patchify(r).to(self.x_embed.weight.dtype))
+        h = h.view(b, -1, self.args.hidden_size)
+        c = self.cond_embed(torch.zeros(b, device=refs.device), k) + self.ref_embed[:k]
+        return h, c
 
     # --- accounting -----------------------------------------------------------------------
     def num_params(self, exclude_embeddings: bool = False) -> int:

@@ -32,6 +32,9 @@ __all__ = [
     "euler_sample",
     "heun_sample",
     "cfg_velocity",
+    "guided_velocity",
+    "multi_cfg_velocity",
+    "sample_frame_timesteps",
 ]
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
@@ -64,6 +67,32 @@ def sample_timesteps(
     gen_device = generator.device if generator is not None else device
     u = torch.randn(n, generator=generator, device=gen_device) * std + mean
     t = shift_timesteps(torch.sigmoid(u), shift).clamp(_T_EPS, 1.0 - _T_EPS)
+    return t.to(device) if device is not None else t
+
+
+def sample_frame_timesteps(
+    n: int,
+    frames: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    mean: float = 0.0,
+    std: float = 1.0,
+    shift: float = 1.0,
+    p_uniform: float = 0.0,
+) -> Tensor:
+    """Diffusion-forcing timesteps: an independent logit-normal level per latent frame,
+    [n, frames] float32 in (0, 1).
+
+    p_uniform: probability per sample of using one shared level for all its frames (plain
+    full-sequence training), so the same model stays good at non-causal t2v sampling.
+    """
+    gen_device = generator.device if generator is not None else device
+    t = sample_timesteps(n * frames, generator=generator, device=gen_device, mean=mean,
+                         std=std, shift=shift).view(n, frames)
+    if p_uniform > 0:
+        same = torch.rand(n, 1, generator=generator, device=gen_device) < p_uniform
+        t = torch.where(same, t[:, :1].expand_as(t), t)
     return t.to(device) if device is not None else t
 
 
@@ -101,12 +130,21 @@ def velocity_target(x0: Tensor, noise: Tensor) -> Tensor:
     return noise - x0
 
 
-def flow_loss(pred: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+def flow_loss(
+    pred: Tensor, target: Tensor, weight: Tensor | None = None, mask: Tensor | None = None
+) -> Tensor:
     """Mean squared error between predicted and target velocity (fp32 reduction).
 
     weight: optional per-sample [B] weights (e.g. for loss weighting schemes); mean over all.
+    mask: optional 0/1 tensor broadcastable to pred (e.g. the i2v loss mask [B, 1, t, 1, 1]
+        that excludes given frames); the mean runs over the masked-in elements only.
     """
     err = (pred.float() - target.float()).pow(2)
+    if mask is not None:
+        m = mask.float().expand_as(err)
+        if weight is not None:
+            m = m * weight.float().view(-1, *([1] * (err.dim() - 1)))
+        return (err * m).sum() / m.sum().clamp_min(1.0)
     if weight is None:
         return err.mean()
     return (err.flatten(1).mean(1) * weight.float()).mean()
@@ -173,5 +211,38 @@ def cfg_velocity(cond_fn: VelocityFn, uncond_fn: VelocityFn, scale: float) -> Ve
             return v_cond
         v_uncond = uncond_fn(x, t)
         return v_uncond + scale * (v_cond - v_uncond)
+
+    return fn
+
+
+def guided_velocity(
+    v_full: Tensor, v_no_text: Tensor, v_uncond: Tensor, text_scale: float, action_scale: float
+) -> Tensor:
+    """Per-condition classifier-free guidance (InstructPix2Pix-style composition):
+
+        v = v_uncond + s_a * (v_no_text - v_uncond) + s_t * (v_full - v_no_text)
+
+    v_full: text + actions; v_no_text: actions only (text dropped); v_uncond: both dropped.
+    s_t = s_a = 1 returns v_full.
+    """
+    return (v_uncond + action_scale * (v_no_text - v_uncond)
+            + text_scale * (v_full - v_no_text))
+
+
+def multi_cfg_velocity(
+    full_fn: VelocityFn,
+    no_text_fn: VelocityFn,
+    uncond_fn: VelocityFn,
+    text_scale: float,
+    action_scale: float,
+) -> VelocityFn:
+    """Velocity function with separate text and action guidance scales for the samplers
+    (see guided_velocity); both scales 1 makes one call per step."""
+
+    def fn(x: Tensor, t: Tensor) -> Tensor:
+        if text_scale == 1.0 and action_scale == 1.0:
+            return full_fn(x, t)
+        return guided_velocity(full_fn(x, t), no_text_fn(x, t), uncond_fn(x, t), text_scale,
+                               action_scale)
 
     return fn

@@ -59,6 +59,8 @@ class WorldModel(nn.Module):
         drop_actions: Tensor | None = None,
         *,
         text_emb: Tensor | None = None,
+        refs: Tensor | None = None,
+        frame_causal: bool | None = None,
     ) -> Tensor:
         """Velocity prediction.
 
@@ -67,7 +69,10 @@ class WorldModel(nn.Module):
             text_ids, text_mask: [B, L] tokens and bool mask; both None = unconditional.
             actions: [B, T_pix, S] long; camera: [B, T_pix, camera_dim] float (or None).
             drop_text, drop_actions: [B] bool CFG dropout masks (True = replace by null).
-            text_emb: precomputed `encode_text` output [B, L, text_dim]; skips the encoder.
+            text_emb: precomputed `encode_text` output [B, L, text_dim] (or an external
+                encoder's features, e.g. adapters.HFTextEncoder); skips the encoder.
+            refs: reference latents [B, K, C, h, w] (DiTArgs.max_refs > 0).
+            frame_causal: block-causal attention override (diffusion forcing); see VideoDiT.
         Returns:
             velocity [B, C, t, h, w].
         """
@@ -85,7 +90,8 @@ class WorldModel(nn.Module):
                 # Identical null tokens give the same attention output for any non-empty mask;
                 # all True keeps every row valid and independent of the dropped text's length.
                 text_mask = text_mask.bool() | drop.view(b, 1)
-        return self.dit(x_t, t, text_emb, text_mask, actions, camera, drop_actions)
+        return self.dit(x_t, t, text_emb, text_mask, actions, camera, drop_actions, refs=refs,
+                        frame_causal=frame_causal)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

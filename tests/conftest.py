@@ -22,3 +22,25 @@ def data_synthetic_dir(tmp_path_factory, data_small_cfg) -> str:
     from worldline.data.shards import ensure_synthetic_dataset
 
     return ensure_synthetic_dataset(tmp_path_factory.mktemp("data_synthetic"), data_small_cfg)
+
+
+@pytest.fixture(scope="session")
+def data_mixed_dir(tmp_path_factory) -> str:
+    """24 clips in 6 shards with three shapes, for bucket tests: keys ``m<i>``; clip ``i``
+    is 32x32 x 9 frames (i % 3 == 0), 24x40 x 9 frames (1) or 32x32 x 5 frames (2)."""
+    import dataclasses
+
+    from worldline.data.shards import write_shards
+    from worldline.data.synthetic import SyntheticWorldConfig, clip_to_sample
+
+    base = SyntheticWorldConfig(num_clips=24, num_frames=9, height=32, width=32, seed=5)
+    shapes = [dict(), dict(height=24, width=40), dict(num_frames=5)]
+
+    def samples():
+        for i in range(base.num_clips):
+            sample = clip_to_sample(dataclasses.replace(base, **shapes[i % 3]), i)
+            yield {**sample, "__key__": f"m{i:03d}"}
+
+    out = tmp_path_factory.mktemp("data_mixed")
+    write_shards(samples(), out, samples_per_shard=4)
+    return str(out)

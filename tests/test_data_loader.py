@@ -1,4 +1,5 @@
-"""ShardLoader over real shards: content, distribution, exact resume, corrupt samples."""
+"""ShardLoader over real shards: content, distribution, exact resume (also across a
+world-size change), resampling, corrupt samples, pipe: URLs."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def test_batch_format_and_content(data_synthetic_dir, data_small_cfg):
         shuffle_shards=False, position="center",
     )
     batch = next(iter(loader))
-    assert set(batch) == {"video", "actions", "camera", "caption", "key"}
+    assert set(batch) == {"video", "actions", "camera", "caption", "key", "style", "epoch"}
+    assert batch["video"].is_contiguous() and batch["epoch"] == [0, 0, 0]
     assert batch["video"].shape == (3, 3, 5, 32, 32) and batch["video"].dtype == torch.uint8
     assert batch["actions"].shape == (3, 5, cfg.num_sprites) and batch["actions"].dtype == torch.int64
     assert batch["camera"].shape == (3, 5, 2) and batch["camera"].dtype == torch.float32
@@ -105,6 +107,8 @@ def test_shard_order_reshuffles_per_epoch(data_synthetic_dir):
 def test_too_few_shards_is_a_clear_error(data_synthetic_dir):
     with pytest.raises(ValueError, match=r"6 shards .*world_size=2 x num_workers=4"):
         ShardLoader(data_synthetic_dir, world_size=2, num_workers=4)
+    # Resampling draws from every shard on every sub-stream: any shard count works.
+    ShardLoader(data_synthetic_dir, world_size=2, num_workers=4, resample=True)
 
 
 @pytest.mark.parametrize("num_workers", [0, 1, 2])
@@ -112,8 +116,9 @@ def test_exact_resume_across_epoch_boundary(data_synthetic_dir, num_workers):
     # 24 samples per epoch; batches of 5 with k + m = 9 batches cross two epoch boundaries,
     # and batches straddle them (5 does not divide a sub-stream's 12 or 24 samples).
     kwargs = dict(
-        batch_size=5, num_frames=4, frame_stride=2, resolution=(32, 32),
+        batch_size=5, num_frames=4, frame_stride=2, resolution=(24, 24),
         num_workers=num_workers, seed=11, position="random", shuffle_shards=True,
+        crop="random", shuffle_buffer=6,
     )
     k, m = 3, 6
     loader = ShardLoader(data_synthetic_dir, **kwargs)
@@ -126,7 +131,8 @@ def test_exact_resume_across_epoch_boundary(data_synthetic_dir, num_workers):
     resumed.load_state_dict(state)
     assert_batches_equal(take(resumed, m), reference)
     assert resumed.state_dict() == loader.state_dict()
-    assert loader.state_dict()["epoch"] >= 1  # every sub-stream really crossed an epoch
+    assert all(st["epoch"] >= 1 for st in loader.state_dict()["streams"])  # all crossed an epoch
+    assert state["streams"][0]["buffer"]  # the shuffle buffer was part of the state
 
 
 def test_reiterating_continues_from_consumed_state(data_synthetic_dir):
@@ -139,12 +145,19 @@ def test_reiterating_continues_from_consumed_state(data_synthetic_dir):
 
 
 def test_incompatible_state_is_rejected(data_synthetic_dir):
-    loader = ShardLoader(data_synthetic_dir, batch_size=2, num_frames=3, num_workers=2)
+    loader = ShardLoader(data_synthetic_dir, batch_size=2, num_frames=3, num_workers=2, world_size=2)
     state = loader.state_dict()
-    with pytest.raises(ValueError, match="num_streams"):
-        ShardLoader(data_synthetic_dir, batch_size=2, num_frames=3, num_workers=1).load_state_dict(state)
     with pytest.raises(ValueError, match="seed"):
-        ShardLoader(data_synthetic_dir, batch_size=2, num_frames=3, num_workers=2, seed=1).load_state_dict(state)
+        ShardLoader(data_synthetic_dir, batch_size=2, num_frames=3, num_workers=2, seed=1,
+                    world_size=2).load_state_dict(state)
+    # A different layout needs every old rank's state: one of two is not enough.
+    with pytest.raises(ValueError, match="all 2 ranks"):
+        ShardLoader(data_synthetic_dir, batch_size=2, num_frames=3, num_workers=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="empty"):
+        ShardLoader(data_synthetic_dir, batch_size=2, num_frames=3).load_state_dict({})
+    with pytest.raises(ValueError, match="resample"):
+        ShardLoader(data_synthetic_dir, batch_size=2, num_frames=3, num_workers=2, world_size=2,
+                    resample=True).load_state_dict(state)
 
 
 def test_corrupt_samples_are_skipped_and_counted(tmp_path, data_small_cfg, caplog):
@@ -171,7 +184,7 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path, data_small_cfg, caplo
         assert keys == [g[i]["__key__"] for i in (0, 1, 2, 3, 4, 5, 6, 0)]
         assert loader.stats["skipped"] == 5 and loader.stats["shard_errors"] == 1
         assert loader.stats["skipped_reasons"] == {
-            "empty_mp4": 1, "decode_error": 1, "missing_json": 1, "bad_json": 1, "too_short": 1, "bad_shard": 1,
+            "empty_video": 1, "not_video": 1, "missing_json": 1, "bad_json": 1, "too_short": 1, "bad_shard": 1,
         }
         for sample in bad:  # each bad sample is warned about, naming its shard and key
             assert any(sample["__key__"] in r.message and "shard-00000" in r.message for r in caplog.records)
@@ -191,3 +204,122 @@ def test_manifest_dir_list_and_brace_inputs_agree(data_synthetic_dir):
     comma = f"{data_synthetic_dir}/shard-{{000000,000001}}.tar," + ",".join(as_list[2:])
     assert ShardLoader(comma, **kwargs).shards == as_list
     assert_batches_equal(take(ShardLoader(as_brace, **kwargs), 2), take(ShardLoader(as_list, **kwargs), 2))
+
+
+def test_pipe_urls_read_like_paths(data_synthetic_dir):
+    manifest = read_manifest(data_synthetic_dir)
+    pipe = f"pipe:cat {data_synthetic_dir}/{manifest['pattern']}"
+    kwargs = dict(batch_size=3, num_frames=3, resolution=(32, 32), seed=2, shuffle_buffer=4)
+    via_pipe = ShardLoader(pipe, **kwargs)
+    assert len(via_pipe.shards) == 6 and all(u.startswith("pipe:cat ") for u in via_pipe.shards)
+    ref = ShardLoader(data_synthetic_dir, **kwargs)
+    assert_batches_equal(take(via_pipe, 3), take(ref, 3))
+    assert via_pipe.state_dict()["streams"] == ref.state_dict()["streams"]
+
+
+def test_target_fps_sampling(data_synthetic_dir, data_small_cfg):
+    # Source 8 fps, 9 frames; 4 fps picks every other frame by time.
+    loader = ShardLoader(data_synthetic_dir, batch_size=2, num_frames=5, fps=4.0, resolution=(32, 32),
+                         shuffle_shards=False)
+    batch = next(iter(loader))
+    clip = render_clip(data_small_cfg, 0)
+    np.testing.assert_array_equal(batch["actions"][0].numpy(), clip["actions"][[0, 2, 4, 6, 8]])
+    with pytest.raises(ValueError, match="fps"):
+        ShardLoader(data_synthetic_dir, fps=4.0, frame_stride=2)
+
+
+def keys_by_epoch(batches: list[dict]) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for b in batches:
+        for key, epoch in zip(b["key"], b["epoch"]):
+            out.setdefault(epoch, []).append(key)
+    return out
+
+
+ALL = [f"{i:08d}" for i in range(24)]
+
+
+@pytest.mark.parametrize("old,new", [((2, 2), (1, 1)), ((1, 2), (2, 1)), ((2, 1), (3, 2))])
+def test_resume_across_world_size_change(data_synthetic_dir, old, new):
+    """(world_size, workers) old -> new: the rest of each open epoch is delivered exactly once;
+    nothing delivered before comes again in the same epoch."""
+    kwargs = dict(batch_size=2, num_frames=3, resolution=(32, 32), seed=7, shuffle_buffer=3,
+                  position="random")
+    (w0, nw0), (w1, nw1) = old, new
+    before, states = [], []
+    for rank in range(w0):
+        loader = ShardLoader(data_synthetic_dir, rank=rank, world_size=w0, num_workers=nw0, **kwargs)
+        before += take(loader, 3)  # 6 of this rank's samples: mid-shard, buffer not empty
+        states.append(json.loads(json.dumps(loader.state_dict())))
+    assert any(st["buffer"] for s in states for st in s["streams"])
+    merged = ShardLoader.merge_states(states)
+    assert merged["format"] == "global" and merged["next_epoch"] >= 1
+    after = []
+    for rank in range(w1):
+        loader = ShardLoader(data_synthetic_dir, rank=rank, world_size=w1, num_workers=nw1, **kwargs)
+        loader.load_state_dict(states if rank % 2 else merged)  # list or merged: the same
+        after += take(loader, 36 // w1)  # ~3 epochs over all new ranks: drains every buffer
+    old_keys, new_keys = keys_by_epoch(before), keys_by_epoch(after)
+    for epoch in range(merged["next_epoch"]):  # every epoch opened before: exactly once overall
+        assert sorted(old_keys.get(epoch, []) + new_keys.get(epoch, [])) == ALL, epoch
+    regular = new_keys[merged["next_epoch"]]  # then regular epochs under the new layout
+    assert len(set(regular)) == len(regular) >= 12
+    # Carried-over samples keep their clip window (rng of seed, epoch, shard, index).
+    again = ShardLoader(data_synthetic_dir, rank=0, world_size=w1, num_workers=nw1, **kwargs)
+    again.load_state_dict(merged)
+    assert_batches_equal(take(again, 4), [b for b in after[: 4]])
+
+
+def test_resampled_mode_is_infinite_and_resumes_exactly(data_synthetic_dir):
+    kwargs = dict(batch_size=3, num_frames=3, resolution=(32, 32), seed=3, resample=True,
+                  shuffle_buffer=4, num_workers=2, position="random")
+    loader = ShardLoader(data_synthetic_dir, **kwargs)
+    stream = iter(loader)
+    first = take(stream, 5)
+    state = loader.state_dict()
+    reference = take(stream, 6)
+    assert all(e == -1 for b in first for e in b["epoch"])
+    resumed = ShardLoader(data_synthetic_dir, **kwargs)
+    resumed.load_state_dict(state)
+    assert_batches_equal(take(resumed, 6), reference)
+    # Draws are with replacement: 33 samples of 24 include repeats, and all keys are real.
+    keys = [k for b in first + reference for k in b["key"]]
+    assert len(set(keys)) < len(keys) and set(keys) <= set(ALL)
+    # A new layout carries the buffered samples over and starts fresh draws.
+    merged = ShardLoader.merge_states([state])
+    assert merged["generation"] == 1 and all(w[3] is not None or w[2] > 0 for w in merged["work"])
+    one = ShardLoader(data_synthetic_dir, **{**kwargs, "num_workers": 0})
+    one.load_state_dict(state)
+    assert len(take(one, 4)) == 4
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_channels_last_batches_hold_the_same_pixels(data_synthetic_dir, num_workers):
+    kwargs = dict(batch_size=3, num_frames=4, resolution=(24, 32), seed=1, num_workers=num_workers)
+    ref = next(iter(ShardLoader(data_synthetic_dir, **kwargs)))
+    cl = next(iter(ShardLoader(data_synthetic_dir, channels_last=True, **kwargs)))
+    assert cl["video"].shape == ref["video"].shape == (3, 3, 4, 24, 32)
+    assert not cl["video"].is_contiguous() and cl["video"].permute(0, 2, 3, 4, 1).is_contiguous()
+    assert torch.equal(cl["video"], ref["video"]) and cl["key"] == ref["key"]
+
+
+def test_pooled_batch_buffers_are_never_overwritten_while_held(data_synthetic_dir):
+    """Workers recycle shared-memory batch buffers only after every view of a batch is gone."""
+    kwargs = dict(batch_size=2, num_frames=3, resolution=(32, 32), seed=4, position="random")
+    kwargs["num_workers"] = 2
+    reference = []
+    for batch in itertools.islice(ShardLoader(data_synthetic_dir, **kwargs), 30):
+        reference.append({"video": batch["video"].clone()})  # copied before anything is reused
+    loader = ShardLoader(data_synthetic_dir, **kwargs)
+    stream = iter(loader)
+    held = [b["video"][:1] for b in take(stream, 10)]  # keep views of the first 10 batches
+    rest = []
+    for _ in range(20):
+        batch = next(stream)
+        rest.append(batch["video"].clone())
+        del batch  # dropped: its buffer may be reused from now on
+    assert len(loader._outstanding) <= 10 + 3  # the held 10 + in flight: the rest were released
+    for view, ref in zip(held, reference[:10]):
+        assert torch.equal(view, ref["video"][:1])  # held views were never overwritten
+    for got, ref in zip(rest, reference[10:]):
+        assert torch.equal(got, ref["video"])

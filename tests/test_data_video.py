@@ -6,14 +6,36 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from worldline.data.probe import ProbeError, VideoLimits, probe_video
 from worldline.data.video import (
     ClipTooShortError,
     clip_indices,
     decode_clip,
     encode_mp4,
+    resample_indices,
+    resize_crop,
     write_contact_sheet,
     write_mp4,
 )
+
+
+def _writable_codecs() -> list[str]:
+    """The encoders among h264, mpeg4, vp9 and hevc that this PyAV/FFmpeg build can write."""
+    import av
+
+    found = []
+    for name in ("libx264", "mpeg4", "libvpx-vp9", "libx265"):
+        try:
+            av.codec.Codec(name, "w")
+            found.append(name)
+        except Exception:  # not compiled into this FFmpeg
+            pass
+    return found
+
+
+CODECS = _writable_codecs()
+# Codecs whose encoder accepts 4:4:4 (truly odd sizes without padding); mpeg4 is 4:2:0 only.
+YUV444 = {"libx264", "libvpx-vp9", "libx265"}
 
 
 def smooth_video(t: int, h: int, w: int) -> np.ndarray:
@@ -95,3 +117,78 @@ def test_write_mp4_and_contact_sheet(tmp_path):
     np.testing.assert_array_equal(sheet[26:, -40:], videos[1, -1])
     write_contact_sheet(tmp_path / "single.png", videos[0], max_frames=20)  # [T, H, W, 3]
     assert Image.open(tmp_path / "single.png").size == (10 * 40 + 9 * 2, 24)
+
+
+def test_some_codec_is_available():
+    assert "libx264" in CODECS, CODECS  # the default; the others are optional extras
+
+
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("h,w", [(130, 250), (45, 63), (31, 17)])
+def test_codecs_and_odd_sizes_round_trip(codec, h, w):
+    frames = smooth_video(10, h, w)
+    pix_fmt = "yuv444p" if (h % 2 or w % 2) and codec in YUV444 else "yuv420p"
+    mp4 = encode_mp4(frames, fps=10.0, codec=codec, pix_fmt=pix_fmt)
+    decoded, idx = decode_clip(mp4, num_frames=4, stride=3, position="center")
+    exact = pix_fmt == "yuv444p" or (h % 2 == 0 and w % 2 == 0)
+    assert decoded.shape == (4, h, w, 3) if exact else (4, h + h % 2, w + w % 2, 3)
+    assert idx.tolist() == [0, 3, 6, 9]
+    assert mae(decoded[:, :h, :w], frames[idx]) < 8, codec
+    info = probe_video(mp4)  # header facts agree with what decord decodes
+    assert (info.num_frames, round(info.fps, 3)) == (10, 10.0)
+    assert (info.height, info.width) == decoded.shape[1:3]
+
+
+def test_variable_frame_rate_is_sampled_by_time():
+    times = np.cumsum([0.0] + [0.05, 0.2, 0.1] * 5)[:15]  # VFR: 50, 200, 100 ms gaps
+    frames = smooth_video(15, 32, 32)
+    mp4 = encode_mp4(frames, fps=10.0, timestamps=times)
+    info = probe_video(mp4)
+    assert info.vfr and info.num_frames == 15
+    np.testing.assert_allclose(info.span, times[-1] - times[0], atol=1e-3)
+    # 4 fps -> t = 0, .25, .5, .75, 1.0, 1.25: the frame on screen at each time.
+    decoded, idx = decode_clip(mp4, num_frames=6, fps=4.0)
+    expected = np.searchsorted(times, np.arange(6) / 4 + 1e-6, side="right") - 1
+    assert idx.tolist() == expected.tolist() == [0, 2, 4, 7, 8, 10]
+    assert mae(decoded, frames[idx]) < 6
+    # A target rate above the source's repeats frames instead of inventing them.
+    _, fast = decode_clip(mp4, num_frames=8, fps=40.0, position="start")
+    assert fast.tolist() == [0, 0, 1, 1, 1, 1, 1, 1]
+    with pytest.raises(ClipTooShortError, match=r"lasts 1\.\d+ s \(15 frames\), needs 2.500 s"):
+        decode_clip(mp4, num_frames=6, fps=2.0)
+
+
+def test_resample_positions_and_constant_rate():
+    ts = np.arange(20) / 10.0  # 10 fps, 1.9 s
+    assert resample_indices(ts, 5, 5.0, "start").tolist() == [0, 2, 4, 6, 8]
+    assert resample_indices(ts, 5, 5.0, "center").tolist() == [5, 7, 9, 11, 13]
+    assert resample_indices(ts, 5, 5.0, "center", end=2.0).tolist() == [6, 8, 10, 12, 14]
+    assert resample_indices(ts, 20, 10.0).tolist() == list(range(20))  # same rate: every frame
+    # The last frame shows until ``end``: every start whose window ends by then is reachable.
+    starts = {int(resample_indices(ts, 5, 5.0, "random", np.random.default_rng(s), end=2.0)[0]) for s in range(80)}
+    assert starts == set(range(12))
+
+
+def test_resize_crop_random_and_uint8():
+    frames = np.arange(2 * 40 * 60 * 3, dtype=np.int64).reshape(2, 40, 60, 3).astype(np.uint8)
+    out, scale, (top, left) = resize_crop(frames, (40, 40), "random", np.random.default_rng(1))
+    assert out.shape == (2, 40, 40, 3) and out.dtype.is_floating_point is False and scale == 1.0
+    np.testing.assert_array_equal(out.numpy(), frames[:, :, left : left + 40])
+    lefts = {resize_crop(frames, (40, 40), "random", np.random.default_rng(s))[2][1] for s in range(80)}
+    assert lefts == set(range(21))
+    small, scale, _ = resize_crop(frames, (20, 20), "center")  # downscale 2x, then crop
+    assert small.shape == (2, 20, 20, 3) and scale == 0.5 and str(small.dtype) == "torch.uint8"
+
+
+def test_probe_rejects_without_decoding():
+    mp4 = encode_mp4(smooth_video(6, 32, 32), fps=8.0)
+    with pytest.raises(ProbeError) as info:
+        probe_video(mp4[: len(mp4) // 2])
+    assert info.value.reason == "truncated_video"
+    with pytest.raises(ProbeError) as info:
+        probe_video(mp4, VideoLimits(max_side=16))
+    assert info.value.reason == "absurd_dimensions"
+    for junk, reason in ((b"", "empty_video"), (b"\x00\x00\x00\x08junk" * 40, "not_video")):
+        with pytest.raises(ProbeError) as info:
+            probe_video(junk)
+        assert info.value.reason == reason

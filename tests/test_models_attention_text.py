@@ -10,6 +10,9 @@ import torch
 from worldline.models.attention import attention, flash_attn_available
 from worldline.models.text import ByteTokenizer, TextEncoder, TextEncoderArgs
 
+# Zero-init nets produce denormals on CPU: flushing them avoids a ~20x slowdown.
+torch.set_flush_denormal(True)
+
 
 def naive_attention(q, k, v, mask=None, causal=False):
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])

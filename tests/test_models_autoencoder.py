@@ -11,6 +11,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from worldline.models.autoencoder import AutoencoderArgs, VideoAutoencoder, autoencoder_loss
 
+# Zero-init nets produce denormals on CPU: flushing them avoids a ~20x slowdown.
+torch.set_flush_denormal(True)
+
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 
 
@@ -146,21 +149,20 @@ def test_tiny_autoencoder_overfits_one_clip():
     args = ae_args("tiny")
     ae = VideoAutoencoder(args)
     # A smooth moving blob: structured like real video, not white noise.
+    # 5 x 16 x 16 keeps the test to seconds on 2 cores; the latent is [4, 2, 2, 2].
     t, yy, xx = torch.meshgrid(
-        torch.arange(9.0), torch.arange(32.0), torch.arange(32.0), indexing="ij"
+        torch.arange(5.0), torch.arange(16.0), torch.arange(16.0), indexing="ij"
     )
-    blob = torch.exp(-((xx - 8 - 2 * t) ** 2 + (yy - 16) ** 2) / 30)
-    x = torch.stack([blob * 2 - 1, 0.5 - blob, torch.full_like(blob, -0.3)])[None].repeat(
-        2, 1, 1, 1, 1
-    )
+    blob = torch.exp(-((xx - 4 - 2 * t) ** 2 + (yy - 8) ** 2) / 15)
+    x = torch.stack([blob * 2 - 1, 0.5 - blob, torch.full_like(blob, -0.3)])[None]
     opt = torch.optim.AdamW(ae.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(0)
     losses = []
-    for _ in range(120):
+    for _ in range(90):
         recon, mean, logvar = ae(x, generator=g)
         loss, parts = autoencoder_loss(x, recon, mean, logvar, args)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(float(parts["l1"] + parts["l2"]))
-    assert min(losses[-5:]) < 0.1 * losses[0], losses[::20]
+    assert min(losses[-5:]) < 0.1 * losses[0], losses[::20]  # ~0.03 measured

@@ -17,6 +17,9 @@ from worldline.models.dit import (
     rope_3d,
 )
 
+# Zero-init nets produce denormals on CPU: flushing them avoids a ~20x slowdown.
+torch.set_flush_denormal(True)
+
 
 def tiny_args(**kw) -> DiTArgs:
     base = dict(

@@ -18,6 +18,9 @@ from worldline.models.flow import (
     velocity_target,
 )
 
+# Zero-init nets produce denormals on CPU: flushing them avoids a ~20x slowdown.
+torch.set_flush_denormal(True)
+
 
 def test_sample_timesteps_range_reproducibility_and_shift():
     g = torch.Generator().manual_seed(0)

@@ -14,6 +14,9 @@ from worldline.models.flow import flow_loss, interpolate, sample_timesteps, velo
 from worldline.models.text import TextEncoderArgs
 from worldline.models.world_model import WorldModel
 
+# Zero-init nets produce denormals on CPU: flushing them avoids a ~20x slowdown.
+torch.set_flush_denormal(True)
+
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 CAPTIONS = [
     "a red circle, a blue square and a cyan cross in a meadow, camera panning left",
@@ -218,7 +221,7 @@ def test_tiny_dit_overfits_one_latent_clip(tiny_cfg):
     torch.manual_seed(0)
     model = WorldModel(dit, text)
     b = 8
-    inputs = batch(model, b=1, latent=(4, 3, 8, 8))
+    inputs = batch(model, b=1, latent=(4, 2, 4, 4))  # small clip: the whole test is seconds
     g = torch.Generator().manual_seed(0)
     x0 = inputs.pop("x_t").expand(b, -1, -1, -1, -1)
     cond = {k: v.expand(b, *v.shape[1:]) for k, v in inputs.items() if k != "t"}
@@ -234,12 +237,11 @@ def test_tiny_dit_overfits_one_latent_clip(tiny_cfg):
     with torch.no_grad():
         before = loss_at(eval_noise, eval_t).item()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    for _ in range(200):
+    for _ in range(150):
         loss = loss_at(torch.randn(x0.shape, generator=g), sample_timesteps(b, generator=g))
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
         after = loss_at(eval_noise, eval_t).item()
-    print("overfit", before, after)
-    assert after < 0.2 * before, (before, after)
+    assert after < 0.15 * before, (before, after)  # ~0.07 measured

@@ -73,9 +73,23 @@ def _quiet_dcp() -> Iterator[None]:
         yield
 
 
+DS_TAG = "ds"  # DeepSpeed's engine checkpoint lives in step_<N>/ds/
+
+
+def is_deepspeed(ckpt: Path) -> bool:
+    return (Path(ckpt) / DS_TAG).is_dir()
+
+
+def is_export(path: Path) -> bool:
+    """A ``worldline-export`` folder (consolidated safetensors + config.json)."""
+    return (Path(path) / "model.safetensors").is_file() and (Path(path) / "config.json").is_file()
+
+
 def is_complete(ckpt: Path) -> bool:
-    """A checkpoint is complete when its DCP metadata and train state both exist."""
-    return (ckpt / ".metadata").is_file() and (ckpt / "train_state.json").is_file()
+    """A checkpoint is complete when its tensors (DCP metadata, or DeepSpeed's tag dir) and
+    train state both exist. Everything is written inside a ``.partial`` dir first anyway."""
+    return ((ckpt / ".metadata").is_file() or is_deepspeed(ckpt)) and \
+        (ckpt / "train_state.json").is_file()
 
 
 def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
@@ -106,7 +120,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """Accept a checkpoint dir, a run dir or a run's ``checkpoints/`` dir; return a complete
     checkpoint dir or raise ``FileNotFoundError`` naming the path."""
     p = Path(path)
-    if p.is_dir() and is_complete(p):
+    if p.is_dir() and (is_complete(p) or is_export(p)):
         return p
     for root in (p / "checkpoints", p):
         if root.is_dir():
@@ -117,29 +131,44 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def read_meta(ckpt: Path) -> dict[str, Any]:
-    return json.loads((ckpt / "meta.json").read_text())
+    """meta.json of a checkpoint, or config.json of an export folder (same "config" key)."""
+    f = ckpt / "meta.json"
+    return json.loads((f if f.is_file() else ckpt / "config.json").read_text())
 
 
 class Checkpointer:
     """Saves and restores one run's checkpoints (every rank calls every method)."""
 
-    def __init__(self, run_dir: Path, keep_last: int) -> None:
+    def __init__(self, run_dir: Path, keep_last: int, async_save: bool = False) -> None:
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
+        self.async_save = async_save
+        # (future, partial dir, final dir, shared files) of an async save still being written.
+        self._pending: Optional[tuple[Any, Path, Path, dict[str, str]]] = None
+        self._async_pg = None
+        if async_save and dist.is_available() and dist.is_initialized():
+            # The background write's collectives run on their own gloo group so they never
+            # interleave with the training loop's collectives on the default group.
+            self._async_pg = dist.new_group(backend="gloo")
 
     def save(
         self,
         step: int,
-        tensors: dict[str, Any],
+        tensors: Optional[dict[str, Any]],
         train_state: TrainState,
         rng: dict[str, Any],
         meta: dict[str, Any],
+        writer: Optional[Any] = None,
     ) -> Path:
         """Write ``step_<step>`` atomically, then move ``latest`` to it and prune old ones.
 
         ``tensors`` is a DCP state dict (nested dicts of tensors/DTensors), e.g.
-        ``{"model": ..., "optim": ..., "ema": ...}``.
+        ``{"model": ..., "optim": ..., "ema": ...}``; or ``writer(partial_dir)`` writes the
+        tensors itself on every rank (DeepSpeed's engine). With ``async_save`` the DCP write
+        continues in the background: the call blocks only for the state copy, and the
+        rename + ``latest`` happen once the write completed (:meth:`wait`, or a later call).
         """
+        self.wait()  # never two saves in flight; the previous one lands first
         rank = _rank()
         final = self.root / f"step_{step}"
         partial = self.root / f".step_{step}.partial"
@@ -150,26 +179,65 @@ class Checkpointer:
                 shutil.rmtree(partial)
             partial.mkdir()
         _barrier()
-        with _quiet_dcp():
-            dcp.save(tensors, checkpoint_id=str(partial))
         (partial / "ranks").mkdir(exist_ok=True)
         torch.save(rng, partial / "ranks" / f"rank_{rank}.pt")
         _atomic_write_text(partial / "ranks" / f"rank_{rank}.json",
                            json.dumps({"data": train_state.data}))
+        shared = {
+            "train_state.json": json.dumps(
+                {**train_state.to_dict(), "data": "per rank: ranks/rank_<r>.json"}, indent=1),
+            "meta.json": json.dumps(meta, indent=1, default=str),
+        }
+        if writer is not None:
+            writer(partial)
+        elif self.async_save:
+            with _quiet_dcp():
+                future = dcp.async_save(tensors, checkpoint_id=str(partial),
+                                        process_group=self._async_pg)
+            # Rank files above are written before this rank joins the write's final
+            # collective, so once rank 0's future is done every rank's files are on disk.
+            self._pending = (future, partial, final, shared)
+            log.info("async checkpoint %s: staged in %.2fs, writing in the background",
+                     final.name, time.perf_counter() - t0)
+            return final
+        else:
+            with _quiet_dcp():
+                dcp.save(tensors, checkpoint_id=str(partial))
         _barrier()
         if rank == 0:
-            shared = {**train_state.to_dict(), "data": "per rank: ranks/rank_<r>.json"}
-            _atomic_write_text(partial / "train_state.json", json.dumps(shared, indent=1))
-            _atomic_write_text(partial / "meta.json", json.dumps(meta, indent=1, default=str))
-            if final.exists():  # re-saving a step (e.g. resumed at a save boundary)
-                shutil.rmtree(final)
-            os.replace(partial, final)
-            _fsync_dir(self.root)
-            _atomic_write_text(self.root / LATEST, final.name)
-            self._prune()
+            self._finalize(partial, final, shared)
         _barrier()
         log.info("saved checkpoint %s in %.2fs", final, time.perf_counter() - t0)
         return final
+
+    def _finalize(self, partial: Path, final: Path, shared: dict[str, str]) -> None:
+        """Rank 0: shared files, rename into place, then ``latest``, then prune."""
+        for name, text in shared.items():
+            _atomic_write_text(partial / name, text)
+        if final.exists():  # re-saving a step (e.g. resumed at a save boundary)
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _fsync_dir(self.root)
+        _atomic_write_text(self.root / LATEST, final.name)
+        self._prune()
+
+    def poll(self) -> None:
+        """Finalize a finished async save without blocking (cheap; call every step)."""
+        if self._pending is not None and self._pending[0].done():
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until an async save in flight is written, then make it visible."""
+        if self._pending is None:
+            return
+        future, partial, final, shared = self._pending
+        self._pending = None
+        t0 = time.perf_counter()
+        future.result()  # re-raises a failed write: the step stays absent
+        if _rank() == 0:
+            self._finalize(partial, final, shared)
+        log.info("async checkpoint %s complete (waited %.2fs)", final.name,
+                 time.perf_counter() - t0)
 
     def _prune(self) -> None:
         ckpts = list_checkpoints(self.root)
@@ -198,6 +266,18 @@ def load_train_state(ckpt: Path, rank: int) -> TrainState:
     return state
 
 
+def load_data_states(ckpt: Path, old_world: int, old_cp: int = 1) -> list[dict[str, Any]]:
+    """Every old data-parallel rank's loader state (CP ranks of one group share theirs), for
+    ``ShardLoader.load_state_dict`` after a world-size change."""
+    states = []
+    for r in range(0, old_world, old_cp):
+        f = ckpt / "ranks" / f"rank_{r}.json"
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} missing: cannot reshard the data position")
+        states.append(json.loads(f.read_text())["data"])
+    return states
+
+
 def load_rng(ckpt: Path, rank: int) -> Optional[dict[str, Any]]:
     """This rank's RNG state, or None when the checkpoint came from fewer ranks."""
     f = ckpt / "ranks" / f"rank_{rank}.pt"
@@ -208,6 +288,11 @@ def checkpoint_keys(ckpt: Path) -> set[str]:
     """Top-level DCP keys present in ``ckpt`` (e.g. {"model", "optim", "ema"})."""
     from torch.distributed.checkpoint import FileSystemReader
 
+    if is_export(ckpt):
+        return {f.stem for f in Path(ckpt).glob("*.safetensors")}
+    if is_deepspeed(ckpt):
+        extra = torch.load(Path(ckpt) / "extra.pt", weights_only=True)
+        return {"model", *extra}
     md = FileSystemReader(str(ckpt)).read_metadata()
     return {k.split(".", 1)[0] for k in md.state_dict_metadata}
 
@@ -219,10 +304,35 @@ def load_module_weights(
     """Load a plain (unwrapped) module's weights saved under ``key`` in ``ckpt``; when
     ``prefer_ema`` and the checkpoint holds EMA weights for it (``ema_<key>`` or ``ema``
     for the trained model), overlay those on the parameters. Returns whether EMA was used."""
+    ema_key = "ema" if key == "model" else f"ema_{key}"
+    if is_export(ckpt) or is_deepspeed(ckpt):
+        # Consolidated tensors (export folder, or DeepSpeed via zero_to_fp32): one process.
+        from worldline.scripts.export import consolidated_state
+
+        parts = consolidated_state(Path(ckpt))
+        weights = dict(parts[key])
+        used = prefer_ema and ema_key in parts
+        if used:
+            weights.update(parts[ema_key])
+        from torch.distributed.tensor import DTensor
+
+        if any(isinstance(p, DTensor) for p in module.parameters()):
+            # FSDP2-sharded module: each rank keeps its shard of the full tensors.
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+            )
+
+            missing, unexpected = set_model_state_dict(
+                module, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+        else:
+            missing, unexpected = module.load_state_dict(weights, strict=False)
+        if (missing or unexpected) and not allow_partial:
+            raise KeyError(f"{ckpt}[{key}]: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return used
     sd = {k: v for k, v in module.state_dict().items()}
     load_tensors(ckpt, {key: sd}, allow_partial=allow_partial)
     used_ema = False
-    ema_key = "ema" if key == "model" else f"ema_{key}"
     if prefer_ema and ema_key in checkpoint_keys(ckpt):
         ema = {n: p.detach().clone() for n, p in module.named_parameters()}
         load_tensors(ckpt, {ema_key: ema}, allow_partial=True)

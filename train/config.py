@@ -98,11 +98,40 @@ class DataConfig:
     synthetic: SyntheticWorldConfig = field(default_factory=SyntheticWorldConfig)
 
 
+DIST_BACKENDS = ("single", "ddp", "fsdp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3")
+
+
 @dataclass
 class DistConfig:
-    """Parallelism backend. The distributed engine adds ddp/fsdp/deepspeed later."""
+    """Parallelism backend and its knobs (``conf/dist/*.yaml``; see train/parallel/)."""
 
     backend: str = "single"
+    # Collective timeout: a dead or stalled rank fails the others instead of hanging them.
+    timeout_s: float = 600.0
+    # Activation checkpointing of transformer blocks / autoencoder stages: none | full | every_k
+    activation_checkpointing: str = "none"
+    ac_every: int = 2
+    # torch.compile each block separately (after AC, before wrapping).
+    compile_blocks: bool = False
+    # DDP
+    find_unused_parameters: bool = False
+    bucket_mb: int = 25
+    # FSDP2: reshard parameters after forward (ZeRO-3-like) or keep them (ZeRO-2-like).
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
+    # HSDP: replicate x shard 2-D mesh; 1 = plain FSDP over all data-parallel ranks.
+    replicate: int = 1
+    # Context parallelism (Ulysses over heads in the DiT self-attention); composes with
+    # ddp/fsdp on a (dp, cp) mesh. Must divide the world size and the DiT heads and frames.
+    cp: int = 1
+    # DeepSpeed: optimizer-state / parameter offload to CPU, and a user ds_config.json merged
+    # over the generated config (the user's keys win).
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    ds_config: Optional[str] = None
+    # DCP async save: the step blocks only for the state copy; the write finishes in the
+    # background and the checkpoint becomes visible (rename + latest) once it completes.
+    async_save: bool = False
 
 
 @dataclass
@@ -238,7 +267,33 @@ def validate(cfg: DictConfig | WorldlineConfig) -> None:
         _one_of(c, "stage.conditions", CONDITIONS)
     _one_of(cfg.data.kind, "data.kind", ("synthetic", "webdataset"))
     _one_of(cfg.data.position, "data.position", ("start", "center", "random"))
-    _one_of(cfg.dist.backend, "dist.backend", ("single",))
+    _one_of(cfg.dist.backend, "dist.backend", DIST_BACKENDS)
+    _one_of(cfg.dist.activation_checkpointing, "dist.activation_checkpointing",
+            ("none", "full", "every_k"))
+    _check(cfg.dist.ac_every >= 1, "dist.ac_every", "must be >= 1")
+    _check(cfg.dist.replicate >= 1, "dist.replicate", "must be >= 1")
+    _check(cfg.dist.cp >= 1, "dist.cp", "must be >= 1")
+    _check(cfg.dist.replicate == 1 or cfg.dist.backend == "fsdp", "dist.replicate",
+           "HSDP (replicate > 1) needs dist.backend=fsdp")
+    _check(not cfg.dist.cpu_offload or cfg.dist.backend == "fsdp", "dist.cpu_offload",
+           "CPU offload of FSDP parameters needs dist.backend=fsdp (DeepSpeed: "
+           "dist.offload_optimizer / dist.offload_params)")
+    ds = cfg.dist.backend.startswith("deepspeed")
+    _check(not (cfg.dist.offload_optimizer or cfg.dist.ds_config) or ds, "dist.offload_optimizer",
+           "offload_optimizer / ds_config need a deepspeed_zero* backend")
+    _check(not cfg.dist.offload_params or cfg.dist.backend == "deepspeed_zero3",
+           "dist.offload_params", "parameter offload needs dist.backend=deepspeed_zero3")
+    _check(cfg.dist.cp == 1 or cfg.dist.backend in ("single", "ddp", "fsdp"), "dist.cp",
+           "context parallelism composes with ddp/fsdp only")
+    _check(cfg.dist.cp == 1 or cfg.dist.replicate == 1, "dist.cp",
+           "context parallelism with HSDP (dist.replicate > 1) is not supported yet")
+    _check(cfg.dist.cp == 1 or cfg.stage.objective == "flow", "dist.cp",
+           "context parallelism shards DiT tokens: flow stages only")
+    _check(not (ds and cfg.dist.async_save), "dist.async_save",
+           "DeepSpeed writes its own checkpoints synchronously")
+    if cfg.dist.cp > 1:
+        _check(cfg.model.dit.num_heads % cfg.dist.cp == 0, "dist.cp",
+               f"must divide model.dit.num_heads ({cfg.model.dit.num_heads})")
     _one_of(cfg.logger.kind, "logger.kind", ("wandb", "none"))
     _one_of(cfg.logger.mode, "logger.mode", ("offline", "online", "disabled"))
     _one_of(cfg.train.precision, "train.precision", ("fp32", "bf16"))

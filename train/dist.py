@@ -8,7 +8,12 @@ Launch modes:
   master is the first host of ``scontrol show hostnames $SLURM_JOB_NODELIST`` resolved through
   ``scontrol show node`` (NodeAddr, since node names need not resolve) and the port is derived
   from the job id.
+- the ``deepspeed`` launcher exports the same variables as torchrun (run it with
+  ``--no_local_rank``, or let ``worldline.train.main`` drop the ``--local_rank`` flag).
 - Otherwise: one process, no process group.
+
+The Trainer calls :func:`init_distributed` itself; ``worldline-train`` under several ranks
+always leaves through :func:`finish`.
 
 CUDA + NCCL when a GPU is visible, CPU + gloo otherwise.
 """

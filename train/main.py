@@ -75,10 +75,30 @@ def load_for_inference(cfg: DictConfig, checkpoint: str, use_ema: bool):
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
-@_fail_cleanly
 def train_app(cfg: DictConfig) -> None:
-    """``worldline-train``: train one stage (see conf/stage/)."""
-    run_training(cfg)
+    """``worldline-train``: train one stage (see conf/stage/). Under torchrun / srun / the
+    deepspeed launcher every rank runs this; a multi-rank run always leaves through
+    :func:`worldline.train.dist.finish` (barrier, destroy, flush, ``os._exit``) so gloo's
+    teardown can never abort the exit."""
+    import traceback
+
+    from worldline.train.dist import dist_env, finish
+
+    distributed = dist_env().distributed
+    code = 0
+    try:
+        _fail_cleanly(run_training)(cfg)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:  # noqa: BLE001 - report, then exit through finish()
+        traceback.print_exc()
+        code = 1
+    import torch.distributed as tdist
+
+    if distributed or (tdist.is_available() and tdist.is_initialized()):
+        finish(code)
+    if code:
+        sys.exit(code)
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="eval")
@@ -124,3 +144,10 @@ def sample_app(cfg: DictConfig) -> None:
     files = save_samples(out, {"generated": videos}, fps=8.0, captions=prompts)
     for p in [*files["videos"].values(), *files["images"].values()]:
         print(p)
+
+
+if __name__ == "__main__":  # python -m worldline.train.main (torchrun / deepspeed launcher)
+    # The deepspeed launcher appends --local_rank=N unless given --no_local_rank; LOCAL_RANK
+    # is in the environment anyway, and Hydra would reject the flag.
+    sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
+    train_app()

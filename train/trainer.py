@@ -22,13 +22,16 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from worldline.data.loader import ShardLoader
 from worldline.train import checkpoint as ckpt_lib
 from worldline.train.config import to_container
+from worldline.train.dist import init_distributed
 from worldline.train.ema import EMA
+from worldline.train.parallel import make_backend
 from worldline.train.perf import peak_flops, peak_memory_bytes
 from worldline.train.state import TrainState, capture_rng, restore_rng
 from worldline.train.tracking import Tracker
@@ -73,8 +76,17 @@ class Trainer:
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.run.root) / cfg.run.name
-        self.rank, self.world_size = 0, 1
+        # Joins the process group under torchrun / srun / the deepspeed launcher (gloo on
+        # CPU, NCCL on GPU); one process otherwise.
+        self.dist_info = init_distributed(cfg.dist.timeout_s)
+        self.rank, self.world_size = self.dist_info.rank, self.dist_info.world_size
+        cp = cfg.dist.cp
+        if self.world_size % cp:
+            raise ValueError(f"dist.cp={cp} does not divide the world size {self.world_size}")
+        # Data-parallel coordinates: CP ranks of one group see the same batch and noise.
+        self.dp_rank, self.dp_world = self.rank // cp, self.world_size // cp
         self.device = pick_device()
+        self.mesh = self.build_mesh()
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         if self.device.type == "cpu":
@@ -87,22 +99,32 @@ class Trainer:
         seed_everything(cfg.run.seed)
         # Noise, timesteps and CFG drops come from this generator only, so they are part of the
         # checkpointed state and independent of anything else that touches global RNG.
-        self.generator = torch.Generator(device=self.device).manual_seed(
-            cfg.run.seed * 1_000_003 + self.rank)
+        # One generator per micro-batch slot of the accumulation, seeded by its global index
+        # ``dp_rank * grad_accum + j``: the j-th micro-batch of a single process with
+        # accumulation k draws the same noise as rank j of k ranks without accumulation, just
+        # as it reads the same data (the loader's stream j == rank j's shards). That is what
+        # makes single-process and distributed losses comparable step by step.
+        self.generators = [self._make_generator(j) for j in range(cfg.train.grad_accum)]
+        self.generator = self.generators[0]
         self.frozen = {}
         # ``module`` is the pure model (attributes, EMA, weights I/O); ``model`` is what the
         # parallel backend wrapped around it (forward/backward). They are the same object
         # until a distributed backend wraps it.
+        self.backend = make_backend(self)
         self.module = self.build_model().to(self.device)
         self.freeze(cfg.stage.freeze)
         self.model = self.parallelize(self.module)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # After wrapping: under FSDP these are the DTensor shards the optimizer updates.
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = self.build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        self.ema = EMA(self.module, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        # DeepSpeed wraps model + optimizer into its engine here; a no-op for the others.
+        self.model = self.backend.finalize(self.model, self.optimizer)
+        self.ema = self.build_ema() if cfg.train.ema_decay > 0 else None
         self.loader = self.build_loader()
         self.state = TrainState()
-        self.checkpointer = ckpt_lib.Checkpointer(self.run_dir, cfg.train.keep_last)
+        self.checkpointer = ckpt_lib.Checkpointer(self.run_dir, cfg.train.keep_last,
+                                                  async_save=cfg.dist.async_save)
         self.tracker: Optional[Tracker] = None
         self.autocast_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
 
@@ -110,9 +132,46 @@ class Trainer:
     def build_model(self) -> nn.Module:
         raise NotImplementedError
 
+    def _make_generator(self, j: int, step: int = 0) -> torch.Generator:
+        idx = self.dp_rank * self.cfg.train.grad_accum + j
+        return torch.Generator(device=self.device).manual_seed(
+            self.cfg.run.seed * 1_000_003 + idx + 7919 * step)
+
+    def _named_generators(self) -> dict[str, torch.Generator]:
+        return {("train" if j == 0 else f"train_{j}"): g for j, g in enumerate(self.generators)}
+
+    def build_mesh(self):
+        """The device mesh of a multi-rank run: (dp, cp), or (dp_replicate, dp_shard, cp) for
+        HSDP. None for one process."""
+        if self.world_size == 1:
+            return None
+        from torch.distributed.device_mesh import init_device_mesh
+
+        d, cp, rep = self.cfg.dist, self.cfg.dist.cp, self.cfg.dist.replicate
+        if rep > 1:
+            if self.dp_world % rep:
+                raise ValueError(f"dist.replicate={rep} does not divide {self.dp_world} dp ranks")
+            return init_device_mesh(self.device.type, (rep, self.dp_world // rep, cp),
+                                    mesh_dim_names=("dp_replicate", "dp_shard", "cp"))
+        return init_device_mesh(self.device.type, (self.dp_world, cp), mesh_dim_names=("dp", "cp"))
+
+    def fsdp_mesh(self):
+        """The mesh FSDP shards over: dp (or dp x cp flattened), 2-D for HSDP."""
+        m = self.mesh
+        if self.cfg.dist.replicate > 1:
+            return m["dp_replicate", "dp_shard"]
+        if self.cfg.dist.cp > 1:
+            return m["dp", "cp"]._flatten("dp_cp")
+        return m["dp"]
+
     def parallelize(self, module: nn.Module) -> nn.Module:
-        """Wrap the pure model for the configured backend (``dist=single``: unchanged)."""
-        return module
+        """Wrap the pure model for ``dist.backend`` (AC -> compile -> wrap; see train/parallel)."""
+        return self.backend.parallelize(module)
+
+    def build_ema(self) -> EMA:
+        make = getattr(self.backend, "make_ema", None)
+        return make(self.module, self.cfg.train.ema_decay) if make else \
+            EMA(self.module, self.cfg.train.ema_decay)
 
     def freeze(self, prefixes: list[str]) -> None:
         """Freeze parameters whose name starts with any of ``prefixes``."""
@@ -150,8 +209,8 @@ class Trainer:
             num_frames=d.num_frames,
             frame_stride=d.frame_stride,
             resolution=tuple(d.resolution),
-            rank=self.rank,
-            world_size=self.world_size,
+            rank=self.dp_rank,
+            world_size=self.dp_world,
             num_workers=d.num_workers,
             seed=self.cfg.run.seed + seed_offset,
             position=d.position,
@@ -180,30 +239,45 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
                 for k, v in batch.items()}
 
-    def forward_backward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                            enabled=self.autocast_dtype is not None):
-            loss, parts = self.compute_loss(batch)
-        (loss / self.cfg.train.grad_accum).backward()
+    def forward_backward(self, batch: dict[str, Any], last: bool = True
+                         ) -> dict[str, torch.Tensor]:
+        """Forward + backward of one micro-batch; ``last``: the accumulation's final one (the
+        only one whose backward synchronises gradients across ranks)."""
+        with self.backend.micro_step(self.model, last):
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                                enabled=self.autocast_dtype is not None):
+                loss, parts = self.compute_loss(batch)
+            self.backward(loss)
         return {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()}}
+
+    # Step hooks: DeepSpeed's engine owns backward/clip/step; the others use torch's.
+    def backward(self, loss: torch.Tensor) -> None:
+        self.backend.backward(loss, self.cfg.train.grad_accum)
+
+    def clip_gradients(self) -> torch.Tensor:
+        """Clip to ``train.grad_clip`` by the global norm; returns that norm."""
+        return self.backend.clip(self.params, self.cfg.train.grad_clip)
+
+    def optimizer_step(self) -> None:
+        self.backend.step(self.optimizer)
 
     def train_step(self) -> dict[str, torch.Tensor]:
         """One optimizer step over ``grad_accum`` micro-batches. Returns device tensors."""
-        self.optimizer.zero_grad(set_to_none=True)
+        self.backend.zero_grad(self.optimizer)
         sums: dict[str, torch.Tensor] = {}
-        for _ in range(self.cfg.train.grad_accum):
-            parts = self.forward_backward(self.next_batch())
+        accum = self.cfg.train.grad_accum
+        for i in range(accum):
+            self.generator = self.generators[i]
+            parts = self.forward_backward(self.next_batch(), last=i == accum - 1)
             for k, v in parts.items():
-                sums[k] = sums.get(k, 0) + v / self.cfg.train.grad_accum
-        clip = self.cfg.train.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"),
-                                                   foreach=True)
-        self.optimizer.step()
+                sums[k] = sums.get(k, 0) + v / accum
+        grad_norm = self.clip_gradients()
+        self.optimizer_step()
         self.scheduler.step()
         self.state.step += 1
         if self.ema is not None:
             self.ema.update(self.state.step)
-        n = self.cfg.data.batch_size * self.cfg.train.grad_accum * self.world_size
+        n = self.cfg.data.batch_size * self.cfg.train.grad_accum * self.dp_world
         self.state.samples_seen += n
         self.state.tokens_seen += n * self.tokens_per_sample()
         sums["grad_norm"] = grad_norm
@@ -231,6 +305,7 @@ class Trainer:
         tokens_log = self.state.tokens_seen
         while self.state.step < cfg.train.steps:
             out = self.train_step()
+            self.checkpointer.poll()  # makes a finished async save visible (no collective)
             for k, v in out.items():
                 acc[k] = acc.get(k, 0) + v
             n_acc += 1
@@ -239,16 +314,21 @@ class Trainer:
                 bar.update(1)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 dt = time.perf_counter() - t_log
-                # The only host sync of the loop: one per log interval.
-                row = {k: float(v / n_acc) for k, v in acc.items()}
+                # The only host sync of the loop: one per log interval (plus, with several
+                # ranks, two small all-reduces of the logged values).
+                row = self.reduce_metrics({k: v / n_acc for k, v in acc.items()})
                 samples = self.state.samples_seen - samples_log
+                worst = self.reduce_max({"data_wait_frac": self._data_wait / dt,
+                                         "peak_mem_gb": peak_memory_bytes(self.device) / 2**30})
                 row.update(
                     lr=self.scheduler.get_last_lr()[0],
                     samples_per_s=samples / dt,
                     tokens_per_s=(self.state.tokens_seen - tokens_log) / dt,
                     mfu=fps * samples / dt / peak / self.world_size,
-                    data_wait_frac=self._data_wait / dt,
-                    peak_mem_gb=peak_memory_bytes(self.device) / 2**30,
+                    # The slowest rank's data wait and the largest per-rank peak memory.
+                    data_wait_frac=worst["data_wait_frac"],
+                    peak_mem_gb=worst["peak_mem_gb"],
+                    peak_mem_gb_rank0=peak_memory_bytes(self.device) / 2**30,
                     epoch=self.loader.state_dict().get("epoch", 0),
                     skipped_samples=int(self.loader.stats.get("skipped", 0)),
                 )
@@ -267,13 +347,48 @@ class Trainer:
                 self.save_checkpoint()
             if (cfg.train.sample_every and step % cfg.train.sample_every == 0) or last:
                 self.model.eval()
-                self.sample(step)
+                self.sample_all_ranks(step)
                 self.model.train()
+        self.checkpointer.wait()  # an async save in flight must land before we report done
         if bar is not None:
             bar.close()
         self.tracker.summary({"final_step": self.state.step})
         self.tracker.finish()
         return self.state
+
+    def sample_all_ranks(self, step: int) -> None:
+        """Periodic samples. With several ranks every rank runs the model (sharded parameters
+        and DDP buffer syncs need all of them), but only rank 0's files land in the run dir."""
+        if self.world_size == 1 or self.rank == 0:
+            self.sample(step)
+            return
+        import shutil
+
+        real, self.run_dir = self.run_dir, self.run_dir / f".sample_scratch_rank{self.rank}"
+        try:
+            self.sample(step)
+        finally:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.run_dir = real
+
+    def reduce_metrics(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Average logged tensors over all ranks (called at log steps only)."""
+        keys = sorted(values)
+        if not keys:
+            return {}
+        vec = torch.stack([torch.as_tensor(values[k], dtype=torch.float64,
+                                           device=self.device).reshape(()) for k in keys])
+        if self.world_size > 1:
+            dist.all_reduce(vec, op=dist.ReduceOp.SUM)
+            vec /= self.world_size
+        return dict(zip(keys, vec.tolist()))
+
+    def reduce_max(self, values: dict[str, float]) -> dict[str, float]:
+        keys = sorted(values)
+        vec = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(vec, op=dist.ReduceOp.MAX)
+        return dict(zip(keys, vec.tolist()))
 
     def _progress_bar(self):
         if not self.cfg.train.progress_bar or self.rank != 0:
@@ -296,20 +411,40 @@ class Trainer:
             tensors[key] = module.state_dict()
         return tensors
 
+    def sync_buffers(self) -> None:
+        """Give every rank rank 0's floating buffers (running statistics such as the
+        autoencoder's latent mean/std are updated from each rank's local batch; DDP already
+        broadcasts them every forward). Done at save time so a checkpoint holds one value
+        whichever rank's copy the writer picks, and a resumed run starts where it left off."""
+        if self.world_size == 1:
+            return
+        for b in self.module.buffers():
+            if b.is_floating_point():
+                dist.broadcast(b.data, src=0)
+
     def save_checkpoint(self) -> Path:
+        self.sync_buffers()
         self.state.data = self.loader.state_dict()
         self.state.scheduler = self.scheduler.state_dict()
         meta = {
             "config": to_container(self.cfg),
             "step": self.state.step,
             "world_size": self.world_size,
+            "dp_world": self.dp_world,
+            "cp": self.cfg.dist.cp,
+            "backend": self.cfg.dist.backend,
+            "format": "dcp" if self.backend.uses_dcp else "deepspeed",
             "objective": self.cfg.stage.objective,
             "torch": torch.__version__,
             "host": platform.node(),
             "time": time.time(),
         }
+        rng = capture_rng(self._named_generators())
+        if not self.backend.uses_dcp:  # DeepSpeed: engine.save_checkpoint inside the step dir
+            return self.checkpointer.save(self.state.step, None, self.state, rng, meta,
+                                          writer=self.backend.save_checkpoint)
         return self.checkpointer.save(self.state.step, self.checkpoint_tensors(), self.state,
-                                      capture_rng({"train": self.generator}), meta)
+                                      rng, meta)
 
     def resolve_resume(self) -> Optional[Path]:
         r = self.cfg.resume
@@ -333,18 +468,41 @@ class Trainer:
             if self.cfg.stage.init_from:
                 self.init_from(ckpt_lib.resolve_checkpoint(self.cfg.stage.init_from))
             return None
-        tensors = self.checkpoint_tensors()
-        ckpt_lib.load_tensors(path, tensors)
-        set_state_dict(self.model, self.optimizer, model_state_dict=tensors["model"],
-                       optim_state_dict=tensors["optim"])
-        for key, module in self.frozen.items():
-            module.load_state_dict(tensors[key])
+        meta = ckpt_lib.read_meta(path)
+        old_world, old_cp = meta.get("world_size", 1), meta.get("cp", 1)
+        same_layout = old_world == self.world_size and old_cp == self.cfg.dist.cp
+        if not self.backend.uses_dcp:
+            self.backend.load_checkpoint(path, same_layout)
+        else:
+            if meta.get("format", "dcp") != "dcp":
+                raise ValueError(f"{path} is a {meta.get('backend')} checkpoint; resume it with "
+                                 f"that backend, or export it (worldline-export) and init_from")
+            # DCP stores tensors by name: N ranks' shards load on M ranks (resharding).
+            tensors = self.checkpoint_tensors()
+            ckpt_lib.load_tensors(path, tensors)
+            set_state_dict(self.model, self.optimizer, model_state_dict=tensors["model"],
+                           optim_state_dict=tensors["optim"])
+            for key, module in self.frozen.items():
+                module.load_state_dict(tensors[key])
         self.state = ckpt_lib.load_train_state(path, self.rank)
         self.scheduler.load_state_dict(self.state.scheduler)
-        self.loader.load_state_dict(self.state.data)
-        rng = ckpt_lib.load_rng(path, self.rank)
+        if same_layout:
+            self.loader.load_state_dict(self.state.data)
+            rng = ckpt_lib.load_rng(path, self.rank)
+        else:
+            # World size changed: merge every old data-parallel rank's loader state (the loader
+            # deals the remaining work of the open epochs to the new ranks, each sample once).
+            # RNG streams cannot be split or merged: each new rank reseeds from (seed, step).
+            self.loader.load_state_dict(ckpt_lib.load_data_states(path, old_world, old_cp))
+            self.state.data = {}
+            rng = None
+            self.generators = [self._make_generator(j, self.state.step)
+                               for j in range(self.cfg.train.grad_accum)]
+            self.generator = self.generators[0]
+            log.info("resharded resume: %d ranks (cp %d) -> %d ranks (cp %d)", old_world, old_cp,
+                     self.world_size, self.cfg.dist.cp)
         if rng is not None:
-            restore_rng(rng, {"train": self.generator})
+            restore_rng(rng, self._named_generators())
         log.info("resumed from %s at step %d", path, self.state.step)
         return path
 
@@ -353,7 +511,7 @@ class Trainer:
         used_ema = ckpt_lib.load_module_weights(self.module, path, "model", prefer_ema=True,
                                                 allow_partial=True)
         if self.ema is not None:
-            self.ema = EMA(self.module, self.cfg.train.ema_decay)
+            self.ema = self.build_ema()
         log.info("initialised weights from %s (%s)", path, "EMA" if used_ema else "raw")
 
     def write_run_config(self) -> None:

@@ -1,0 +1,466 @@
+"""Raw videos (+ sidecars) -> validated WebDataset tar shards + ``manifest.json``, resumably.
+
+``make_shards(source, out_dir, ...)`` is what ``worldline-shards`` runs:
+
+1. ``sources.discover`` lists the inputs (folder with sidecars, or CSV/JSONL manifest).
+2. A process pool prepares each input (``prepare``): reads the video, checks its container
+   header (``probe_video``: absurd dimensions, truncation), validates it with decord (opens it
+   and decodes the first and last frame, or every frame with ``validate="full"``), optionally
+   re-encodes/downscales it with PyAV, and validates the sidecars (actions ``[N, S]`` integer
+   and finite, camera ``[N, 2]`` finite, both with exactly N = decoded frame count rows;
+   reference images readable and of sane size). A bad input is skipped and reported by path
+   with a reason; it never stops the run.
+3. The parent writes results *in input order* into shards closed at ``max_count`` samples or
+   before exceeding ``max_bytes``, each under a temporary name renamed when complete, and
+   appends one line per closed shard to ``.make_shards.journal.jsonl``. ``manifest.json``
+   comes last, so a directory with a manifest is complete.
+
+Resume: rerunning on the same ``out_dir`` keeps every journaled shard, skips their inputs (and
+the inputs already reported bad), deletes partial files and continues numbering. Because the
+order and the shard boundaries are deterministic, the result equals an uninterrupted run's.
+
+Sample members: ``<key>.mp4``, ``<key>.json`` (``actions``, ``camera`` or ``camera_pose``,
+``caption``, ``style``, ``meta``: source path, resolution, fps, frame count, duration, codec),
+``<key>.txt`` (caption) and ``<key>.ref<i>.<ext>`` (reference images, original bytes). Inputs
+in non-ISO containers (webm, mkv, avi) are re-encoded to H.264 mp4 so every stored video can
+be header-probed cheaply by the loader. Re-encoding keeps every frame and its timestamp (VFR
+stays VFR), so per-frame annotations stay aligned.
+
+Tiny CPU example::
+
+    manifest = make_shards("clips/", "/tmp/shards", max_count=64, processes=2)
+    # /tmp/shards/shard-000000.tar ..., manifest.json; manifest["skipped"] lists bad inputs
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import string
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+
+from worldline.data.probe import ProbeError, VideoLimits, is_iso_bmff, probe_video
+from worldline.data.samples import parse_actions
+from worldline.data.shards import MANIFEST, MANIFEST_VERSION, _atomic_write_json, _encode_sample, brace_pattern
+from worldline.data.sources import IMAGE_SUFFIXES, SourceItem, discover
+from worldline.data.video import read_frames
+
+log = logging.getLogger(__name__)
+
+JOURNAL = ".make_shards.journal.jsonl"
+
+
+class BadInput(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"{reason}: {message}")
+        self.reason, self.message = reason, message[:300]
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    """How each input is checked and (optionally) re-encoded."""
+
+    validate: str = "fast"  # "fast": decode first + last frame; "full": every frame
+    reencode: str | None = None  # e.g. "libx264": re-encode every video with this codec
+    max_side: int | None = None  # downscale (re-encodes) so the longer side is <= this
+    crf: int = 20
+    limits: VideoLimits = field(default_factory=VideoLimits)
+
+
+def _even(x: float) -> int:
+    return max(2, int(round(x / 2)) * 2)
+
+
+def transcode(data: bytes, codec: str = "libx264", crf: int = 20, max_side: int | None = None) -> bytes:
+    """Re-encode video bytes to mp4 with PyAV, downscaling so ``max(H, W) <= max_side``.
+
+    Every decoded frame is kept with its presentation time (VFR stays VFR); sizes are rounded
+    to even numbers for 4:2:0 chroma.
+    """
+    import av
+
+    from worldline.data.video import _codec_options
+
+    out_buf = io.BytesIO()
+    with av.open(io.BytesIO(data)) as src:
+        stream = src.streams.video[0]
+        h, w = stream.codec_context.height, stream.codec_context.width
+        scale = min(1.0, max_side / max(h, w)) if max_side else 1.0
+        oh, ow = _even(h * scale), _even(w * scale)
+        rate = stream.average_rate or stream.guessed_rate or Fraction(25)
+        tb = stream.time_base or Fraction(1, 1000)
+        with av.open(out_buf, mode="w", format="mp4") as dst:
+            out = dst.add_stream(codec, rate=Fraction(rate).limit_denominator(1001))
+            out.width, out.height, out.pix_fmt = ow, oh, "yuv420p"
+            options = _codec_options(codec, crf, "veryfast")
+            if options:
+                out.options = options
+            else:
+                out.bit_rate = max(200_000, int(oh * ow * float(rate)))
+            out.codec_context.time_base = tb
+            last = None
+            for i, frame in enumerate(src.decode(stream)):
+                pts = frame.pts if frame.pts is not None else i
+                if last is not None and pts <= last:
+                    pts = last + 1  # broken timestamps: keep order, stay monotonic
+                last = pts
+                img = frame.reformat(width=ow, height=oh, format="yuv420p")
+                img.pts, img.time_base = pts, tb
+                dst.mux(out.encode(img))
+            dst.mux(out.encode())
+    return out_buf.getvalue()
+
+
+def validate_video(data: bytes, full: bool = False, limits: VideoLimits | None = None) -> dict:
+    """Header probe + decord check; returns the manifest facts (``resolution`` [H, W], ``fps``,
+    ``num_frames``, ``duration``, ``codec``, ``vfr``) or raises ``BadInput``."""
+    import decord
+
+    try:
+        info = probe_video(data, limits)
+    except ProbeError as exc:
+        raise BadInput(exc.reason, str(exc)) from None
+    try:
+        reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
+        n = len(reader)
+        if n == 0:
+            raise BadInput("decode_error", "decord finds no frames")
+        if full:
+            for start in range(0, n, 32):
+                shape = read_frames(reader, data, np.arange(start, min(n, start + 32))).shape
+        else:
+            shape = read_frames(reader, data, np.array([0, n - 1])).shape
+        end = float(reader.get_frame_timestamp([n - 1])[0][1])
+        fps = float(reader.get_avg_fps())
+    except BadInput:
+        raise
+    except Exception as exc:  # decord raises RuntimeError / DECORDError on corrupt input
+        raise BadInput("decode_error", f"{type(exc).__name__}: {exc}") from None
+    return {"resolution": [int(shape[1]), int(shape[2])], "fps": fps, "num_frames": n,
+            "duration": end, "codec": info.codec, "vfr": info.vfr}
+
+
+def _load_array(value, what: str):
+    if value is None:
+        return None
+    if isinstance(value, str):
+        path = Path(value)
+        try:
+            if path.suffix.lower() == ".npy":
+                return np.load(path, allow_pickle=False)  # never unpickle
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise BadInput(f"bad_{what}", f"{path.name}: {type(exc).__name__}: {exc}") from None
+    return value
+
+
+def _annotations(item: SourceItem, meta: dict, num_frames: int) -> dict:
+    out: dict = {}
+    actions = _load_array(item.actions, "actions")
+    actions = meta.pop("actions", None) if actions is None else actions
+    if actions is not None:
+        try:
+            arr = parse_actions(actions)
+        except (ValueError, TypeError) as exc:
+            raise BadInput("bad_actions", str(exc)) from None
+        if len(arr) != num_frames:
+            raise BadInput("bad_actions", f"{len(arr)} action rows for {num_frames} frames")
+        out["actions"] = arr.tolist()
+    camera = _load_array(item.camera, "camera")
+    camera = meta.pop("camera", None) if camera is None else camera
+    if camera is not None:
+        try:
+            cam = np.asarray(camera, dtype=np.float64)
+        except (ValueError, TypeError) as exc:
+            raise BadInput("bad_camera", str(exc)) from None
+        if cam.ndim != 2 or not np.isfinite(cam).all():
+            raise BadInput("bad_camera", f"camera must be finite [N, D], got shape {cam.shape}")
+        if len(cam) != num_frames:
+            raise BadInput("bad_camera", f"{len(cam)} camera rows for {num_frames} frames")
+        # [N, 2] is the view's (x, y) the loader turns into per-frame deltas; other poses are
+        # stored for custom loaders under their own name.
+        out["camera" if cam.shape[1] == 2 else "camera_pose"] = cam.tolist()
+    return out
+
+
+def _refs(item: SourceItem, limits: VideoLimits) -> dict[str, bytes]:
+    from PIL import Image
+
+    out = {}
+    for i, path in enumerate(item.refs):
+        ext = Path(path).suffix.lower().lstrip(".")
+        if f".{ext}" not in IMAGE_SUFFIXES:
+            raise BadInput("bad_reference", f"{path}: not an image file")
+        try:
+            data = Path(path).read_bytes()
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size
+                if max(h, w) > limits.max_side or h * w > limits.max_pixels:
+                    raise BadInput("bad_reference", f"{path}: {h}x{w} is too large")
+                img.verify()
+        except BadInput:
+            raise
+        except Exception as exc:
+            raise BadInput("bad_reference", f"{path}: {type(exc).__name__}: {exc}") from None
+        out[f"ref{i}.{'jpg' if ext == 'jpeg' else ext}"] = data
+    return out
+
+
+def prepare(item: SourceItem, opts: IngestOptions) -> dict:
+    """One input -> ``{"ok": True, "sample": {...}, "entry": {...}}`` or ``{"ok": False,
+    "key", "path", "reason", "message"}``. Runs in pool workers; never raises for bad data."""
+    try:
+        try:
+            data = Path(item.video).read_bytes()
+        except OSError as exc:
+            raise BadInput("unreadable", f"{type(exc).__name__}: {exc}") from None
+        if len(data) == 0:
+            raise BadInput("empty_video", "0 bytes")
+        # Check the original before handing it to an encoder, then the result again.
+        original = validate_video(data, full=False, limits=opts.limits) if is_iso_bmff(data) else None
+        if opts.reencode or opts.max_side or original is None:
+            try:
+                data = transcode(data, opts.reencode or "libx264", opts.crf, opts.max_side)
+            except Exception as exc:
+                raise BadInput("reencode_error" if original else "not_video", f"{type(exc).__name__}: {exc}") from None
+        facts = validate_video(data, full=opts.validate == "full", limits=opts.limits) \
+            if original is None or opts.reencode or opts.max_side or opts.validate == "full" else original
+        meta = dict(item.meta)
+        if item.meta_path:
+            try:
+                extra = json.loads(Path(item.meta_path).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise BadInput("bad_json", f"{Path(item.meta_path).name}: {exc}") from None
+            if not isinstance(extra, dict):
+                raise BadInput("bad_json", f"{Path(item.meta_path).name}: not a JSON object")
+            meta = {**extra, **meta}
+        record = _annotations(item, meta, facts["num_frames"])
+        caption = item.caption if item.caption is not None else str(meta.pop("caption", "") or "")
+        style = item.style or meta.pop("style", [])
+        record.update(caption=caption, style=[style] if isinstance(style, str) else list(style),
+                      meta={**meta, "source": item.video, **facts})
+        sample = {"__key__": item.key, "mp4": data, "json": record, "txt": caption, **_refs(item, opts.limits)}
+        entry = {"key": item.key, "source": item.video, **facts}
+        return {"ok": True, "key": item.key, "sample": sample, "entry": entry}
+    except BadInput as exc:
+        return {"ok": False, "key": item.key, "path": item.video, "reason": exc.reason, "message": exc.message}
+
+
+def _pattern_regex(pattern: str) -> re.Pattern:
+    """``"shard-{:06d}.tar"`` -> a regex matching the names it produces."""
+    parts = [re.escape(lit) + (r"\d+" if fld is not None else "") for lit, fld, _, _ in string.Formatter().parse(pattern)]
+    return re.compile("".join(parts))
+
+
+def _tar_bytes(sample: dict) -> int:
+    """Bytes a sample adds to a tar: a 512-byte header per member plus padded data."""
+    total = 0
+    for k, v in _encode_sample(sample).items():
+        if not k.startswith("__"):
+            total += 512 + (len(v) + 511) // 512 * 512
+    return total
+
+
+def _ordered_results(fn: Callable, items: list, processes: int, window: int,
+                     on_crash: Callable[[object], dict]) -> Iterator[dict]:
+    """``fn(item)`` for every item in worker processes, results in input order, at most
+    ``window`` in flight (so a slow writer never piles up decoded videos in memory).
+
+    A worker that dies (a native decoder crash on a hostile file) must not hang or kill the
+    run: everything that was in flight is re-run alone in a fresh process, the item whose
+    process dies again gets ``on_crash(item)``, and a new pool carries on. ``processes=0``
+    runs in this process (debugging; no crash protection).
+    """
+    if processes <= 0:
+        yield from map(fn, items)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    ctx = mp.get_context()
+    it = iter(items)
+    pending: deque = deque()
+    pool = ProcessPoolExecutor(processes, mp_context=ctx)
+
+    def refill() -> None:
+        while len(pending) < window:
+            item = next(it, None)
+            if item is None:
+                return
+            pending.append((item, pool.submit(fn, item)))
+
+    def isolated(item) -> dict:
+        with ProcessPoolExecutor(1, mp_context=ctx) as one:
+            try:
+                return one.submit(fn, item).result()
+            except BrokenProcessPool:
+                return on_crash(item)
+
+    try:
+        refill()
+        while pending:
+            item, future = pending.popleft()
+            try:
+                result = future.result()
+            except BrokenProcessPool:
+                suspects = [item] + [i for i, _ in pending]
+                pending.clear()
+                pool.shutdown(wait=True, cancel_futures=True)
+                log.warning("make_shards: a worker process died; re-checking %d inputs one by one", len(suspects))
+                yield from map(isolated, suspects)
+                pool = ProcessPoolExecutor(processes, mp_context=ctx)
+                refill()
+                continue
+            yield result
+            refill()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _crashed(item: SourceItem) -> dict:
+    return {"ok": False, "key": item.key, "path": item.video, "reason": "decoder_crash",
+            "message": "the process validating this file died (native decoder crash)"}
+
+
+class _Prepare:  # picklable partial for the pool
+    def __init__(self, opts: IngestOptions):
+        self.opts = opts
+
+    def __call__(self, item: SourceItem) -> dict:
+        return prepare(item, self.opts)
+
+
+def make_shards(
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    max_count: int | None = None,
+    max_bytes: int | None = None,
+    pattern: str = "shard-{:06d}.tar",
+    processes: int = 1,
+    options: IngestOptions | None = None,
+    resume: bool = True,
+) -> dict:
+    """Write shards for every input under ``source`` into ``out_dir``; return the manifest
+    (``shards``, ``shard_counts``, ``shard_bytes``, ``samples`` with per-sample resolution /
+    fps / num_frames / duration, and ``skipped`` inputs with path and reason)."""
+    options = options or IngestOptions()
+    if max_count is None and max_bytes is None:
+        raise ValueError("give max_count (samples per shard) and/or max_bytes (bytes per shard)")
+    if (max_count is not None and max_count < 1) or (max_bytes is not None and max_bytes < 1):
+        raise ValueError("max_count and max_bytes must be >= 1")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    header = {"header": {"source": str(Path(source).resolve()), "pattern": pattern, "max_count": max_count,
+                         "max_bytes": max_bytes, "options": {**asdict(options), "limits": asdict(options.limits)}}}
+    journal = out / JOURNAL
+    records: list[dict] = []
+    if journal.exists() and resume:
+        lines = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
+        if not lines or lines[0] != json.loads(json.dumps(header)):
+            raise ValueError(f"{out} was written with other settings ({journal}); use another "
+                             f"output folder or resume=False to start over")
+        if (out / MANIFEST).exists():
+            return json.loads((out / MANIFEST).read_text())
+        for r in lines[1:]:  # keep journaled shards up to the first one that went missing
+            if r.get("shard") is not None and not (out / r["shard"]).is_file():
+                break
+            records.append(r)
+    else:
+        ours = _pattern_regex(pattern)
+        existing = [n for n in os.listdir(out) if n == MANIFEST or n.endswith(".tar")]
+        if existing and resume:
+            raise ValueError(f"{out} already holds {existing[:3]}... not written by make_shards; "
+                             f"choose an empty folder (or resume=False to overwrite our own files)")
+        for name in os.listdir(out):
+            if name in (MANIFEST, JOURNAL) or ours.fullmatch(name):
+                (out / name).unlink()
+        journal.write_text(json.dumps(header) + "\n")
+    for name in os.listdir(out):  # partial shards of an interrupted run
+        if ".tar.tmp-" in name:
+            (out / name).unlink()
+    records = [r for r in records if r.get("shard") is not None]  # trailing bad ones are redone
+    done = {e["key"] for r in records for e in r["entries"]} | {b["key"] for r in records for b in r["bad"]}
+    items = [it for it in discover(source) if it.key not in done]
+    log.info("make_shards: %d inputs to do, %d shards kept from a previous run", len(items), len(records))
+
+    state = {"writer": None, "file": None, "tmp": None, "name": None, "count": 0, "bytes": 0,
+             "entries": [], "bad": []}
+
+    def append_record(record: dict) -> None:
+        with open(journal, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        records.append(record)
+
+    def close_shard() -> None:
+        state["writer"].close()
+        state["file"].flush()
+        os.fsync(state["file"].fileno())
+        state["file"].close()
+        os.replace(state["tmp"], out / state["name"])
+        append_record({"shard": state["name"], "count": state["count"], "bytes": os.path.getsize(out / state["name"]),
+                       "entries": state["entries"], "bad": state["bad"]})
+        state.update(writer=None, count=0, bytes=0, entries=[], bad=[])
+
+    try:
+        results = _ordered_results(_Prepare(options), items, processes, 4 * max(1, processes), _crashed)
+        for result in results:
+            if not result["ok"]:
+                log.warning("make_shards: skipping %s: %s %s", result["path"], result["reason"], result["message"])
+                state["bad"].append({k: result[k] for k in ("key", "path", "reason", "message")})
+                continue
+            size = _tar_bytes(result["sample"])
+            if state["writer"] is not None and (
+                (max_count is not None and state["count"] >= max_count)
+                or (max_bytes is not None and state["bytes"] + size > max_bytes)
+            ):
+                close_shard()
+            if state["writer"] is None:
+                name = pattern.format(sum(1 for r in records if r.get("shard")))
+                state.update(name=name, tmp=out / f".{name}.tmp-{os.getpid()}")
+                state["file"] = open(state["tmp"], "wb")
+                # Our encoder, never webdataset's default (which pickles unknown objects).
+                state["writer"] = wds.TarWriter(state["file"], encoder=_encode_sample, mtime=0)
+            state["writer"].write(result["sample"])
+            state["count"] += 1
+            state["bytes"] += size
+            state["entries"].append({**result["entry"], "shard": state["name"]})
+        if state["writer"] is not None:
+            close_shard()
+        if state["bad"]:
+            append_record({"shard": None, "count": 0, "bytes": 0, "entries": [], "bad": state["bad"]})
+    finally:
+        if state["writer"] is not None:  # failed mid-shard: drop the partial file
+            try:
+                state["writer"].close()  # else its tarfile writes on the closed file when collected
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+            state["file"].close()
+            Path(state["tmp"]).unlink(missing_ok=True)
+
+    shards = [r for r in records if r.get("shard")]
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "pattern": brace_pattern(pattern, len(shards)),
+        "shards": [r["shard"] for r in shards],
+        "shard_counts": [r["count"] for r in shards],
+        "shard_bytes": [r["bytes"] for r in shards],
+        "num_samples": sum(r["count"] for r in shards),
+        "samples": [e for r in shards for e in r["entries"]],
+        "skipped": [b for r in records for b in r["bad"]],
+    }
+    _atomic_write_json(out / MANIFEST, manifest)
+    return manifest

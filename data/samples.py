@@ -1,0 +1,411 @@
+"""Tar members -> validated samples -> decoded clips (or latents) -> homogeneous batches.
+
+Three stages, so the loader can put a cheap one before its shuffle buffer and re-run it on
+resume without decoding anything:
+
+1. ``iter_tar_samples`` streams a shard (local path or webdataset URL such as ``pipe:cat
+   x.tar``) and groups members into samples, counting samples exactly as webdataset does
+   (a new sample at every change of the name before the first dot). Members of samples
+   outside the requested indices, and members nobody asked for, are rejected by name and
+   never read into memory (on local files they are seeked over, not even read from disk).
+2. ``Codec.inspect`` (cheap: JSON, container headers, annotation checks, bucket choice).
+3. ``Codec.decode`` (decord + resize/crop, or safetensors -> tensors) and ``Codec.collate``.
+
+Safety: members are decoded by extension in this file only; nothing is ever unpickled.
+Extensions that webdataset's default decoders would unpickle or ``torch.load``
+(``UNSAFE_EXTENSIONS``) are never read: the whole sample is skipped as ``unsafe_member``.
+Every problem raises ``Skip(reason, message)``; ``reason`` becomes a loader ``stats`` counter.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import get_worker_info
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext
+
+from worldline.data.buckets import Bucket, BucketSet, NoBucket
+from worldline.data.probe import ProbeError, VideoLimits, probe_video
+from worldline.data.video import ClipTooShortError, decode_clip, resize_crop
+
+VIDEO_EXTENSIONS = ("mp4", "m4v", "mov", "webm", "mkv", "avi")
+# webdataset's autodecode maps pyd/pickle/pkl to pickle.loads and pth to torch.load; the
+# rest are other common pickle carriers. A sample carrying any of them is never decoded.
+UNSAFE_EXTENSIONS = frozenset({"pyd", "pickle", "pkl", "pth", "pt", "ckpt", "joblib"})
+_REF = re.compile(r"^ref\d*\.(png|jpe?g|webp)$")
+_MSG_CHARS = 200  # decord puts whole inputs into some messages: keep warnings short
+
+
+class Skip(Exception):
+    """A sample that cannot be used; ``reason`` becomes a ``stats`` counter."""
+
+    def __init__(self, reason: str, message: str = ""):
+        super().__init__(reason, message)
+        self.reason, self.message = reason, str(message)[:_MSG_CHARS]
+
+
+@dataclass
+class RawSample:
+    """The members of one sample as stored (``ext -> bytes``), before any decoding."""
+
+    index: int
+    key: str
+    url: str
+    members: dict[str, bytes] = field(default_factory=dict)
+    unsafe: list[str] = field(default_factory=list)
+
+
+def is_unsafe(ext: str) -> bool:
+    return any(part in UNSAFE_EXTENSIONS for part in ext.lower().split("."))
+
+
+def iter_tar_samples(
+    url: str,
+    start: int = 0,
+    only: set[int] | None = None,
+    wanted: Callable[[str], bool] = lambda ext: True,
+) -> Iterator[RawSample]:
+    """Samples ``index >= start`` (and in ``only`` if given) of one tar shard, in tar order.
+
+    Hand-rolled over ``tarfile`` rather than webdataset's ``tar_file_iterator`` +
+    ``group_by_keys`` because we need the true sample index of every sample, including
+    samples none of whose members were read (all unsafe or unwanted); webdataset silently
+    drops those, which would shift every later index and break resume positions. URL opening
+    (``pipe:``, local paths) and the key/extension split are webdataset's.
+    """
+    last = max(only) if only else None
+    if only is not None and not only:
+        return
+    with gopen(url, "rb") as stream:
+        # A local file is opened seekable, so members rejected by name are seeked over, not
+        # even read from disk; pipes and remote streams are read through, but still never kept.
+        seekable = getattr(stream, "seekable", lambda: False)()
+        tar = tarfile.open(fileobj=stream, mode="r:*" if seekable else "r|*")
+        index, prefix, current = -1, None, None
+        for info in tar:
+            tar.members = []  # stream mode would otherwise keep every header in memory
+            name = info.name
+            if not info.isreg() or ("/" not in name and name.startswith("__") and name.endswith("__")):
+                continue
+            base, ext = base_plus_ext(name)
+            if base is None:  # no extension: belongs to no sample
+                continue
+            if base != prefix:
+                if current is not None:
+                    yield current
+                    current = None
+                index, prefix = index + 1, base
+                if last is not None and index > last:
+                    return  # nothing further is wanted from this shard
+                if index >= start and (only is None or index in only):
+                    current = RawSample(index, base, url)
+            if current is None:
+                continue  # rejected by name: the member's bytes are never read
+            if is_unsafe(ext):
+                current.unsafe.append(ext)
+            elif wanted(ext):
+                current.members[ext] = tar.extractfile(info).read()
+        if current is not None:
+            yield current
+
+
+@dataclass
+class Candidate:
+    """A sample that passed the cheap checks: what decoding needs, plus its bucket id."""
+
+    key: str
+    bucket: str
+    video: bytes | None
+    meta: dict
+    actions: np.ndarray  # int64 [N, S]
+    camera: np.ndarray | None  # float64 [N, 2]
+    caption: str
+    style: list[str]
+    refs: list[bytes] = field(default_factory=list)
+    tensors: dict[str, np.ndarray] | None = None  # latent mode
+
+
+def _parse_json(raw: RawSample, required: bool) -> dict:
+    data = raw.members.get("json")
+    if data is None:
+        if required:
+            raise Skip("missing_json", f"members: {sorted(raw.members)}")
+        return {}
+    try:
+        meta = json.loads(data.decode("utf-8"))
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise Skip("bad_json", str(exc)) from None
+    if not isinstance(meta, dict):
+        raise Skip("bad_json", f"top level is {type(meta).__name__}, not an object")
+    return meta
+
+
+def parse_actions(value) -> np.ndarray:
+    """Per-frame actions -> int64 ``[N, S]`` (a flat list is ``S = 1``); ``ValueError`` if
+    ragged, non-finite (NaN/inf) or not integral."""
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2:
+        raise ValueError(f"actions must be [N] or [N, S], got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError("actions contain non-finite values (NaN/inf)")
+    if (arr != np.round(arr)).any():
+        raise ValueError("actions must be integers")
+    return arr.astype(np.int64)
+
+
+def parse_camera(value) -> np.ndarray:
+    """Per-frame camera (x, y) view positions -> finite float64 ``[N, 2]``."""
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise ValueError(f"camera must be [N, 2] (x, y per frame), got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError("camera contains non-finite values (NaN/inf)")
+    return arr
+
+
+def _annotations(raw: RawSample, meta: dict) -> tuple[np.ndarray, np.ndarray | None, str, list[str]]:
+    try:
+        actions = parse_actions(meta["actions"]) if meta.get("actions") is not None else np.zeros((0, 0), np.int64)
+    except (ValueError, TypeError) as exc:
+        raise Skip("bad_actions", str(exc)) from None
+    try:
+        camera = parse_camera(meta["camera"]) if meta.get("camera") is not None else None
+    except (ValueError, TypeError) as exc:
+        raise Skip("bad_camera", str(exc)) from None
+    if raw.members.get("txt") is not None:
+        caption = raw.members["txt"].decode("utf-8", "replace")
+    else:
+        caption = str(meta.get("caption", ""))
+    style = meta.get("style", [])
+    style = [style] if isinstance(style, str) else [str(s) for s in style] if isinstance(style, list) else []
+    return actions, camera, caption, style
+
+
+def shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A batch buffer; in a DataLoader worker it is created in shared memory directly (as
+    torch's own ``default_collate`` does), so handing it to the main process moves no bytes."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = int(np.prod(shape))
+    storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+class PixelCodec:
+    """mp4 samples -> ``video`` uint8 ``[B, 3, T, H, W]`` batches (see ``ShardLoader``)."""
+
+    input = "pixel"
+
+    def __init__(self, buckets: BucketSet, position: str = "start", crop: str = "center",
+                 limits: VideoLimits | None = None, with_refs: bool = False, decode_threads: int = 1,
+                 channels_last: bool = False):
+        self.buckets, self.position, self.crop, self.channels_last = buckets, position, crop, channels_last
+        self.limits, self.with_refs, self.decode_threads = limits or VideoLimits(), with_refs, decode_threads
+
+    def signature(self) -> list:
+        return ["pixel", self.buckets.signature(), self.position, self.crop, self.with_refs, self.channels_last]
+
+    def wanted(self, ext: str) -> bool:
+        return ext in VIDEO_EXTENSIONS or ext in ("json", "txt") or (self.with_refs and bool(_REF.match(ext)))
+
+    def batch_size(self, bucket: str) -> int:
+        return self.buckets[int(bucket)].batch_size
+
+    def inspect(self, raw: RawSample) -> Candidate:
+        if raw.unsafe:
+            raise Skip("unsafe_member", f"never decoded: .{', .'.join(raw.unsafe)}")
+        ext = next((e for e in VIDEO_EXTENSIONS if e in raw.members), None)
+        if ext is None:
+            raise Skip("missing_video", f"members: {sorted(raw.members)}")
+        video = raw.members[ext]
+        if len(video) == 0:
+            raise Skip("empty_video", f"0-byte .{ext}")
+        meta = _parse_json(raw, required=True)
+        actions, camera, caption, style = _annotations(raw, meta)
+        try:
+            info = probe_video(video, self.limits)
+            bucket = self.buckets.assign(info)
+        except (ProbeError, NoBucket) as exc:
+            raise Skip(exc.reason, str(exc)) from None
+        refs = [raw.members[e] for e in sorted(raw.members) if _REF.match(e)] if self.with_refs else []
+        return Candidate(raw.key, str(bucket), video, meta, actions, camera, caption, style, refs)
+
+    def decode(self, cand: Candidate, rng: np.random.Generator, tag: int) -> dict:
+        bucket: Bucket = self.buckets[int(cand.bucket)]
+        try:
+            frames, idx = decode_clip(cand.video, bucket.num_frames, self.buckets.frame_stride,
+                                      self.position, rng, fps=self.buckets.fps,
+                                      num_threads=self.decode_threads, as_tensor=True)
+        except ClipTooShortError as exc:
+            raise Skip("too_short", str(exc)) from None
+        except Exception as exc:  # decord raises RuntimeError/DECORDError on corrupt input
+            raise Skip("decode_error", f"{type(exc).__name__}: {exc}") from None
+        # A view of decord's buffer (or of the resized frames): ``place`` copies it, once.
+        video, scale, _ = resize_crop(frames, (bucket.height, bucket.width), self.crop, rng)
+        last = int(idx[-1])
+        if cand.actions.size and len(cand.actions) <= last:
+            raise Skip("bad_actions", f"{len(cand.actions)} action rows, clip needs frame {last}")
+        actions = cand.actions[idx] if cand.actions.size else np.zeros((len(idx), 0), np.int64)
+        if cand.camera is not None:
+            if len(cand.camera) <= last:
+                raise Skip("bad_camera", f"{len(cand.camera)} camera rows, clip needs frame {last}")
+            cam = cand.camera[idx]
+            camera = np.diff(cam, axis=0, prepend=cam[:1]) * scale  # output-pixel deltas
+        else:
+            camera = np.zeros((len(idx), 2))
+        item = {"video": video, "actions": actions, "camera": camera.astype(np.float32),
+                "caption": cand.caption, "key": cand.key, "style": cand.style, "epoch": tag}
+        if self.with_refs:
+            item["refs"] = self._refs(cand, bucket)
+        return item
+
+    def _refs(self, cand: Candidate, bucket: Bucket) -> torch.Tensor:
+        from PIL import Image
+
+        out = []
+        for data in cand.refs:
+            try:
+                with Image.open(io.BytesIO(data)) as img:
+                    w, h = img.size  # header only: refuse huge images before decoding them
+                    if max(h, w) > self.limits.max_side or h * w > self.limits.max_pixels:
+                        raise Skip("absurd_dimensions", f"reference image {h}x{w}")
+                    rgb = np.array(img.convert("RGB"))
+            except Skip:
+                raise
+            except Image.DecompressionBombError as exc:  # PIL's own size guard fired first
+                raise Skip("absurd_dimensions", f"reference image: {exc}") from None
+            except Exception as exc:
+                raise Skip("bad_reference", f"{type(exc).__name__}: {exc}") from None
+            img_t, _, _ = resize_crop(rgb[None], (bucket.height, bucket.width), "center")
+            out.append(img_t[0].permute(2, 0, 1))
+        if not out:
+            return torch.zeros((0, 3, bucket.height, bucket.width), dtype=torch.uint8)
+        return torch.stack(out).contiguous()
+
+    def place(self, acc: torch.Tensor | None, bucket: str, i: int, item: dict,
+              alloc: Callable | None = None) -> torch.Tensor:
+        """Copy ``item``'s frames into slot ``i`` of its bucket's batch buffer (allocated on
+        the first sample) while they are still in cache: the only copy a clip's pixels get
+        between decord's buffer and the batch. ``channels_last`` makes it a plain memcpy;
+        otherwise it also transposes ``[T, H, W, 3] -> [3, T, H, W]`` (~10 % of a decode)."""
+        if acc is None:
+            b = self.buckets[int(bucket)]
+            shape = (b.batch_size, b.num_frames, b.height, b.width, 3) if self.channels_last \
+                else (b.batch_size, 3, b.num_frames, b.height, b.width)
+            acc = (alloc or shared_empty)(shape, torch.uint8)
+        video = item.pop("video")
+        acc[i].copy_(video if self.channels_last else video.permute(3, 0, 1, 2))
+        return acc
+
+    def collate(self, items: list[dict], bucket: str, acc: torch.Tensor) -> dict:
+        b = self.buckets[int(bucket)]
+        n = len(items)
+        # channels_last: [B, T, H, W, 3] memory seen as [B, 3, T, H, W] (not contiguous).
+        video = acc.permute(0, 4, 1, 2, 3) if self.channels_last else acc
+        actors = max(it["actions"].shape[1] for it in items)
+        actions = torch.zeros((n, b.num_frames, actors), dtype=torch.int64)
+        for i, it in enumerate(items):
+            actions[i, :, : it["actions"].shape[1]] = torch.from_numpy(it["actions"])
+        batch = {
+            "video": video,
+            "actions": actions,
+            "camera": torch.from_numpy(np.stack([it["camera"] for it in items])),
+            "caption": [it["caption"] for it in items],
+            "key": [it["key"] for it in items],
+            "style": [it["style"] for it in items],
+            "epoch": [it["epoch"] for it in items],
+        }
+        if self.with_refs:
+            batch["refs"] = [it["refs"] for it in items]
+        return batch
+
+
+class LatentCodec:
+    """Latent-shard samples (``<key>.safetensors`` written by ``encode_latent_shards``) ->
+    ``latents`` float ``[B, C, t, h, w]`` batches; one bucket per latent shape."""
+
+    input = "latent"
+
+    def __init__(self, batch_size: int):
+        self._batch_size = batch_size
+
+    def signature(self) -> list:
+        return ["latent", self._batch_size]
+
+    def wanted(self, ext: str) -> bool:
+        return ext in ("safetensors", "json", "txt")
+
+    def batch_size(self, bucket: str) -> int:
+        return self._batch_size
+
+    def inspect(self, raw: RawSample) -> Candidate:
+        from safetensors import SafetensorError
+        from safetensors.numpy import load
+
+        if raw.unsafe:
+            raise Skip("unsafe_member", f"never decoded: .{', .'.join(raw.unsafe)}")
+        data = raw.members.get("safetensors")
+        if data is None:
+            raise Skip("missing_latents", f"members: {sorted(raw.members)}")
+        meta = _parse_json(raw, required=False)
+        try:
+            tensors = load(data)  # safetensors: a JSON header + raw buffers, no code paths
+        except (SafetensorError, ValueError, TypeError, OSError) as exc:
+            raise Skip("bad_latents", f"{type(exc).__name__}: {exc}") from None
+        lat = tensors.get("latents")
+        if lat is None or lat.ndim != 4 or lat.dtype.kind != "f":
+            raise Skip("bad_latents", f"need float latents [C, t, h, w], got {None if lat is None else (lat.dtype, lat.shape)}")
+        if not np.isfinite(lat).all():
+            raise Skip("bad_latents", "latents contain non-finite values")
+        caption = raw.members["txt"].decode("utf-8", "replace") if "txt" in raw.members else str(meta.get("caption", ""))
+        style = meta.get("style", [])
+        style = [style] if isinstance(style, str) else list(style) if isinstance(style, list) else []
+        bucket = "x".join(str(s) for s in lat.shape)
+        return Candidate(raw.key, bucket, None, meta, tensors.get("actions", np.zeros((0, 0), np.int64)),
+                         tensors.get("camera"), caption, style, tensors=tensors)
+
+    def decode(self, cand: Candidate, rng: np.random.Generator, tag: int) -> dict:
+        t = cand.tensors
+        n = len(t["camera"]) if t.get("camera") is not None else len(t.get("actions", ()))
+        item = {
+            "latents": torch.from_numpy(np.ascontiguousarray(t["latents"])),
+            "actions": np.asarray(t.get("actions", np.zeros((n, 0))), np.int64),
+            "camera": np.asarray(t["camera"] if t.get("camera") is not None else np.zeros((n, 2)), np.float32),
+            "caption": cand.caption, "key": cand.key, "style": cand.style, "epoch": tag,
+        }
+        for name in ("text_emb", "text_mask"):
+            if name in t:
+                item[name] = torch.from_numpy(np.ascontiguousarray(t[name]))
+        return item
+
+    def place(self, acc, bucket: str, i: int, item: dict, alloc: Callable | None = None) -> None:
+        return None  # latents are small: stacked at collate time
+
+    def collate(self, items: list[dict], bucket: str, acc=None) -> dict:
+        lat = [it["latents"] for it in items]
+        out = shared_empty((len(lat), *lat[0].shape), lat[0].dtype)
+        torch.stack(lat, out=out)
+        frames = max(len(it["actions"]) for it in items)
+        actors = max(it["actions"].shape[1] for it in items)
+        actions = torch.zeros((len(items), frames, actors), dtype=torch.int64)
+        camera = torch.zeros((len(items), max(len(it["camera"]) for it in items), 2))
+        for i, it in enumerate(items):
+            actions[i, : len(it["actions"]), : it["actions"].shape[1]] = torch.from_numpy(it["actions"])
+            camera[i, : len(it["camera"])] = torch.from_numpy(it["camera"])
+        batch = {"latents": out, "actions": actions, "camera": camera,
+                 "caption": [it["caption"] for it in items], "key": [it["key"] for it in items],
+                 "style": [it["style"] for it in items], "epoch": [it["epoch"] for it in items]}
+        for name in ("text_emb", "text_mask"):
+            if all(name in it for it in items):
+                batch[name] = torch.stack([it[name] for it in items])
+        return batch

@@ -1,0 +1,303 @@
+"""One sub-stream of a ``ShardLoader``: work queue -> tar -> shuffle buffer -> buckets -> batches.
+
+A sub-stream runs inside one DataLoader worker (or in-process). Its whole position is a small
+JSON dict, so the loader can record it with every batch and restore it exactly:
+
+- ``todo``: ``[[tag, shard, start, only], ...]``, explicit work read before the regular
+  schedule. ``todo[0]`` is the shard being read; ``start`` is the next sample index to read
+  and ``only`` (or ``None`` = all) restricts to listed indices. Work carried over from a run
+  with another layout lands here (see ``loader``).
+- ``epoch``, ``slot``: the regular schedule. Epoch mode: the next shard is slot ``slot`` of
+  this sub-stream's share of ``epoch``. Resampled mode: ``epoch`` counts shard draws.
+- ``buffer``: ``[[tag, shard, index], ...]``, samples in the shuffle buffer (read, inspected,
+  not decoded); ``buckets``: ``[[bucket, [[tag, shard, index], ...]], ...]``, decoded samples
+  waiting for their bucket to fill. Only references are stored; on restore the referenced
+  members are re-read by name (nothing else in the shard is read) and re-decoded, which is
+  deterministic because a sample's random window and crop come from
+  ``rng([seed, tag, shard, index])``.
+- ``pops`` (shuffle-buffer draws so far: the buffer's RNG is counter-based, so this counter
+  *is* its state), ``read``/``skipped`` (for the failure-rate threshold) and ``idle`` (work
+  items finished since the last usable sample; guards against a stream of only bad data) and
+  ``draining`` (the buffer is being emptied at an epoch boundary).
+
+``tag`` is the epoch in epoch mode; in resampled mode it is a unique draw id (see
+``resample_tag``), so two draws of one shard still get different clip windows.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from worldline.data.samples import Candidate, Skip, iter_tar_samples, shared_empty
+
+if TYPE_CHECKING:
+    from worldline.data.loader import ShardLoader
+
+Ref = list  # [tag, shard, index]
+# Shared-memory batch buffers a worker keeps for reuse. A fresh 25 MB segment costs ~10 ms to
+# create, fault in and free (~1.5 ms per 256x256x16 clip, a quarter of its decode); a
+# recycled one costs nothing. The main process flags a buffer free once every view of the
+# batch it handed out is gone (ShardLoader._release).
+POOL_SLOTS = 16
+
+
+class DataQualityError(RuntimeError):
+    """Too much of the data is unusable (``max_skip_fraction``) or none of it is."""
+
+
+def epoch_share(num_shards: int, seed: int, shuffle: bool, epoch: int, rank: int,
+                world_size: int, num_streams: int, stream: int) -> list[int]:
+    """Shard ids that sub-stream ``stream`` of ``rank`` reads in ``epoch`` (epoch mode): the
+    epoch's permutation split across ranks, then across a rank's sub-streams."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_shards) if shuffle else np.arange(num_shards)
+    return order[rank::world_size][stream::num_streams].tolist()
+
+
+def resample_tag(generation: int, gid: int, draw: int) -> int:
+    """Unique id of one shard draw in resampled mode (layout generation, global sub-stream)."""
+    return (((generation << 20) + gid) << 32) + draw
+
+
+def fresh_stream(epoch: int = 0, todo: list | None = None) -> dict:
+    return {"todo": todo or [], "epoch": epoch, "slot": 0, "buffer": [], "buckets": [],
+            "pops": 0, "read": 0, "skipped": 0, "idle": 0, "draining": False}
+
+
+class Stream:
+    """Runs sub-stream ``local`` of ``loader``'s rank from position ``state``."""
+
+    def __init__(self, loader: "ShardLoader", local: int, state: dict):
+        self.loader, self.local = loader, local
+        self.gid = loader.rank * loader.num_streams + local  # global sub-stream id
+        self.state = copy.deepcopy(state)
+        self.skips: list[list[str]] = []
+        self.accs: dict[str, object] = {}  # bucket -> batch buffer being filled
+        self.pool: list[torch.Tensor] = []  # shared-memory batch buffers, by slot
+        self.sent: set[int] = set()  # slots handed to the main process, not yet released
+        self.filling: set[int] = set()  # slots being filled by a bucket
+
+    # ------------------------------------------------------------------ reading work
+    def _regular_item(self) -> list:
+        lo, s = self.loader, self.state
+        if lo.resample:
+            draw = s["epoch"]
+            s["epoch"] += 1
+            rng = np.random.default_rng([lo.seed, 1, lo.generation, self.gid, draw])
+            return [resample_tag(lo.generation, self.gid, draw), int(rng.integers(len(lo.shards))), 0, None]
+        while True:
+            share = lo.stream_shards(s["epoch"], self.local)
+            if s["slot"] < len(share):
+                s["slot"] += 1
+                return [s["epoch"], share[s["slot"] - 1], 0, None]
+            s["epoch"], s["slot"] = s["epoch"] + 1, 0
+
+    def _skip(self, url: str, key: str, exc: Skip) -> None:
+        self.state["skipped"] += exc.reason != "bad_shard"
+        self.skips.append([os.path.basename(url), key, exc.reason, exc.message])
+        lo, s = self.loader, self.state
+        if s["read"] >= lo.skip_check_after and s["skipped"] > lo.max_skip_fraction * s["read"]:
+            reasons: dict[str, int] = {}
+            for _, _, reason, _ in self.skips:
+                reasons[reason] = reasons.get(reason, 0) + 1
+            raise DataQualityError(
+                f"rank {lo.rank} sub-stream {self.local}: {s['skipped']} of {s['read']} samples "
+                f"skipped ({s['skipped'] / s['read']:.0%}) > max_skip_fraction="
+                f"{lo.max_skip_fraction:g} (checked after {lo.skip_check_after} samples); recent "
+                f"reasons {reasons}; last: {self.skips[-1][0]}:{self.skips[-1][1]} {self.skips[-1][3]}"
+            )
+
+    def candidates(self) -> Iterator[tuple[Ref, Candidate]]:
+        """Inspected samples in read order, forever; updates ``todo[0]``'s cursor as it goes.
+        Yields ``(None, None)`` where the epoch changes (epoch mode) so the shuffle buffer can
+        be drained first: a sub-stream then delivers all of an epoch before the next one, up to
+        partially filled buckets."""
+        lo, s = self.loader, self.state
+        previous = None
+        while True:
+            if not s["todo"]:
+                s["todo"].append(self._regular_item())
+            item = s["todo"][0]
+            tag, shard, start, only = item
+            if not lo.resample and previous is not None and tag != previous:
+                yield None, None  # epoch boundary, before any sample of the next epoch is read
+            previous = tag
+            url = lo.shards[shard]
+            samples = iter_tar_samples(url, start, None if only is None else set(only), lo.codec.wanted)
+            while True:
+                try:
+                    raw = next(samples)
+                except StopIteration:
+                    break
+                except Exception as exc:  # unreadable / truncated tar: keep what was read
+                    self._skip(url, "*", Skip("bad_shard", f"{type(exc).__name__}: {exc}"))
+                    break
+                item[2] = raw.index + 1
+                s["read"] += 1
+                try:
+                    cand = lo.codec.inspect(raw)
+                except Skip as exc:
+                    self._skip(url, raw.key, exc)
+                    continue
+                s["idle"] = 0
+                yield [tag, shard, raw.index], cand
+            s["todo"].pop(0)
+            s["idle"] += 1
+            if s["idle"] > 2 * len(lo.shards) + 1:
+                raise DataQualityError(
+                    f"rank {lo.rank} sub-stream {self.local} read {s['idle']} shards without one "
+                    f"usable sample (last: {url}); recent skips: {self.skips[-3:]}"
+                )
+
+    # ------------------------------------------------------------------ batching
+    def _decode(self, ref: Ref, cand: Candidate) -> dict:
+        lo = self.loader
+        tag, shard, index = ref
+        if (shard, index) in lo.crashed:
+            raise Skip("decoder_crash", "crashed a decoder process before; never decoded again")
+        rng = np.random.default_rng([lo.seed, tag, shard, index])
+        marks = lo._marks
+        if marks is None:
+            return lo.codec.decode(cand, rng, -1 if lo.resample else tag)
+        # Say what this process decodes: if a native decoder crash kills it, the main process
+        # learns which sample did it (ShardLoader.__iter__).
+        marks[self.local] = torch.tensor([tag, shard, index, os.getpid()])
+        try:
+            return lo.codec.decode(cand, rng, -1 if lo.resample else tag)
+        finally:
+            marks[self.local, 3] = -1
+
+    def _restore(self) -> tuple[list, dict]:
+        """Rebuild the shuffle buffer and partial buckets from their references."""
+        lo, s = self.loader, self.state
+        refs = list(s["buffer"]) + [r for _, rs in s["buckets"] for r in rs]
+        wanted: dict[int, set[int]] = {}
+        for _, shard, index in refs:
+            wanted.setdefault(shard, set()).add(index)
+        raws = {}
+        for shard, indices in sorted(wanted.items()):
+            for raw in iter_tar_samples(lo.shards[shard], 0, indices, lo.codec.wanted):
+                raws[(shard, raw.index)] = raw
+
+        def inspect(ref: Ref) -> Candidate:
+            raw = raws.get((ref[1], ref[2]))
+            if raw is None:
+                raise RuntimeError(f"cannot restore loader state: sample {ref[2]} of "
+                                   f"{lo.shards[ref[1]]} is gone (did the shards change?)")
+            try:
+                return lo.codec.inspect(raw)
+            except Skip as exc:
+                raise RuntimeError(f"cannot restore loader state: {raw.key} in {raw.url} now "
+                                   f"fails ({exc.reason}: {exc.message})") from None
+
+        buffer = [(ref, inspect(ref)) for ref in s["buffer"]]
+        buckets: dict = {}
+        for bucket, bucket_refs in s["buckets"]:
+            for ref in bucket_refs:
+                try:
+                    self._put(ref, bucket, self._decode(ref, inspect(ref)), buckets)
+                except Skip as exc:
+                    raise RuntimeError(f"cannot restore loader state: {exc.reason} {exc.message}") from None
+        s["buffer"], s["buckets"] = [], []
+        return buffer, buckets
+
+    def _put(self, ref: Ref, bucket: str, item: dict, buckets: dict) -> list:
+        """Append a decoded sample to its bucket (its pixels go straight into the batch)."""
+        entries = buckets.setdefault(bucket, [])
+        self.accs[bucket] = self.loader.codec.place(self.accs.get(bucket), bucket, len(entries), item,
+                                                    self._alloc)
+        entries.append((ref, item))
+        return entries
+
+    def _alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A batch buffer: a released pool buffer of this shape, a new pool buffer, or (pool
+        full, or no workers) a one-off one."""
+        flags = self.loader._free
+        if flags is None:
+            return shared_empty(shape, dtype)
+        row = flags[self.local]
+        for slot in [s for s in self.sent if row[s]]:
+            row[slot] = 0
+            self.sent.discard(slot)
+        for slot, buf in enumerate(self.pool):
+            if slot not in self.sent and slot not in self.filling and buf.shape == shape and buf.dtype == dtype:
+                self.filling.add(slot)
+                return buf
+        if len(self.pool) < POOL_SLOTS:
+            self.pool.append(shared_empty(shape, dtype))
+            self.filling.add(len(self.pool) - 1)
+            return self.pool[-1]
+        return shared_empty(shape, dtype)
+
+    def _slot(self, buf) -> int:
+        """Pool slot of ``buf`` (now on its way to the main process), or -1."""
+        for slot, pooled in enumerate(self.pool):
+            if buf is pooled:
+                self.filling.discard(slot)
+                self.sent.add(slot)
+                return slot
+        return -1
+
+    def _snapshot(self, buffer: list, buckets: dict) -> dict:
+        snap = {k: copy.deepcopy(v) for k, v in self.state.items() if k not in ("buffer", "buckets")}
+        snap["buffer"] = [list(ref) for ref, _ in buffer]
+        snap["buckets"] = [[b, [list(ref) for ref, _ in entries]] for b, entries in buckets.items()]
+        return snap
+
+    def batches(self) -> Iterator[dict]:
+        """Batches forever; each carries ``_stream``, ``_state`` (position after it) and
+        ``_skips`` (samples skipped since the previous batch)."""
+        lo, s = self.loader, self.state
+        buffer, buckets = self._restore()
+        if s.get("draining"):  # the snapshot was taken while an epoch's tail was draining
+            yield from self._drain(buffer, buckets)
+        for ref, cand in self.candidates():
+            if ref is None:
+                yield from self._drain(buffer, buckets)
+                continue
+            if lo.shuffle_buffer > 0:
+                buffer.append((ref, cand))
+                if len(buffer) <= lo.shuffle_buffer:
+                    continue
+                ref, cand = self._pop(buffer)
+            yield from self._add(ref, cand, buffer, buckets)
+
+    def _pop(self, buffer: list) -> tuple[Ref, Candidate]:
+        # Counter-based draw: the buffer's RNG state is just ``pops``.
+        lo, s = self.loader, self.state
+        rng = np.random.default_rng([lo.seed, 2, lo.generation, self.gid, s["pops"]])
+        s["pops"] += 1
+        j = int(rng.integers(len(buffer)))
+        buffer[j], buffer[-1] = buffer[-1], buffer[j]
+        return buffer.pop()
+
+    def _drain(self, buffer: list, buckets: dict) -> Iterator[dict]:
+        self.state["draining"] = True
+        while buffer:
+            yield from self._add(*self._pop(buffer), buffer, buckets)
+        self.state["draining"] = False
+
+    def _add(self, ref: Ref, cand: Candidate, buffer: list, buckets: dict) -> Iterator[dict]:
+        """Decode one sample into its bucket; yields the bucket's batch when it is full."""
+        lo, codec = self.loader, self.loader.codec
+        try:
+            item = self._decode(ref, cand)
+        except Skip as exc:
+            self._skip(lo.shards[ref[1]], cand.key, exc)
+            return
+        self.state["idle"] = 0
+        entries = self._put(ref, cand.bucket, item, buckets)
+        if len(entries) < codec.batch_size(cand.bucket):
+            return
+        del buckets[cand.bucket]
+        acc = self.accs.pop(cand.bucket)
+        batch = codec.collate([it for _, it in entries], cand.bucket, acc)
+        batch["_stream"], batch["_state"], batch["_skips"] = self.local, self._snapshot(buffer, buckets), self.skips
+        batch["_buf"] = self._slot(acc)
+        self.skips = []
+        yield batch

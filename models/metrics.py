@@ -1,0 +1,66 @@
+"""Reconstruction metrics for held-out clips: PSNR and SSIM (pure tensor math, no I/O).
+
+Videos are [B, C, T, H, W] (images [B, C, H, W] also work) in [-1, 1] by default; pass
+`data_range` for other ranges (e.g. 1.0 for [0, 1], 255.0 for uint8 values).
+
+    >>> psnr(recon, x)           # [B] dB
+    >>> ssim(recon, x)           # [B] in [-1, 1], mean over frames
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["psnr", "ssim"]
+
+
+def psnr(x: Tensor, y: Tensor, data_range: float = 2.0) -> Tensor:
+    """Per-sample peak signal-to-noise ratio in dB: [B, ...] -> [B] (MSE floored at 1e-10)."""
+    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return 10.0 * torch.log10(data_range**2 / mse)
+
+
+def _gaussian(size: int, sigma: float, device, dtype) -> Tensor:
+    r = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
+    g = torch.exp(-(r**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def ssim(
+    x: Tensor,
+    y: Tensor,
+    data_range: float = 2.0,
+    low: float = -1.0,
+    window: int = 11,
+    sigma: float = 1.5,
+) -> Tensor:
+    """Per-sample structural similarity (Wang et al. 2004), per frame with an 11x11 Gaussian
+    window (sigma 1.5), K1 = 0.01, K2 = 0.03, averaged over channels, frames and positions
+    ('valid' windows only, as in the reference implementation): [B, C, (T,) H, W] -> [B].
+
+    Values are shifted by `low` to [0, data_range] first: SSIM's luminance term is not
+    shift-invariant and is defined for non-negative intensities (with zero-mean [-1, 1]
+    inputs, x vs -x would score high)."""
+    if x.dim() == 5:  # fold frames into the batch
+        b, c, t, h, w = x.shape
+        xf = x.float().permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+        yf = y.float().permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+        return ssim(xf, yf, data_range, low, window, sigma).view(b, t).mean(1)
+    c = x.shape[1]
+    window = min(window, x.shape[-2], x.shape[-1])
+    g = _gaussian(window, sigma, x.device, torch.float32)
+    kern = (g[:, None] * g[None, :]).expand(c, 1, window, window)
+    x, y = x.float() - low, y.float() - low
+
+    def blur(v: Tensor) -> Tensor:
+        return F.conv2d(v, kern, groups=c)
+
+    mx, my = blur(x), blur(y)
+    sxx = blur(x * x) - mx * mx
+    syy = blur(y * y) - my * my
+    sxy = blur(x * y) - mx * my
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+    return s.flatten(1).mean(1)

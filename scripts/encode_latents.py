@@ -1,0 +1,88 @@
+"""Encode pixel shards once into latent shards with a trained Worldline autoencoder.
+
+Example (tiny, CPU)::
+
+    python -m worldline.scripts.encode_latents runs/_datasets/synthetic-xxx /data/latents \\
+        --checkpoint runs/quickstart-autoencoder --num-frames 17 --resolution 64 64
+
+Loads ``VideoAutoencoder`` from a run dir or checkpoint dir (its EMA weights when saved; the
+frozen ``autoencoder`` of a later stage's checkpoint works too) and writes latent shards that
+``ShardLoader(out, input="latent")`` streams (``data.input=latent``). Stored latents are the
+posterior *mean*, not normalised: the trainer applies ``autoencoder.normalize`` as it does
+for on-the-fly encoding. This is the one script that imports models/; data/ only ever sees
+the ``encode`` callable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import torch
+
+
+def load_autoencoder(checkpoint: str, device: str = "cpu") -> torch.nn.Module:
+    """A frozen ``VideoAutoencoder`` from a Worldline run or checkpoint directory."""
+    from worldline.models.autoencoder import AutoencoderArgs, VideoAutoencoder
+    from worldline.train import checkpoint as ckpt_lib
+
+    path = ckpt_lib.resolve_checkpoint(checkpoint)
+    cfg = ckpt_lib.read_meta(path)["config"]["model"]["autoencoder"]
+    fields = AutoencoderArgs.__dataclass_fields__
+    ae = VideoAutoencoder(AutoencoderArgs(**{k: v for k, v in cfg.items() if k in fields}))
+    # An autoencoder run saves it as the trained "model"; later stages as a frozen module.
+    key = "autoencoder" if "autoencoder" in ckpt_lib.checkpoint_keys(path) else "model"
+    ckpt_lib.load_module_weights(ae, path, key, prefer_ema=True)
+    return ae.requires_grad_(False).eval().to(device)
+
+
+def autoencoder_encoder(ae: torch.nn.Module, device: str = "cpu"):
+    """``encode(video_u8 [B, 3, T, H, W]) -> posterior mean [B, C, t, h, w]``."""
+
+    @torch.no_grad()
+    def encode(video_u8: torch.Tensor) -> torch.Tensor:
+        x = video_u8.to(device).float().div_(127.5).sub_(1.0)  # same as training's to_unit_range
+        mean, _ = ae.encode(x)
+        return mean
+
+    return encode
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="worldline-encode-latents", description=__doc__.split("\n\n")[0])
+    p.add_argument("shards", help="pixel shards: dataset dir, manifest.json, brace pattern or list")
+    p.add_argument("out", help="output folder for latent shards")
+    p.add_argument("--checkpoint", required=True, help="autoencoder run dir or checkpoint dir")
+    p.add_argument("--num-frames", type=int, default=17)
+    p.add_argument("--frame-stride", type=int, default=1)
+    p.add_argument("--fps", type=float, help="sample at this frame rate instead of a stride")
+    p.add_argument("--resolution", type=int, nargs=2, default=[64, 64], metavar=("H", "W"))
+    p.add_argument("--position", choices=("start", "center", "random"), default="start")
+    p.add_argument("--crop", choices=("center", "random"), default="center")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=1, help="decoding worker processes")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    from worldline.data.latents import encode_latent_shards
+
+    ae = load_autoencoder(args.checkpoint, args.device)
+    manifest = encode_latent_shards(
+        args.shards, args.out, autoencoder_encoder(ae, args.device), num_frames=args.num_frames,
+        frame_stride=args.frame_stride, fps=args.fps, resolution=tuple(args.resolution),
+        position=args.position, crop=args.crop, batch_size=args.batch_size, dtype=args.dtype,
+        num_workers=args.workers, seed=args.seed, resume=not args.overwrite,
+    )
+    print(json.dumps({"out": args.out, "shards": len(manifest["shards"]), "samples": manifest["num_samples"],
+                      "latent_shape": manifest["latent_shape"], "skipped": manifest["skipped_reasons"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

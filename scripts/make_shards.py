@@ -1,0 +1,82 @@
+"""``worldline-shards``: a folder or CSV/JSONL manifest of videos -> WebDataset tar shards.
+
+Examples (tiny, CPU)::
+
+    worldline-shards clips/ /data/shards --max-count 256 --processes 4
+    worldline-shards clips.csv /data/shards --max-size 1GB --reencode libx264 --max-side 512
+    # an interrupted run continues where it stopped when re-run with the same arguments
+
+Writes ``shard-000000.tar ...`` and ``manifest.json`` (per-shard sample counts and bytes, and
+per sample: resolution, fps, frame count, duration). Bad inputs are skipped and listed (path,
+reason) on stderr and in ``manifest["skipped"]``; the exit code is 0 unless the run itself
+fails (or ``--strict`` and something was skipped). Input layout, sidecars and the sample
+format: ``worldline.data.sources`` and ``worldline.data.ingest``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+
+from worldline.data.ingest import IngestOptions, make_shards
+from worldline.data.probe import VideoLimits
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 10**12, "tb": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """``"512MB"`` -> 512000000, ``"1GiB"`` -> 1073741824, ``"4096"`` -> 4096."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4096, 500MB, 1GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="worldline-shards", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="folder of videos (+ sidecars) or a .csv / .jsonl manifest")
+    p.add_argument("out", help="output folder for shards and manifest.json")
+    p.add_argument("--max-count", type=int, help="samples per shard")
+    p.add_argument("--max-size", type=parse_size, help="target bytes per shard (e.g. 1GB)")
+    p.add_argument("--pattern", default="shard-{:06d}.tar", help="shard file name pattern")
+    p.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="worker processes")
+    p.add_argument("--validate", choices=("fast", "full"), default="fast",
+                   help="decode first + last frame (fast) or every frame (full)")
+    p.add_argument("--reencode", metavar="CODEC", help="re-encode every video (e.g. libx264)")
+    p.add_argument("--max-side", type=int, help="downscale so the longer side is <= this (re-encodes)")
+    p.add_argument("--crf", type=int, default=20, help="quality when re-encoding")
+    p.add_argument("--max-video-side", type=int, default=VideoLimits.max_side,
+                   help="reject videos whose header declares a larger side")
+    p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any input was skipped")
+    p.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="%(message)s")
+    if args.max_count is None and args.max_size is None:
+        args.max_count = 1000  # webdataset's usual granularity when nothing is asked for
+    options = IngestOptions(validate=args.validate, reencode=args.reencode, max_side=args.max_side,
+                            crf=args.crf, limits=VideoLimits(max_side=args.max_video_side))
+    manifest = make_shards(args.source, args.out, max_count=args.max_count, max_bytes=args.max_size,
+                           pattern=args.pattern, processes=args.processes, options=options,
+                           resume=not args.overwrite)
+    for bad in manifest["skipped"]:
+        print(f"skipped {bad['path']}: {bad['reason']} {bad['message']}", file=sys.stderr)
+    summary = {"out": os.path.abspath(args.out), "shards": len(manifest["shards"]),
+               "samples": manifest["num_samples"], "skipped": len(manifest["skipped"]),
+               "pattern": manifest["pattern"]}
+    print(json.dumps(summary))
+    return 1 if (args.strict and manifest["skipped"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
