@@ -45,8 +45,8 @@ def matmul_flops(n: int, repeats: int) -> float:
     return 2 * 2048 * n * 4 * n / t
 
 
-def small_dit(**kw) -> VideoDiT:
-    args = dit_args("small", in_channels=8, text_dim=256, num_action_slots=3, camera_dim=2, **kw)
+def small_dit(size: str = "small", **kw) -> VideoDiT:
+    args = dit_args(size, in_channels=8, text_dim=256, num_action_slots=3, camera_dim=2, **kw)
     torch.manual_seed(0)
     dit = VideoDiT(args)
     with torch.no_grad():  # leave the zero-init (trivially cheap, denormal-prone) regime
@@ -112,10 +112,12 @@ def bench_step(batch: int, latent: tuple[int, int, int, int], text_len: int, rep
     return out
 
 
-def bench_rollout(hw: int, contexts: list[int], new_frames: int, steps: int, repeats: int):
-    dit = small_dit(frame_causal=True).eval()
+def bench_rollout(hw: int, contexts: list[int], new_frames: int, steps: int, repeats: int,
+                  size: str = "small"):
+    dit = small_dit(size, frame_causal=True).eval()
     text = torch.randn(1, 16, 256)
-    out = {"latent_hw": hw, "tokens_per_frame": (hw // 2) ** 2, "num_steps": steps}
+    out = {"size": size, "params": sum(p.numel() for p in dit.parameters()), "latent_hw": hw,
+           "tokens_per_frame": (hw // 2) ** 2, "num_steps": steps}
 
     def gaps(ctx: int, use_cache: bool, window: int | None) -> list[float]:
         """Wall times between consecutive finished frames of one rollout (prefill excluded)."""
@@ -156,6 +158,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat (smoke test)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--json", default=None, help="also write the results here")
+    # The per-frame cost grows only through attention to cached keys, whose share of the work
+    # shrinks with width; interactive world models are base-size and up, so that is the default.
+    p.add_argument("--rollout-sizes", default="small,base",
+                   help="comma-separated DiT sizes for the rollout figure")
+    p.add_argument("--skip-step", action="store_true", help="rollout figure only")
     a = p.parse_args(argv)
     torch.set_flush_denormal(True)  # zero-init nets: denormals cost ~20x on CPU
     torch.set_num_threads(a.threads)
@@ -167,8 +174,10 @@ def main(argv: list[str] | None = None) -> dict:
         res["step"] = bench_step(1, (8, 2, 8, 8), 8, reps)
         res["rollout"] = bench_rollout(4, [2, 4], 3, 1, reps)
     else:
-        res["step"] = bench_step(1, (8, 5, 16, 16), 32, reps)
-        res["rollout"] = bench_rollout(8, [8, 64], 5, 4, 3)
+        if not a.skip_step:
+            res["step"] = bench_step(1, (8, 5, 16, 16), 32, reps)
+        res["rollout"] = [bench_rollout(8, [8, 64], 5, 4, 3, size)
+                          for size in a.rollout_sizes.split(",")]
     print(json.dumps(res, indent=1))
     if a.json:
         with open(a.json, "w") as f:

@@ -70,6 +70,12 @@ def test_wrong_type_is_rejected_naming_it(override: str, key: str) -> None:
     ("train.precision=fp8", "train.precision"),
     ("stage.conditions=[smell]", "stage.conditions"),
     ("model.dit.in_channels=7", "model.dit.in_channels"),
+    ("data.crop=left", "data.crop"),
+    ("data.input=latent", "data.input"),
+    ("data.fps=0", "data.fps"),
+    ("data.buckets=[{height:64,width:64,num_frames:17,batch_size:2},"
+     "{height:40,width:64,num_frames:9,batch_size:4}]", "data.buckets[1]"),
+    ("data.buckets=[{height:64,width:64,num_frames:8,batch_size:2}]", "data.buckets[0]"),
 ])
 def test_impossible_values_name_the_key(override: str, key: str) -> None:
     cfg = compose_cfg(["stage=autoencoder", override])
