@@ -167,6 +167,27 @@ def _model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return consolidated_state(ckpt)["model"]
 
 
+def _adam_steps(ckpt: Path) -> set[int]:
+    """Adam's per-parameter step counts in a DeepSpeed checkpoint's optimizer shards (a
+    fresh optimizer after a resume would count from 1 again)."""
+    found: set[int] = set()
+
+    def walk(x) -> None:
+        if isinstance(x, dict):
+            if "exp_avg" in x and "step" in x:
+                found.add(int(x["step"]))
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+
+    for f in (ckpt / "ds").glob("*optim_states.pt"):
+        # our own test checkpoint; DeepSpeed pickles its optimizer state
+        walk(torch.load(f, map_location="cpu", weights_only=False))
+    return found
+
+
 @pytest.mark.parametrize("dist_run", BACKENDS, indirect=True, ids=BACKENDS)
 def test_resharded_resume_2_to_1(dist_run: Path, root: Path, datasets: Path) -> None:
     backend = dist_run.name
@@ -186,6 +207,8 @@ def test_resharded_resume_2_to_1(dist_run: Path, root: Path, datasets: Path) -> 
     # (parameters only: running latent statistics move by their own momentum)
     step = max((src[k] - first[k]).abs().max().item() for k in src if "latent_" not in k)
     assert 0 < step < 0.05, step
+    if backend.startswith("deepspeed"):  # the optimizer state came along (universal ckpt)
+        assert _adam_steps(run / "checkpoints" / f"step_{HALF + 1}") == {HALF + 1}
 
 
 @pytest.mark.parametrize("dist_run", BACKENDS, indirect=True, ids=BACKENDS)
@@ -207,6 +230,8 @@ def test_resharded_resume_1_to_2(dist_run: Path, root: Path, datasets: Path,
     assert sorted(got)[-2:] == [start + 1, start + 2]
     meta = json.loads((run / "checkpoints" / f"step_{start + 2}" / "meta.json").read_text())
     assert meta["world_size"] == 2
+    if backend.startswith("deepspeed"):
+        assert _adam_steps(run / "checkpoints" / f"step_{start + 2}") == {start + 2}
     # Every rank's data position is present again (the 1-rank state was dealt to 2 ranks).
     assert {p.name for p in (run / "checkpoints" / f"step_{start + 2}" / "ranks").iterdir()} \
         == {"rank_0.json", "rank_0.pt", "rank_1.json", "rank_1.pt"}

@@ -15,9 +15,9 @@ it also clips by the global norm (``engine.get_global_grad_norm()`` is logged).
 
 Checkpoints: ``engine.save_checkpoint(<step dir>, tag="ds")`` inside the atomic step dir (so
 still complete-or-absent, with our ``latest``), plus ``extra.pt`` (EMA, frozen modules) from
-rank 0. Same world size: exact resume. Another world size: weights are restored from the
-consolidated fp32 weights (``zero_to_fp32``), the optimizer state restarts (logged); export via
-``worldline-export``.
+rank 0. Same world size: exact resume. Another world size: the checkpoint is converted once to
+DeepSpeed's universal format, which restores weights and optimizer state on any world size
+(``load_resharded``); export via ``worldline-export``.
 
     torchrun --nproc_per_node=2 -m worldline.train.main dist=deepspeed_zero2 experiment=smoke stage=autoencoder
     deepspeed --num_gpus 8 --no_local_rank --module worldline.train.main dist=deepspeed_zero3 ...
@@ -29,7 +29,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -101,10 +101,15 @@ class DeepSpeedEMA(EMA):
         return contextlib.nullcontext()
 
     @torch.no_grad()
-    def update(self, step: int) -> None:
+    def update(self, step: int, ok: Optional[torch.Tensor] = None) -> None:
         d = min(self.decay, (1.0 + step) / (10.0 + step))
         with self._gathered(self._params):
-            torch._foreach_lerp_(self._shadow, [p.detach().float() for p in self._params], 1 - d)
+            params = [p.detach().float() for p in self._params]
+            if ok is None:
+                torch._foreach_lerp_(self._shadow, params, 1 - d)
+            else:  # weight 0 on a step the non-finite guard skipped (train/guard.py)
+                w = ok.to(device=self._shadow[0].device, dtype=torch.float32) * (1 - d)
+                torch._foreach_lerp_(self._shadow, params, [w] * len(params))
 
     @contextlib.contextmanager
     @torch.no_grad()
@@ -196,7 +201,16 @@ class DeepSpeedBackend(Backend):
     def save_checkpoint(self, partial: Path) -> None:
         """Every rank: the engine's sharded checkpoint; rank 0: EMA and frozen modules."""
         t = self.trainer
-        self.engine.save_checkpoint(str(partial), tag=DS_TAG, save_latest=False)
+        from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO,
+                                                    UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                    UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+        # The marker ds_to_universal requires, so a resume on another world size can convert
+        # this checkpoint and keep the optimizer state (load_resharded).
+        info = {UNIVERSAL_CHECKPOINT_INFO: {
+            UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+        self.engine.save_checkpoint(str(partial), tag=DS_TAG, save_latest=False,
+                                    client_state=info)
         if t.rank == 0:
             extra = {key: m.state_dict() for key, m in t.frozen.items()}
             if t.ema is not None:
@@ -209,13 +223,67 @@ class DeepSpeedBackend(Backend):
             self.engine.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
                                         load_lr_scheduler_states=False)
         else:
-            self.load_consolidated(path)
+            self.load_resharded(path)
         extra = torch.load(path / "extra.pt", weights_only=True)
         for key, m in t.frozen.items():
             m.load_state_dict(extra[key])
         if t.ema is not None and "ema" in extra:
             for n, v in extra["ema"].items():
                 t.ema.shadow[n].copy_(v)
+
+    def load_resharded(self, path: Path) -> None:
+        """Another world size: DeepSpeed's universal checkpoint keeps the optimizer state.
+
+        Rank 0 converts ``<step>/ds`` once into ``<step>/ds_universal`` (DeepSpeed's
+        ``ds_to_universal``, in a subprocess: it runs its own process pools), written under a
+        temporary name and renamed, so a crash mid-conversion leaves nothing half-valid.
+        Checkpoints written before the universal marker was saved, or a failed conversion,
+        fall back to the consolidated fp32 weights with a fresh optimizer (logged)."""
+        import subprocess
+        import sys
+
+        import torch.distributed as dist
+
+        uni = path / f"{DS_TAG}_universal"
+        ok = torch.tensor([1])
+        if self.trainer.rank == 0 and not uni.is_dir():
+            tmp = path / f".{uni.name}.partial"
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                   "--input_folder", str(path / DS_TAG), "--output_folder", str(tmp),
+                   "--num_extract_workers", "1", "--num_merge_workers", "1"]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode == 0:
+                os.replace(tmp, uni)
+            else:
+                ok[0] = 0
+                log.warning("ds_to_universal failed on %s (exit %d): %s", path, r.returncode,
+                            r.stderr.strip().splitlines()[-1:] or "")
+        dist.broadcast(ok, src=0)
+        if not ok.item():
+            self.load_consolidated(path)
+            return
+        cfg = self.engine._config  # read by load_checkpoint only; no public setter exists
+        base = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        hyper = [{k: v for k, v in g.items() if k not in ("params", "lr")}
+                 for g in base.param_groups]
+        cfg.load_universal_checkpoint = True
+        try:
+            self.engine.load_checkpoint(str(path), tag=uni.name, load_optimizer_states=True,
+                                        load_lr_scheduler_states=False)
+        finally:
+            cfg.load_universal_checkpoint = False
+        if self.stage == 3:
+            # DeepSpeed 0.19's ZeRO-3 universal load copies param group 0's hyperparameters
+            # into every group (our no-decay group would get weight decay) and gives every
+            # sub-group the *same* step tensor, which Adam then increments once per group per
+            # step. Put back our groups' settings and give each state its own step counter.
+            for g, h in zip(base.param_groups, hyper):
+                g.update(h)
+            for st in base.state.values():
+                if torch.is_tensor(st.get("step")):
+                    st["step"] = st["step"].clone()
+        log.info("DeepSpeed resume on another world size from %s: weights and optimizer "
+                 "state through the universal checkpoint", uni)
 
     def load_consolidated(self, path: Path) -> None:
         """Another world size: fp32 weights via zero_to_fp32, fresh optimizer state."""
