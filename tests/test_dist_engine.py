@@ -269,3 +269,11 @@ def test_export_loads_in_one_process(dist_run: Path, root: Path) -> None:
         ref = _model_weights(_runs["ddp"] / "checkpoints" / f"step_{STEPS}")
         for n in ref:
             torch.testing.assert_close(exported[n], ref[n], rtol=1e-3, atol=1e-4)
+        # The EMA too, though ZeRO-3 keeps it as per-rank slices and FSDP as DTensor shards.
+        from worldline.scripts.export import consolidated_state
+
+        ref_ema = consolidated_state(_runs["ddp"] / "checkpoints" / f"step_{STEPS}")["ema"]
+        ema = load_file(str(out / "ema.safetensors"))
+        assert set(ema) == set(ref_ema)
+        for n in ref_ema:
+            torch.testing.assert_close(ema[n], ref_ema[n], rtol=1e-3, atol=1e-4)

@@ -82,63 +82,88 @@ def ds_config(cfg: Any, stage: int, dp_world: int) -> dict[str, Any]:
 
 
 class DeepSpeedEMA(EMA):
-    """EMA of DeepSpeed-managed parameters. ZeRO-1/2 keep full parameters on every rank (the
-    plain EMA works); ZeRO-3 partitions them, so each update gathers them first. The shadow is
-    a full fp32 copy per rank (not partitioned: simple, and documented as such)."""
+    """EMA of DeepSpeed-managed parameters, on the same placement as the parameters.
+
+    ZeRO-1/2 keep full parameters on every rank, so the plain EMA applies. ZeRO-3 partitions
+    every parameter: rank r holds ``p.ds_tensor``, its flat (padded) slice. The shadow is an
+    fp32 copy of exactly that slice, updated from it with no communication, so the EMA costs
+    1/N of a full copy per rank. Full tensors are assembled (all-gather over the parameter's
+    partition group) only for a checkpoint, and sampling swaps the shadow slices into
+    ``ds_tensor`` so ZeRO-3's own gathers see the averaged weights."""
 
     def __init__(self, model: nn.Module, decay: float, stage: int) -> None:
         self.stage = stage
-        with self._gathered(list(model.parameters())):
+        if stage != 3:
             super().__init__(model, decay)
-            self.shadow = {n: s.float().clone() for n, s in self.shadow.items()}
-            self._shadow = [self.shadow[n] for n in self.names]
-
-    def _gathered(self, params: list[torch.Tensor]):
-        if self.stage == 3:
-            import deepspeed
-
-            return deepspeed.zero.GatheredParameters(params)
-        return contextlib.nullcontext()
+            return
+        self.decay = decay
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        params = dict(model.named_parameters())
+        self._params = [params[n] for n in self.names]
+        self._shadow = [p.ds_tensor.detach().float().clone() for p in self._params]
+        self.shadow = dict(zip(self.names, self._shadow))  # local slices, by name
 
     @torch.no_grad()
     def update(self, step: int, ok: Optional[torch.Tensor] = None) -> None:
+        if self.stage != 3:
+            return super().update(step, ok)
         d = min(self.decay, (1.0 + step) / (10.0 + step))
-        with self._gathered(self._params):
-            params = [p.detach().float() for p in self._params]
-            if ok is None:
-                torch._foreach_lerp_(self._shadow, params, 1 - d)
-            else:  # weight 0 on a step the non-finite guard skipped (train/guard.py)
-                w = ok.to(device=self._shadow[0].device, dtype=torch.float32) * (1 - d)
-                torch._foreach_lerp_(self._shadow, params, [w] * len(params))
+        w: Any = 1.0 - d
+        if ok is not None:  # weight 0 on a step the non-finite guard skipped (train/guard.py)
+            w = [ok.to(device=self._shadow[0].device, dtype=torch.float32) * (1.0 - d)] * len(
+                self._shadow)
+        torch._foreach_lerp_(self._shadow, [p.ds_tensor.detach().float() for p in self._params],
+                             w)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Full tensors by name. Under ZeRO-3 a collective: every rank must call it."""
+        if self.stage != 3:
+            return super().state_dict()
+        import torch.distributed as dist
+
+        out = {}
+        for n, p, part in zip(self.names, self._params, self._shadow):
+            group = p.ds_process_group
+            flat = part.new_empty(part.numel() * dist.get_world_size(group))
+            dist.all_gather_into_tensor(flat, part.contiguous(), group=group)
+            out[n] = flat[: p.ds_numel].view(p.ds_shape).clone()
+        return out
+
+    @torch.no_grad()
+    def load_state_dict(self, full: dict[str, torch.Tensor]) -> None:
+        """From full tensors by name (any world size wrote them)."""
+        if self.stage != 3:
+            for n, v in full.items():
+                self.shadow[n].copy_(v)
+            return
+        import torch.distributed as dist
+
+        for n, p, part in zip(self.names, self._params, self._shadow):
+            if n not in full:
+                continue
+            lo = dist.get_rank(p.ds_process_group) * part.numel()
+            flat = full[n].reshape(-1).to(part)
+            part.zero_()
+            piece = flat[lo : lo + part.numel()]
+            part[: piece.numel()].copy_(piece)
 
     @contextlib.contextmanager
     @torch.no_grad()
     def applied_to(self, model: nn.Module) -> Iterator[nn.Module]:
-        if self.stage == 3:
-            import deepspeed
-
-            # Swap in / out inside gather contexts that re-partition the modified values
-            # (the model's own ZeRO-3 hooks gather and release params while it runs).
-            with deepspeed.zero.GatheredParameters(self._params, modifier_rank=0):
-                backup = [p.detach().clone() for p in self._params]
-                for p, s in zip(self._params, self._shadow):
-                    p.copy_(s.to(p.dtype))
-            try:
-                yield model
-            finally:
-                with deepspeed.zero.GatheredParameters(self._params, modifier_rank=0):
-                    for p, b in zip(self._params, backup):
-                        p.copy_(b)
+        if self.stage != 3:
+            with super().applied_to(model) as m:
+                yield m
             return
-        backup = [p.detach().clone() for p in self._params]
+        # Between steps every parameter is released (only ds_tensor is live), so swapping
+        # the slices is the whole job: the next forward gathers the averaged weights.
+        backup = [p.ds_tensor.detach().clone() for p in self._params]
         for p, s in zip(self._params, self._shadow):
-            p.copy_(s.to(p.dtype))
+            p.ds_tensor.copy_(s.to(p.ds_tensor.dtype))
         try:
             yield model
         finally:
             for p, b in zip(self._params, backup):
-                p.copy_(b)
-
+                p.ds_tensor.copy_(b)
 
 class DeepSpeedBackend(Backend):
     uses_dcp = False
@@ -211,10 +236,11 @@ class DeepSpeedBackend(Backend):
             UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
         self.engine.save_checkpoint(str(partial), tag=DS_TAG, save_latest=False,
                                     client_state=info)
+        ema = t.ema.state_dict() if t.ema is not None else None  # ZeRO-3: a collective
         if t.rank == 0:
             extra = {key: m.state_dict() for key, m in t.frozen.items()}
-            if t.ema is not None:
-                extra["ema"] = t.ema.state_dict()
+            if ema is not None:
+                extra["ema"] = ema
             torch.save(extra, partial / "extra.pt")
 
     def load_checkpoint(self, path: Path, same_layout: bool) -> None:
@@ -228,8 +254,7 @@ class DeepSpeedBackend(Backend):
         for key, m in t.frozen.items():
             m.load_state_dict(extra[key])
         if t.ema is not None and "ema" in extra:
-            for n, v in extra["ema"].items():
-                t.ema.shadow[n].copy_(v)
+            t.ema.load_state_dict(extra["ema"])
 
     def load_resharded(self, path: Path) -> None:
         """Another world size: DeepSpeed's universal checkpoint keeps the optimizer state.
