@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from worldline.models.attention import attention
+from worldline.models.kv_cache import KVBlock, kv_length
 from worldline.models.conditioning import (  # noqa: F401 - re-exported, historical home
     ConditionEmbedder,
     frame_phase,
@@ -202,16 +203,18 @@ class SelfAttention(nn.Module):
         x: Tensor,
         rope: tuple[Tensor, Tensor],
         attn_mask: Tensor | None = None,
-        past_kv: tuple[Tensor, Tensor] | None = None,
+        past_kv: "tuple[Tensor, Tensor] | KVBlock | None" = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """x [B, N, D]; attn_mask [N, N_past + N] bool (True = attend); past_kv: cached
-        (k, v) [B, H, N_past, Dh] of earlier tokens (already rotated), prepended to this call's
-        keys. Returns (out [B, N, D], (k, v) of this call's tokens, for a KV cache)."""
+        (k, v) [B, H, N_past, Dh] of earlier tokens (already rotated), or a preallocated
+        :class:`KVBlock` holding them, prepended to this call's keys. Returns (out [B, N, D], (k, v) of this call's tokens, for a KV cache)."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
         kv = (k, v)
-        if past_kv is not None:
+        if isinstance(past_kv, KVBlock):  # preallocated cache: the past is not copied
+            k, v = past_kv.extend(k, v)
+        elif past_kv is not None:
             k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
         out = attention(q, k, v, attn_mask=attn_mask)  # [B, H, N, Dh]
         return self.proj(out.transpose(1, 2).reshape(b, n, d)), kv
@@ -455,7 +458,7 @@ class VideoDiT(nn.Module):
             rope = (torch.cat([rope[0], r_cos.repeat(n_refs, 1)]),
                     torch.cat([rope[1], r_sin.repeat(n_refs, 1)]))
         mask = None
-        n_past = 0 if past_kv is None else past_kv[0][0].shape[2]
+        n_past = 0 if past_kv is None else kv_length(past_kv[0])
         if causal and (grid[0] > 1 or n_refs):
             mask = frame_causal_mask(grid[0], n_refs, grid[1] * grid[2], n_past, x.device)
         mod = self.adaLN(c_all).unflatten(-1, (6, -1))  # [B, F (+K), 6, D]

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from worldline.models.dit import VideoDiT
 from worldline.models.flow import guided_velocity, sampling_schedule
+from worldline.models.kv_cache import KVBlock
 
 __all__ = ["KVCache", "rollout"]
 
@@ -39,56 +40,46 @@ KV = list[tuple[Tensor, Tensor]]
 
 
 class KVCache:
-    """Per-block K/V of reference tokens (kept) and past video frames (a rolling window).
+    """Per-block K/V of reference tokens (kept) and past video frames (a rolling window), in
+    preallocated :class:`~worldline.models.kv_cache.KVBlock` buffers (references first).
 
     Tensors are [B, H, N, Dh] with RoPE already applied at their absolute positions.
     """
 
     def __init__(self, window: int | None = None) -> None:
         self.window = window
-        self.refs: KV | None = None
-        self.video: KV | None = None
+        self.blocks: list[KVBlock] | None = None
+        self.ref_tokens = 0
         self.tokens_per_frame = 0
         self.next_frame = 0  # absolute latent-frame index of the next frame to generate
-        self._past: KV | None = None
 
     @property
     def num_frames(self) -> int:
         """Past video frames currently held."""
-        if self.video is None or not self.tokens_per_frame:
+        if self.blocks is None or not self.tokens_per_frame:
             return 0
-        return self.video[0][0].shape[2] // self.tokens_per_frame
+        return (self.blocks[0].length - self.ref_tokens) // self.tokens_per_frame
 
-    def past(self) -> KV | None:
-        """Per block (k, v) of everything cached, references first (built once per append)."""
-        return self._past
+    def past(self) -> list[KVBlock] | None:
+        """Per block the cache (references, then the kept video frames); None when empty."""
+        return self.blocks
 
     def append(self, kvs: KV, frames: int, tokens_per_frame: int, ref_tokens: int = 0) -> None:
         """Add the K/V of `frames` new frames (then `ref_tokens` reference tokens) per block."""
         self.tokens_per_frame = tokens_per_frame
         nv = frames * tokens_per_frame
-        if ref_tokens:
-            self.refs = [(k[:, :, nv:], v[:, :, nv:]) for k, v in kvs]
-        new = [(k[:, :, :nv], v[:, :, :nv]) for k, v in kvs]
-        if self.video is None:
-            self.video = new
-        else:
-            self.video = [
-                (torch.cat([k0, k1], 2), torch.cat([v0, v1], 2))
-                for (k0, v0), (k1, v1) in zip(self.video, new)
-            ]
+        if self.blocks is None:
+            self.blocks = [KVBlock() for _ in kvs]
+        for blk, (k, v) in zip(self.blocks, kvs):
+            if ref_tokens:  # only on the first append: references go first, for good
+                blk.commit(k[:, :, nv:], v[:, :, nv:])
+            blk.commit(k[:, :, :nv], v[:, :, :nv])
+        self.ref_tokens += ref_tokens
         if self.window is not None and self.num_frames > self.window:
-            keep = self.window * tokens_per_frame
-            # clone: a slice would keep the whole old buffer alive and memory would grow.
-            self.video = [(k[:, :, -keep:].clone(), v[:, :, -keep:].clone()) for k, v in self.video]
+            extra = (self.num_frames - self.window) * tokens_per_frame
+            for blk in self.blocks:
+                blk.drop(self.ref_tokens, extra)
         self.next_frame += frames
-        if self.refs is None:
-            self._past = self.video
-        else:
-            self._past = [
-                (torch.cat([rk, k], 2), torch.cat([rv, v], 2))
-                for (rk, rv), (k, v) in zip(self.refs, self.video)
-            ]
 
 
 def _controls(ctrl: Tensor | Callable[[int], Tensor] | None, start: int, frames: int, tf: int):
