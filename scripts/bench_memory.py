@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-import traceback
 from types import SimpleNamespace
 
 
@@ -117,8 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--baseline", help="the 1-rank JSON, to print per-rank / (total / N)")
     a = ap.parse_args(argv)
-    code = 1
-    try:
+
+    def run() -> int:
         res = measure(a.backend, a.model)
         if a.baseline:
             base = json.load(open(a.baseline))["per_rank"][0]
@@ -130,12 +128,11 @@ def main(argv: list[str] | None = None) -> None:
             with open(a.out, "w") as f:
                 json.dump(res, f, indent=1)
             print(json.dumps(res))
-        code = 0
-    except BaseException:
-        traceback.print_exc()
-    from worldline.train.dist import finish
+        return 0
 
-    finish(code)
+    from worldline.train.dist import run_and_finish
+
+    run_and_finish(run)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import json
 import sys
-import traceback
 
 
 def main() -> int:
@@ -80,11 +79,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    code = 1
-    try:
-        code = main()
-    except BaseException:
-        traceback.print_exc()
-    from worldline.train.dist import finish
+    from worldline.train.dist import run_and_finish
 
-    finish(code)
+    run_and_finish(main)

@@ -16,7 +16,7 @@ import pytest
 from worldline.data.loader import ShardLoader
 
 SCRIPT = textwrap.dedent('''
-    import itertools, json, os, sys, traceback
+    import itertools, json, sys
 
     def main() -> int:
         import torch.distributed as dist
@@ -36,22 +36,9 @@ SCRIPT = textwrap.dedent('''
         return 0
 
     if __name__ == "__main__":
-        code = 1
-        try:
-            code = main()
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            # barrier -> destroy -> flush -> os._exit: avoids gloo's abort at interpreter exit.
-            import torch.distributed as dist
-            if dist.is_initialized():
-                try:
-                    dist.barrier()
-                finally:
-                    dist.destroy_process_group()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+        from worldline.train.dist import run_and_finish  # barrier, destroy, flush, os._exit
+
+        run_and_finish(main)
 ''')
 
 KWARGS = dict(batch_size=2, num_frames=3, resolution=(32, 32), num_workers=2, seed=5,

@@ -26,7 +26,7 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -63,7 +63,8 @@ def slurm_master_addr(nodelist: str) -> str:
 
 
 def slurm_port(job_id: str, base: int = 20000, span: int = 20000) -> int:
-    """A port derived from the job id, so concurrent jobs on shared nodes rarely collide."""
+    """A port derived from the job id, so concurrent jobs on shared nodes rarely collide.
+    slurm/templates/train_torchrun.sbatch uses the same rule for the c10d rendezvous."""
     return base + int(re.sub(r"\D", "", job_id) or 0) % span
 
 
@@ -74,10 +75,15 @@ def dist_env(environ: Optional[dict[str, str]] = None) -> DistInfo:
         return DistInfo(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]),
                         env.get("MASTER_ADDR"), int(env["MASTER_PORT"]) if "MASTER_PORT" in env
                         else None, "torchrun")
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
+    # Only inside an srun step: the batch script itself also carries SLURM_PROCID=0 and the
+    # job's SLURM_NTASKS, and a process started there directly is one process, not rank 0.
+    ntasks = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", 1)))
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and ntasks > 1:
+        # Rank 0 is the first task, which SLURM places on the step's first node.
+        nodes = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
         return DistInfo(
-            int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
-            env.get("MASTER_ADDR") or slurm_master_addr(env["SLURM_JOB_NODELIST"]),
+            int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), ntasks,
+            env.get("MASTER_ADDR") or slurm_master_addr(nodes),
             int(env["MASTER_PORT"]) if "MASTER_PORT" in env else slurm_port(env["SLURM_JOB_ID"]),
             "srun")
     return DistInfo()
@@ -109,15 +115,17 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     return info
 
 
-def finish(code: int = 0) -> None:
+def finish(code: int = 0, clean: Optional[bool] = None) -> None:
     """Exit a distributed entry point cleanly and never return.
 
     A 2-process gloo run that wrote a checkpoint can abort at interpreter shutdown
     ("terminate called without an active exception") while gloo's threads are torn down; a
-    barrier, an explicit destroy, flushed streams and ``os._exit`` sidestep that teardown."""
+    barrier, an explicit destroy, flushed streams and ``os._exit`` sidestep that teardown.
+    ``clean`` (default: ``code == 0``): every rank got here, so wait for the others at a
+    barrier (a run stopped on a preemption signal exits non-zero but cleanly)."""
     if dist.is_available() and dist.is_initialized():
         try:
-            if code == 0:
+            if code == 0 if clean is None else clean:
                 dist.barrier()
             dist.destroy_process_group()
         except Exception as e:  # a peer already died: still exit with our own code
@@ -126,3 +134,19 @@ def finish(code: int = 0) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def run_and_finish(main: Callable[[], Optional[int]]) -> None:
+    """Run a distributed entry point's ``main`` and exit through :func:`finish` with its code
+    (a traceback and code 1 on an exception; ``sys.exit(n)`` keeps ``n``). Never returns."""
+    import traceback
+
+    code = 1
+    try:
+        code = main() or 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:  # noqa: BLE001 - report, then exit through finish()
+        traceback.print_exc()
+    finish(code)
+

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
