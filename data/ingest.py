@@ -75,6 +75,8 @@ class IngestOptions:
     max_side: int | None = None  # downscale (re-encodes) so the longer side is <= this
     crf: int = 20
     limits: VideoLimits = field(default_factory=VideoLimits)
+    # A CSV/JSONL manifest may only name files under this folder (None: anywhere).
+    source_root: str | None = None
 
 
 def _even(x: float) -> int:
@@ -392,7 +394,8 @@ def make_shards(
             (out / name).unlink()
     records = [r for r in records if r.get("shard") is not None]  # trailing bad ones are redone
     done = {e["key"] for r in records for e in r["entries"]} | {b["key"] for r in records for b in r["bad"]}
-    items = [it for it in discover(source) if it.key not in done]
+    items = [it for it in discover(source, options.source_root)
+             if it.key not in done]
     log.info("make_shards: %d inputs to do, %d shards kept from a previous run", len(items), len(records))
 
     state = {"writer": None, "file": None, "tmp": None, "name": None, "count": 0, "bytes": 0,

@@ -93,6 +93,17 @@ def _split_top_level(spec: str, sep: str = ",") -> list[str]:
     return [p for p in [*parts, "".join(current)] if p.strip()]
 
 
+def _inside_root(manifest: Path, name: str) -> str:
+    """A shard named by ``manifest`` (a dataset's manifest.json): it must stay inside the
+    manifest's folder, the dataset root. A downloaded or hand-edited manifest cannot point the
+    loader at ``../../elsewhere`` or an absolute path, nor smuggle in a ``pipe:`` command."""
+    root = manifest.parent.resolve()
+    target = (root / str(name)).resolve()
+    if Path(str(name)).is_absolute() or not target.is_relative_to(root):
+        raise ValueError(f"{manifest}: shard {name!r} resolves outside the dataset root {root}")
+    return str(manifest.parent / str(name))
+
+
 def resolve_shards(shards: str | os.PathLike | Sequence[str]) -> list[str]:
     """Shard URLs from a list, a dataset dir or its ``manifest.json``, or a string of
     comma-separated brace patterns (``shard-{000000..000009}.tar``, also inside webdataset
@@ -103,7 +114,7 @@ def resolve_shards(shards: str | os.PathLike | Sequence[str]) -> list[str]:
             path = path / "manifest.json"
         if path.name == "manifest.json" and path.is_file():
             manifest = json.loads(path.read_text())
-            return [str(path.parent / name) for name in manifest["shards"]]
+            return [_inside_root(path, name) for name in manifest["shards"]]
         return [url for part in _split_top_level(str(shards)) for url in expand_urls(part.strip())]
     return [str(s) for s in shards]
 

@@ -118,8 +118,18 @@ def _resolve(base: Path, value) -> object:
     return value
 
 
-def read_manifest(path: str | Path) -> list[SourceItem]:
-    """Items of a ``.csv`` or ``.jsonl`` manifest (module docstring)."""
+def _confine(manifest: Path, root: Path, item: SourceItem) -> None:
+    """Every file an item names must lie under ``root`` (symlinks and ``..`` resolved)."""
+    for what, f in (("video", item.video), ("actions", item.actions),
+                    ("camera", item.camera), *(("refs", r) for r in item.refs)):
+        if isinstance(f, str) and not Path(f).resolve().is_relative_to(root):
+            raise ValueError(f"{manifest}: {item.key}: {what} path {f!r} is outside the "
+                             f"dataset root {root}")
+
+
+def read_manifest(path: str | Path, root: str | Path | None = None) -> list[SourceItem]:
+    """Items of a ``.csv`` or ``.jsonl`` manifest (module docstring). With ``root``, every
+    path the manifest names must resolve inside it (``ValueError`` naming the row otherwise)."""
     path = Path(path)
     base = path.parent
     if path.suffix.lower() == ".csv":
@@ -151,14 +161,17 @@ def read_manifest(path: str | Path) -> list[SourceItem]:
     for it in items:
         if "." in it.key or not it.key:
             raise ValueError(f"{path}: key {it.key!r} must be non-empty and contain no '.'")
+        if root is not None:
+            _confine(path, Path(root).resolve(), it)
     return _dedupe(items)
 
 
-def discover(source: str | Path) -> list[SourceItem]:
-    """A folder, or a ``.csv``/``.jsonl`` manifest -> input items."""
+def discover(source: str | Path, root: str | Path | None = None) -> list[SourceItem]:
+    """A folder, or a ``.csv``/``.jsonl`` manifest -> input items (``root``: see
+    :func:`read_manifest`)."""
     source = Path(source)
     if source.is_dir():
         return discover_folder(source)
     if source.is_file():
-        return read_manifest(source)
+        return read_manifest(source, root)
     raise FileNotFoundError(f"no such folder or manifest: {source}")

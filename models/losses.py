@@ -46,19 +46,20 @@ class PerceptualLoss(nn.Module):
 
     @classmethod
     def from_path(cls, path: str | Path, returns_distance: bool = False) -> "PerceptualLoss":
-        """Load a local TorchScript file (torch.jit.save) or a pickled nn.Module (torch.save
-        of the whole module). Plain state dicts need their architecture: build the module,
-        load_state_dict, and pass it to the constructor instead."""
+        """Load a local TorchScript file (torch.jit.save). Plain state dicts need their
+        architecture: build the module, load_state_dict, and pass it to the constructor."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"perceptual network weights not found: {path}")
+        # TorchScript only: a pickled nn.Module would run arbitrary code on load, and these
+        # files come from outside the project (see docs/faults.md, untrusted inputs).
         try:
             net = torch.jit.load(str(path), map_location="cpu")
-        except RuntimeError:
-            net = torch.load(path, map_location="cpu", weights_only=False)
-            if not isinstance(net, nn.Module):
-                raise TypeError(f"{path} holds a {type(net).__name__}, not a module; a state "
-                                "dict needs its architecture: build it and pass the module")
+        except RuntimeError as e:
+            raise ValueError(
+                f"{path} is not a TorchScript file ({e.__class__.__name__}); export the network "
+                f"with torch.jit.save(torch.jit.script(net), path), or build the module and pass "
+                f"it to PerceptualLoss(net)") from None
         return cls(net, returns_distance)
 
     def train(self, mode: bool = True) -> "PerceptualLoss":

@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crf", type=int, default=20, help="quality when re-encoding")
     p.add_argument("--max-video-side", type=int, default=VideoLimits.max_side,
                    help="reject videos whose header declares a larger side")
+    p.add_argument("--source-root", help="a .csv/.jsonl manifest may only name files under "
+                   "this folder (default: anywhere)")
     p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
     p.add_argument("--strict", action="store_true", help="exit 1 if any input was skipped")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -65,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_count is None and args.max_size is None:
         args.max_count = 1000  # webdataset's usual granularity when nothing is asked for
     options = IngestOptions(validate=args.validate, reencode=args.reencode, max_side=args.max_side,
-                            crf=args.crf, limits=VideoLimits(max_side=args.max_video_side))
+                            crf=args.crf, limits=VideoLimits(max_side=args.max_video_side),
+                            source_root=args.source_root)
     manifest = make_shards(args.source, args.out, max_count=args.max_count, max_bytes=args.max_size,
                            pattern=args.pattern, processes=args.processes, options=options,
                            resume=not args.overwrite)

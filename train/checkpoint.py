@@ -30,7 +30,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.api import CheckpointException
 
+from worldline.train import failpoints
 from worldline.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -41,11 +43,6 @@ LATEST = "latest"
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -71,6 +68,50 @@ def _quiet_dcp() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         yield
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written on some rank. Raised on every rank alike; the
+    previous checkpoint (``latest``) is untouched and the partial write removed."""
+
+
+def _agree(failed: bool) -> list[int]:
+    """Ranks that report a failure (one all-reduce; every rank gets the same list)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [0] if failed else []
+    device = torch.device("cuda", torch.cuda.current_device()) \
+        if dist.get_backend() == "nccl" else torch.device("cpu")
+    flags = torch.zeros(dist.get_world_size(), dtype=torch.int32, device=device)
+    flags[dist.get_rank()] = int(failed)
+    dist.all_reduce(flags)  # gloo group of the default PG; CPU tensor works for gloo
+    return [r for r, f in enumerate(flags.tolist()) if f]
+
+
+def _describe(err: BaseException) -> str:
+    """One line per error; DCP's CheckpointException carries every rank's exception (and a
+    multi-line traceback in its str), so list the ranks' errors instead."""
+    if isinstance(err, CheckpointException):
+        return "; ".join(f"rank {r}: {type(e[0]).__name__}: {e[0]}"
+                         for r, e in sorted(err.failures.items()))
+    return f"{type(err).__name__}: {err}"
+
+
+@contextmanager
+def _phase(step: int, partial: Path, what: str) -> Iterator[None]:
+    """One write phase of a save: on any rank's error, all ranks clean up and raise."""
+    err: Optional[BaseException] = None
+    try:
+        yield
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - OSError, DCP's, ...
+        err = e  # (DCP's CheckpointException derives from BaseException, not Exception)
+    bad = _agree(err is not None)
+    if not bad:
+        return
+    if _rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    local = f": {_describe(err)}" if err is not None else ""
+    raise CheckpointWriteError(
+        f"checkpoint step_{step}: {what} write failed on rank(s) {bad}{local}") from err
 
 
 DS_TAG = "ds"  # DeepSpeed's engine checkpoint lives in step_<N>/ds/
@@ -130,10 +171,37 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"no complete checkpoint at or under {p}")
 
 
+#: Hydra ``_target_`` values a config read from a checkpoint may carry. Worldline builds every
+#: object from typed dataclasses and never calls ``hydra.utils.instantiate``, so the list is
+#: empty: a checkpoint from elsewhere cannot name a callable to run.
+ALLOWED_TARGETS: frozenset[str] = frozenset()
+
+
+def check_targets(node: Any, source: str, key: str = "config") -> None:
+    """Raise ``ConfigError`` when ``node`` (a config tree) holds a ``_target_`` outside
+    :data:`ALLOWED_TARGETS`, naming the file and the key."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "_target_" and v not in ALLOWED_TARGETS:
+                from worldline.train.config import ConfigError
+
+                raise ConfigError(f"invalid config: {source}: {key}._target_={v!r} is not in "
+                                  f"the allowlist of instantiable targets "
+                                  f"({sorted(ALLOWED_TARGETS) or 'empty'}); refusing to load it")
+            check_targets(v, source, f"{key}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            check_targets(v, source, f"{key}[{i}]")
+
+
 def read_meta(ckpt: Path) -> dict[str, Any]:
-    """meta.json of a checkpoint, or config.json of an export folder (same "config" key)."""
+    """meta.json of a checkpoint, or config.json of an export folder (same "config" key).
+    Its config is untrusted input: see :func:`check_targets`."""
     f = ckpt / "meta.json"
-    return json.loads((f if f.is_file() else ckpt / "config.json").read_text())
+    f = f if f.is_file() else ckpt / "config.json"
+    meta = json.loads(f.read_text())
+    check_targets(meta.get("config"), str(f))
+    return meta
 
 
 class Checkpointer:
@@ -173,25 +241,28 @@ class Checkpointer:
         final = self.root / f"step_{step}"
         partial = self.root / f".step_{step}.partial"
         t0 = time.perf_counter()
-        if rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if partial.exists():  # left by a crash during an earlier save of this step
-                shutil.rmtree(partial)
-            partial.mkdir()
-        _barrier()
-        (partial / "ranks").mkdir(exist_ok=True)
-        torch.save(rng, partial / "ranks" / f"rank_{rank}.pt")
-        _atomic_write_text(partial / "ranks" / f"rank_{rank}.json",
-                           json.dumps({"data": train_state.data}))
         shared = {
             "train_state.json": json.dumps(
                 {**train_state.to_dict(), "data": "per rank: ranks/rank_<r>.json"}, indent=1),
             "meta.json": json.dumps(meta, indent=1, default=str),
         }
-        if writer is not None:
-            writer(partial)
-        elif self.async_save:
-            with _quiet_dcp():
+        # Every write phase ends in an agreement (one tiny all-reduce): a rank whose disk is
+        # full must not leave the others waiting in a barrier, and all ranks must raise the
+        # same CheckpointWriteError. ``latest`` is untouched until the last phase succeeds.
+        with _phase(step, partial, "prepare"):
+            if rank == 0:
+                self.root.mkdir(parents=True, exist_ok=True)
+                if partial.exists():  # left by a crash during an earlier save of this step
+                    shutil.rmtree(partial)
+                partial.mkdir()
+        with _phase(step, partial, "per-rank state"):
+            (partial / "ranks").mkdir(exist_ok=True)
+            torch.save(rng, partial / "ranks" / f"rank_{rank}.pt")
+            _atomic_write_text(partial / "ranks" / f"rank_{rank}.json",
+                               json.dumps({"data": train_state.data}))
+            failpoints.during_save(step, rank)
+        if self.async_save and writer is None:
+            with _phase(step, partial, "async staging"), _quiet_dcp():
                 future = dcp.async_save(tensors, checkpoint_id=str(partial),
                                         process_group=self._async_pg)
             # Rank files above are written before this rank joins the write's final
@@ -200,13 +271,18 @@ class Checkpointer:
             log.info("async checkpoint %s: staged in %.2fs, writing in the background",
                      final.name, time.perf_counter() - t0)
             return final
-        else:
-            with _quiet_dcp():
-                dcp.save(tensors, checkpoint_id=str(partial))
-        _barrier()
-        if rank == 0:
-            self._finalize(partial, final, shared)
-        _barrier()
+        # DCP gathers every rank's write result and raises on all ranks if one failed; the
+        # agreement below covers DeepSpeed's writer and anything DCP lets through.
+        with _phase(step, partial, "tensors"):
+            if writer is not None:
+                writer(partial)
+            else:
+                with _quiet_dcp():
+                    dcp.save(tensors, checkpoint_id=str(partial))
+        failpoints.before_rename(step, rank)
+        with _phase(step, partial, "rename"):
+            if rank == 0:
+                self._finalize(partial, final, shared)
         log.info("saved checkpoint %s in %.2fs", final, time.perf_counter() - t0)
         return final
 
@@ -233,16 +309,39 @@ class Checkpointer:
         future, partial, final, shared = self._pending
         self._pending = None
         t0 = time.perf_counter()
-        future.result()  # re-raises a failed write: the step stays absent
-        if _rank() == 0:
-            self._finalize(partial, final, shared)
+        # No agreement collective here: poll() calls this on ranks at different steps. DCP's
+        # async write already reports any rank's failure to every rank through its future.
+        try:
+            future.result()
+            if _rank() == 0:
+                self._finalize(partial, final, shared)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001
+            if _rank() == 0:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise CheckpointWriteError(f"checkpoint {final.name}: async write failed: "
+                                       f"{_describe(e)}") from e
         log.info("async checkpoint %s complete (waited %.2fs)", final.name,
                  time.perf_counter() - t0)
 
     def _prune(self) -> None:
+        """Delete all but the newest ``keep_last`` checkpoints, and leftovers of crashed saves.
+        A checkpoint is renamed out of the ``step_<N>`` namespace before its files go, so a
+        kill during the deletion never leaves a half-deleted dir that looks complete."""
         ckpts = list_checkpoints(self.root)
-        for _, p in ckpts[: max(0, len(ckpts) - self.keep_last)]:
-            shutil.rmtree(p, ignore_errors=True)
+        doomed = [p for _, p in ckpts[: max(0, len(ckpts) - self.keep_last)]]
+        # Called right after a save landed, with no other save in flight: any .partial dir
+        # left now belongs to a save a crash interrupted.
+        doomed += [p for p in self.root.glob(".step_*.partial")]
+        doomed += [p for p in self.root.glob(".step_*.deleting")]
+        for p in doomed:
+            trash = p if p.name.endswith(".deleting") else \
+                p.with_name(f".{p.name.lstrip('.')}.deleting")
+            try:
+                if trash != p:
+                    os.replace(p, trash)
+                shutil.rmtree(trash)
+            except OSError as e:  # pruning is best effort; it never fails a save
+                log.warning("could not delete old checkpoint %s: %s", p, e)
 
     def latest(self) -> Optional[Path]:
         return latest_checkpoint(self.root)

@@ -7,7 +7,7 @@ exactly like the model and costs one extra copy of the local shard per rank.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -26,11 +26,21 @@ class EMA:
         self._shadow = [self.shadow[n] for n in self.names]
 
     @torch.no_grad()
-    def update(self, step: int) -> None:
-        """Blend in the current parameters; ``step`` is the optimizer step just taken."""
+    def update(self, step: int, ok: Optional[torch.Tensor] = None) -> None:
+        """Blend in the current parameters; ``step`` is the optimizer step just taken.
+        ``ok`` (0-dim bool on the device): False leaves the average untouched (a step the
+        non-finite guard skipped), without a host sync."""
         d = min(self.decay, (1.0 + step) / (10.0 + step))
-        # One fused kernel over all tensors; no host sync.
-        torch._foreach_lerp_(self._shadow, [p.detach() for p in self._params], 1.0 - d)
+        if ok is None:
+            # One fused kernel over all tensors; no host sync.
+            torch._foreach_lerp_(self._shadow, [p.detach() for p in self._params], 1.0 - d)
+            return
+        # Lerp weight (1 - d) * ok: 0 keeps each shadow bit for bit. Local shards, so the
+        # plain weight tensor never meets a DTensor (FSDP2).
+        w = ok.to(self._shadow[0].dtype if self._shadow else torch.float32) * (1.0 - d)
+        local = [getattr(t, "_local_tensor", t) for t in self._shadow]
+        params = [getattr(p, "_local_tensor", p).detach() for p in self._params]
+        torch._foreach_lerp_(local, params, [w] * len(local))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow

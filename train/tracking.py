@@ -35,6 +35,32 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return _read_jsonl(Path(run_dir) / "metrics.jsonl")
 
 
+SECRET_ENV = ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "HF_TOKEN")
+_SECRET_KEY_WORDS = ("api_key", "apikey", "token", "secret", "password")
+
+
+def redact_secrets(node: Any) -> Any:
+    """``node`` with secrets replaced by ``"<redacted>"``: values of keys that name a secret
+    (``api_key``, ``token``, ...) and any string containing the value of a secret environment
+    variable (e.g. a W&B key pasted into ``logger.notes``). Applied to everything Worldline
+    hands to W&B; config.yaml and checkpoints cannot hold such keys (the schema has none)."""
+    secrets = [v for v in (os.environ.get(k) for k in SECRET_ENV) if v and len(v) >= 8]
+
+    def walk(x: Any, key: str = "") -> Any:
+        k = key.lower()
+        if any(k == w or k.endswith("_" + w) for w in _SECRET_KEY_WORDS) and x not in (None, ""):
+            return "<redacted>"
+        if isinstance(x, dict):
+            return {k: walk(v, str(k)) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [walk(v) for v in x]
+        if isinstance(x, str) and any(s in x for s in secrets):
+            return "<redacted>"
+        return x
+
+    return walk(node)
+
+
 class Tracker:
     """Writes metrics and media for one run. Construct on every rank; only rank 0 writes."""
 
@@ -67,6 +93,8 @@ class Tracker:
 
     def _init_wandb(self, cfg: Any, run_name: str, config: dict[str, Any]) -> None:
         import wandb
+
+        config = redact_secrets(config)
 
         wdir = self.run_dir / "wandb"
         wdir.mkdir(parents=True, exist_ok=True)
