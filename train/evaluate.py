@@ -1,0 +1,390 @@
+"""``worldline-eval``: every metric of a checkpoint (any backend, any world size, or an export
+folder) on an eval data spec, written as ``report.json``, ``report.md`` and PNG plots into
+``<run>/eval/step_<N>/`` (or ``eval.out``) and logged to W&B (offline by default).
+
+Flow checkpoints (``eval.metrics`` picks the groups):
+
+* ``val_loss``: flow-matching loss at fixed timesteps with fixed noise (deterministic).
+* ``reconstruction``: the frozen autoencoder's PSNR/SSIM on the eval clips.
+* ``rollout``: world-model rollout from the first frame (KV-cached, block-causal models; else
+  image-to-video sampling) with the clips' own actions/camera; PSNR/SSIM per horizon step
+  (latent frame) against ground truth, next to the copy-last-frame baseline.
+* ``action_following``: the same rollout under another clip's actions must differ (mean
+  absolute pixel difference, next to the difference two noise seeds make); on the synthetic
+  world, sprite positions found by colour in the generated frames are compared with where
+  the actions put them (error with the true actions vs with other actions, and the detector's
+  own error on the ground-truth video).
+* ``reference``: similarity of generated frames to the reference image with and without it
+  as a condition (a local TorchScript feature extractor, or a built-in colour histogram).
+* FVD, only when ``eval.i3d`` names local I3D TorchScript weights.
+
+Autoencoder checkpoints report reconstruction PSNR/SSIM. Runs on one process.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig
+
+from worldline.models.metrics import psnr, ssim
+from worldline.train.flow_trainer import FlowTrainer, to_unit_range
+from worldline.train.plots import line_plot
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run_eval", "FlowEvaluator", "colour_histogram", "frechet_distance"]
+
+
+def colour_histogram(images: torch.Tensor, bins: int = 8) -> torch.Tensor:
+    """Built-in appearance statistic: joint RGB histogram, L2-normalised.
+    images [N, 3, H, W] in [-1, 1] → [N, bins³]."""
+    q = ((images.clamp(-1, 1) + 1) / 2 * (bins - 1e-6)).long()  # [N, 3, H, W] in [0, bins)
+    idx = (q[:, 0] * bins + q[:, 1]) * bins + q[:, 2]
+    hist = torch.zeros(images.shape[0], bins**3, device=images.device)
+    hist.scatter_add_(1, idx.flatten(1), torch.ones_like(idx.flatten(1), dtype=hist.dtype))
+    return torch.nn.functional.normalize(hist, dim=1)
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to features a [N, D] and b [M, D]:
+    ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^1/2).
+
+    tr((S1 S2)^1/2) is the sum of square roots of the eigenvalues of the symmetric PSD matrix
+    S1^1/2 S2 S1^1/2 (same spectrum as S1 S2); two float64 eigh calls in torch instead of
+    scipy.linalg.sqrtm, which is not a Worldline dependency."""
+    a64, b64 = a.double().flatten(1), b.double().flatten(1)
+    mu1, mu2 = a64.mean(0), b64.mean(0)
+    s1, s2 = torch.atleast_2d(torch.cov(a64.T)), torch.atleast_2d(torch.cov(b64.T))
+    w, v = torch.linalg.eigh(s1)
+    root1 = (v * w.clamp_min(0).sqrt()) @ v.T
+    tr_sqrt = torch.linalg.eigvalsh(root1 @ s2 @ root1).clamp_min(0).sqrt().sum()
+    return float((mu1 - mu2).pow(2).sum() + torch.trace(s1) + torch.trace(s2) - 2 * tr_sqrt)
+
+
+class FlowEvaluator:
+    """Generative metrics of a loaded FlowTrainer on the first ``eval.num_clips`` clips."""
+
+    def __init__(self, trainer: FlowTrainer, ecfg: Any) -> None:
+        self.t, self.e = trainer, ecfg
+        self.device = trainer.device
+        self.batch = self._clips(ecfg.num_clips)
+        self.x0 = trainer.latents(self.batch)
+        self.video = to_unit_range(self.batch["video"])
+
+    def _clips(self, n: int) -> dict[str, Any]:
+        loader = iter(self.t.build_loader(shuffle=False))
+        parts: list[dict] = []
+        while sum(len(p["caption"]) for p in parts) < n:
+            parts.append(next(loader))
+        out: dict[str, Any] = {}
+        for k in parts[0]:
+            vals = [p[k] for p in parts]
+            if torch.is_tensor(vals[0]) and all(v.shape[1:] == vals[0].shape[1:] for v in vals):
+                out[k] = torch.cat(vals)[:n].to(self.device)
+            elif not torch.is_tensor(vals[0]):
+                out[k] = [x for v in vals for x in v][:n]
+        return out
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def rollout_video(self, actions: Optional[torch.Tensor], seed: int) -> torch.Tensor:
+        """Videos [N, 3, T, H, W] continuing each clip's first frame under ``actions``."""
+        tr = self.t
+        dit, wm = tr.module.dit, tr.module
+        batch = {**self.batch}
+        if actions is not None:
+            batch["actions"] = actions
+        cond = tr.conditions(batch, self.x0.shape[0])
+        ctx = self.x0[:, :, :1]
+        n_new = self.x0.shape[2] - 1
+        if dit.args.frame_causal and dit.args.patch_size[0] == 1 and n_new > 0:
+            from worldline.models.rollout import rollout
+
+            text = None
+            if cond["text_ids"] is not None:
+                text = wm.encode_text(cond["text_ids"], cond["text_mask"])
+            g = torch.Generator(device=self.device).manual_seed(seed)
+            gen = rollout(dit, ctx, n_new, text=text, text_mask=cond["text_mask"],
+                          null_text=wm.null_text, actions=cond["actions"], camera=cond["camera"],
+                          num_steps=self.e.num_steps, shift=tr.shift_for(self.x0.shape[1:]),
+                          generator=g)
+            z = torch.cat([ctx, gen], 2)
+            return tr.autoencoder.decode(tr.autoencoder.denormalize(z)).clamp(-1, 1)
+        return tr.generate(list(batch["caption"]), batch, seed, self.e.num_steps, 1.0,
+                           prefix=ctx, latent_shape=self.x0.shape[1:])
+
+    # --------------------------------------------------------------------- metrics
+    @torch.no_grad()
+    def reconstruction(self) -> dict[str, float]:
+        ae = self.t.autoencoder
+        recon = ae.decode(ae.denormalize(self.x0)).clamp(-1, 1)
+        return {"reconstruction/psnr": float(psnr(recon, self.video).mean()),
+                "reconstruction/ssim": float(ssim(recon, self.video).mean())}
+
+    def _horizon_groups(self) -> list[list[int]]:
+        """Pixel frames of each generated latent frame (horizon step 1, 2, ...)."""
+        tf = self.t.autoencoder.args.temporal_downsample if hasattr(
+            self.t.autoencoder, "args") else 4
+        n_lat = self.x0.shape[2]
+        return [list(range(1 + (k - 1) * tf, 1 + k * tf)) for k in range(1, n_lat)]
+
+    @torch.no_grad()
+    def rollout_metrics(self) -> tuple[dict[str, Any], torch.Tensor]:
+        gen = self.rollout_video(None, seed=0)
+        gt = self.video
+        copy = gt[:, :, :1].expand_as(gt)
+        out: dict[str, Any] = {"psnr": [], "ssim": [], "baseline_psnr": [], "baseline_ssim": []}
+        for frames in self._horizon_groups():
+            g, c, y = gen[:, :, frames], copy[:, :, frames], gt[:, :, frames]
+            out["psnr"].append(float(psnr(g, y).mean()))
+            out["ssim"].append(float(ssim(g, y).mean()))
+            out["baseline_psnr"].append(float(psnr(c, y).mean()))
+            out["baseline_ssim"].append(float(ssim(c, y).mean()))
+        return {f"rollout/{k}": v for k, v in out.items()}, gen
+
+    @torch.no_grad()
+    def action_following(self, gen_true: torch.Tensor) -> dict[str, float]:
+        acts = self.batch.get("actions")
+        if "actions" not in self.t.cfg.stage.conditions or acts is None or acts.shape[-1] == 0:
+            return {}
+        n = acts.shape[0]
+        other = acts.roll(1, 0) if n > 1 else (acts + 1) % self.t.module.dit.args.num_actions
+        gen_other = self.rollout_video(other, seed=0)
+        gen_seed = self.rollout_video(None, seed=1)
+        rep = {"action_following/divergence_other_actions":
+               float((gen_true - gen_other).abs().mean()),
+               "action_following/divergence_other_seed":
+               float((gen_true - gen_seed).abs().mean())}
+        d = self.t.cfg.data
+        if d.kind == "synthetic":
+            rep.update(self._sprite_tracking(gen_true, gen_other))
+        return rep
+
+    def _sprite_tracking(self, gen_true: torch.Tensor, gen_other: torch.Tensor) -> dict[str, float]:
+        """Mean distance (pixels) between each sprite's colour centroid in a video and where
+        the synthetic world put it, over generated frames where the sprite is in view."""
+        from worldline.data.synthetic import (
+            COLOURS,
+            SyntheticWorldConfig,
+            _sprite_size,
+            render_clip,
+        )
+
+        d = self.t.cfg.data
+        syn = SyntheticWorldConfig(**{k: d.synthetic[k] for k in d.synthetic})
+        sy, sx = d.resolution[0] / syn.height, d.resolution[1] / syn.width
+        half = _sprite_size(syn) / 2
+        errs: dict[str, list[float]] = {"true_actions": [], "other_actions": [],
+                                        "ground_truth_video": []}
+        videos = {"true_actions": gen_true, "other_actions": gen_other,
+                  "ground_truth_video": self.video}
+        for i, key in enumerate(self.batch["key"]):
+            clip = render_clip(syn, int(key))
+            cam = clip["camera"]
+            for s in clip["sprites"]:
+                colour = torch.tensor(COLOURS[s["colour"]], dtype=torch.float32,
+                                      device=self.device) / 127.5 - 1
+                for t in range(1, self.video.shape[2]):
+                    ex = (s["positions"][t][0] - cam[t][0] + half) * sx
+                    ey = (s["positions"][t][1] - cam[t][1] + half) * sy
+                    if not (0 <= ex < d.resolution[1] and 0 <= ey < d.resolution[0]):
+                        continue
+                    for name, v in videos.items():
+                        frame = v[i, :, t]  # [3, H, W]
+                        close = (frame - colour[:, None, None]).abs().amax(0) < 0.25
+                        if close.sum() < 2:
+                            continue
+                        yy, xx = torch.nonzero(close, as_tuple=True)
+                        cx, cy = xx.float().mean().item() + 0.5, yy.float().mean().item() + 0.5
+                        errs[name].append(math.hypot(cx - ex, cy - ey))
+        return {f"action_following/position_error_{k}": (sum(v) / len(v) if v else float("nan"))
+                for k, v in errs.items()} | {
+            f"action_following/detections_{k}": len(v) for k, v in errs.items()}
+
+    @torch.no_grad()
+    def reference_consistency(self) -> dict[str, float]:
+        tr = self.t
+        if "refs" not in tr.cfg.stage.conditions:
+            return {}
+        # The reference is the clip's last frame (a view of the same subject the model must
+        # carry into a text-only generation).
+        ref_px = self.video[:, :, -1]
+        refs = tr.encode_images(self.batch["video"][:, :, -1])[:, None]
+        prompts = list(self.batch["caption"])
+        with_r = tr.generate(prompts, self.batch, 0, self.e.num_steps, 1.0, refs=refs,
+                             latent_shape=self.x0.shape[1:])
+        without = tr.generate(prompts, self.batch, 0, self.e.num_steps, 1.0,
+                              latent_shape=self.x0.shape[1:])
+        feat = self._features()
+        r = feat(ref_px)
+
+        def sim(v: torch.Tensor) -> float:
+            b, _, t, h, w = v.shape
+            f = feat(v.permute(0, 2, 1, 3, 4).reshape(b * t, 3, h, w)).view(b, t, -1)
+            return float(torch.nn.functional.cosine_similarity(f, r[:, None], dim=-1).mean())
+
+        return {"reference/similarity_with_ref": sim(with_r),
+                "reference/similarity_without_ref": sim(without),
+                "reference/feature": self.e.feature_extractor or "colour_histogram"}
+
+    def _features(self):
+        if not self.e.feature_extractor:
+            return colour_histogram
+        net = torch.jit.load(self.e.feature_extractor, map_location=self.device).eval()
+        return lambda x: torch.nn.functional.normalize(net(x).flatten(1).float(), dim=1)
+
+    @torch.no_grad()
+    def fvd(self, generated: torch.Tensor) -> dict[str, float]:
+        if not self.e.i3d:
+            return {}
+        i3d = torch.jit.load(self.e.i3d, map_location=self.device).eval()
+        real, fake = i3d(self.video).flatten(1), i3d(generated).flatten(1)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # A Fréchet distance of per-rank statistics is not the distance of the whole set:
+            # gather every rank's features (then every rank computes the same value).
+            def gather(x: torch.Tensor) -> torch.Tensor:
+                parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+                dist.all_gather(parts, x.contiguous())
+                return torch.cat(parts)
+
+            real, fake = gather(real), gather(fake)
+        return {"fvd": frechet_distance(real, fake), "fvd/num_videos": real.shape[0]}
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Evaluation of `{report['checkpoint']}`", "", "| metric | value |", "|---|---|"]
+    for k, v in report.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            lines.append(f"| {k} | {v:.5g} |" if isinstance(v, float) else f"| {k} | {v} |")
+        elif isinstance(v, str) and k != "checkpoint":
+            lines.append(f"| {k} | {v} |")
+    roll = report.get("rollout/psnr")
+    if roll:
+        lines += ["", "## Rollout by horizon step", "",
+                  "| step | PSNR | copy-last PSNR | SSIM | copy-last SSIM |",
+                  "|---|---|---|---|---|"]
+        cols = [report[f"rollout/{k}"] for k in ("psnr", "baseline_psnr", "ssim", "baseline_ssim")]
+        for i in range(len(roll)):
+            lines.append(f"| {i + 1} | {cols[0][i]:.3f} | {cols[1][i]:.3f} | {cols[2][i]:.4f} | "
+                         f"{cols[3][i]:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+_COUNTS = ("num_clips", "detections_")  # fvd/num_videos is already the gathered total
+
+
+def _reduce_over_ranks(trainer: Any, report: dict[str, Any]) -> dict[str, Any]:
+    """Average every number (and every element of a per-horizon list) over the ranks, each of
+    which evaluated its own shards; counts are summed. One process: unchanged."""
+    if trainer.world_size == 1:
+        return report
+    flat: dict[str, torch.Tensor] = {}
+    for k, v in report.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            flat[k] = torch.tensor(float(v))
+        elif isinstance(v, list):
+            flat.update({f"{k}#{i}": torch.tensor(float(x)) for i, x in enumerate(v)})
+    mean = trainer.reduce_metrics(flat)
+    out = dict(report)
+    for k, v in report.items():
+        if isinstance(v, list):
+            out[k] = [mean[f"{k}#{i}"] for i in range(len(v))]
+        elif k in mean:
+            is_count = any(c in k for c in _COUNTS)
+            out[k] = mean[k] * trainer.world_size if is_count else mean[k]
+    out["num_ranks"] = trainer.world_size
+    return out
+
+
+def run_eval(cfg: DictConfig) -> Optional[dict[str, Any]]:
+    """Load ``eval.checkpoint``, compute the metrics, write the report; returns it (None on
+    ranks other than 0 of a multi-process evaluation)."""
+    from worldline.train.checkpoint import read_meta
+    from worldline.train.config import ConfigError, to_container
+    from worldline.train.main import load_for_inference
+    from worldline.train.media import save_samples
+    from worldline.train.tracking import Tracker
+
+    e = cfg.eval
+    if not e.checkpoint:
+        raise ConfigError("invalid config: eval.checkpoint: required (a run or checkpoint dir)")
+    for key in ("feature_extractor", "i3d"):
+        if e[key] and not Path(e[key]).is_file():
+            raise FileNotFoundError(f"eval.{key}: no TorchScript file at {e[key]}")
+    trainer, path = load_for_inference(cfg, e.checkpoint, e.use_ema)
+    step = read_meta(path).get("step")
+    report: dict[str, Any] = {"checkpoint": str(path), "step": step}
+    out = Path(e.out) if e.out else path.parent.parent / "eval" / path.name
+    out.mkdir(parents=True, exist_ok=True)
+    media: dict[str, torch.Tensor] = {}
+    if trainer.cfg.stage.objective != "flow":
+        report.update(trainer.evaluate(e.num_batches))
+    else:
+        metrics = set(e.metrics)
+        if "val_loss" in metrics:
+            report.update(trainer.evaluate(e.num_batches, list(e.timesteps)))
+        ev = FlowEvaluator(trainer, e)
+        if "reconstruction" in metrics:
+            report.update(ev.reconstruction())
+        gen = None
+        if metrics & {"rollout", "action_following"} or e.i3d:
+            roll, gen = ev.rollout_metrics()
+            if "rollout" in metrics:
+                report.update(roll)
+            media = {"ground_truth": ev.video, "rollout": gen}
+        if "action_following" in metrics:
+            report.update(ev.action_following(gen))
+        if "reference" in metrics:
+            report.update(ev.reference_consistency())
+        report.update(ev.fvd(gen) if gen is not None else {})
+    report = _reduce_over_ranks(trainer, report)
+    if trainer.rank != 0:
+        return None
+    # NaN (e.g. a sprite never detected) is not JSON: write null.
+    report = {k: (None if isinstance(v, float) and math.isnan(v) else v)
+              for k, v in report.items()}
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(_markdown(report))
+    images: dict[str, Path] = {}
+    if "rollout/psnr" in report:
+        images["eval/rollout_psnr"] = line_plot(
+            out / "rollout_psnr.png", {"model": report["rollout/psnr"],
+                                       "copy last frame": report["rollout/baseline_psnr"]},
+            "rollout PSNR by horizon", "horizon (latent frames)", "PSNR dB")
+        images["eval/rollout_ssim"] = line_plot(
+            out / "rollout_ssim.png", {"model": report["rollout/ssim"],
+                                       "copy last frame": report["rollout/baseline_ssim"]},
+            "rollout SSIM by horizon", "horizon (latent frames)", "SSIM")
+    videos: dict[str, Path] = {}
+    if media:
+        files = save_samples(out / "videos", media, fps=8.0)
+        videos, images = files["videos"], {**images, **files["images"]}
+    if cfg.logger.kind == "wandb" and cfg.logger.mode != "disabled":
+        tracker = Tracker(out, cfg.logger, f"eval-{path.parent.parent.name}-{path.name}",
+                          to_container(cfg), resume_step=None, run_id=None)
+        scalars = {f"eval/{k}": v for k, v in report.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        tracker.log(scalars, int(step or 0))
+        tracker.log_media(int(step or 0), videos, images)
+        if tracker.wandb is not None:
+            import wandb
+
+            rows = [[k, str(v)] for k, v in report.items()]
+            tables = {"eval/report": wandb.Table(columns=["metric", "value"], data=rows)}
+            if "rollout/psnr" in report:
+                tables["eval/rollout"] = wandb.Table(
+                    columns=["horizon", "psnr", "baseline_psnr", "ssim", "baseline_ssim"],
+                    data=[[i + 1, *(report[f"rollout/{k}"][i] for k in
+                                    ("psnr", "baseline_psnr", "ssim", "baseline_ssim"))]
+                          for i in range(len(report["rollout/psnr"]))])
+            tracker.wandb.log(tables, step=int(step or 0))
+        tracker.finish()
+    log.info("eval report → %s", out)
+    return report

@@ -1,0 +1,152 @@
+"""LoRA fine-tuning of the DiT through PEFT, and its export.
+
+``inject_lora`` puts PEFT LoRA layers on the chosen projections of every DiT block
+(``stage.lora.targets``, e.g. ``attn.qkv``, ``mlp.w_down``) and leaves only the adapters
+trainable. A LoRA run's checkpoints hold the frozen base and the adapters; ``export_lora``
+turns one into
+
+    <out>/lora.safetensors        adapter weights only (PEFT names, e.g. ...lora_A.weight)
+    <out>/adapter_config.json     the PEFT LoraConfig
+    <out>/merged/                 a worldline export folder with W + (alpha/r) B A merged in:
+                                  model.safetensors, autoencoder.safetensors, config.json
+                                  (accepted by worldline-eval / -sample / stage.init_from)
+
+Example::
+
+    worldline-lora runs/studio-lora --out runs/studio-lora/export
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+__all__ = ["lora_config", "inject_lora", "lora_state_dict", "merged_state_dict", "export_lora"]
+
+
+def lora_config(cfg: Any):
+    """PEFT LoraConfig for ``stage.lora`` (targets matched as ``blocks.<i>.<target>``)."""
+    from peft import LoraConfig
+
+    alts = "|".join(re.escape(t) for t in cfg.targets)
+    return LoraConfig(r=int(cfg.rank), lora_alpha=float(cfg.alpha),
+                      lora_dropout=float(cfg.dropout),
+                      target_modules=rf".*blocks\.\d+\.({alts})")
+
+
+def inject_lora(model: nn.Module, cfg: Any) -> int:
+    """Add LoRA adapters to ``model.dit`` in place and freeze everything else. PEFT starts
+    each B at zero, so the adapted model equals the base model until it trains. Returns the
+    number of adapted layers."""
+    from peft import inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
+    inject_adapter_in_model(lora_config(cfg), model.dit)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    n = sum(isinstance(m, LoraLayer) for m in model.modules())
+    if n == 0:
+        raise ValueError(f"stage.lora.targets {list(cfg.targets)} matched no DiT layer")
+    log.info("LoRA r=%d alpha=%g on %d layers: %.3fM trainable", cfg.rank, cfg.alpha, n,
+             sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
+    return n
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights of ``model.dit`` (PEFT's names, adapter name stripped)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().contiguous() for k, v in
+            get_peft_model_state_dict(model.dit).items()}
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict of a plain (adapter-free) model: every LoRA layer merged into its base
+    weight (``W + alpha/r * B A``), PEFT's ``base_layer`` names mapped back. Merges a copy;
+    ``model`` is unchanged."""
+    import copy
+
+    from peft.tuners.lora import LoraLayer
+
+    m = copy.deepcopy(model)
+    for mod in m.modules():
+        if isinstance(mod, LoraLayer):
+            mod.merge()
+    out = {}
+    for k, v in m.state_dict().items():
+        if "lora_" in k:
+            continue
+        out[k.replace(".base_layer.", ".")] = v.detach().cpu().contiguous()
+    return out
+
+
+def export_lora(checkpoint: str | Path, out: str | Path, use_ema: bool = True) -> Path:
+    """Write lora.safetensors, adapter_config.json and merged/ for a LoRA run's checkpoint."""
+    from safetensors.torch import save_file
+
+    from worldline.models.world_model import WorldModel
+    from worldline.scripts.export import consolidated_state
+    from worldline.train import checkpoint as ckpt_lib
+    from worldline.train.stages import stage_dit_args
+    from worldline.models.text import TextEncoderArgs
+
+    path = ckpt_lib.resolve_checkpoint(checkpoint)
+    meta = ckpt_lib.read_meta(path)
+    cfg = meta["config"]
+    st = cfg["stage"]
+    if not st.get("lora", {}).get("enabled"):
+        raise ValueError(f"{path} is not a LoRA run (stage.lora.enabled is false)")
+    from omegaconf import OmegaConf
+
+    from worldline.models.dit import DiTArgs
+
+    dit_cfg = OmegaConf.merge(OmegaConf.structured(DiTArgs), cfg["model"]["dit"])
+    model = WorldModel(stage_dit_args(dit_cfg, st["conditions"]),
+                       TextEncoderArgs(**cfg["model"]["text"]))
+    lcfg = OmegaConf.create(st["lora"])
+    inject_lora(model, lcfg)
+    ckpt_lib.load_module_weights(model, path, "model", prefer_ema=use_ema)
+    out = Path(out)
+    (out / "merged").mkdir(parents=True, exist_ok=True)
+    save_file(lora_state_dict(model), str(out / "lora.safetensors"),
+              metadata={"source": str(path), "rank": str(lcfg.rank), "alpha": str(lcfg.alpha)})
+    pc = lora_config(lcfg).to_dict()
+    (out / "adapter_config.json").write_text(json.dumps(
+        {k: (sorted(v) if isinstance(v, set) else v) for k, v in pc.items()}, indent=1,
+        default=str))
+    save_file(merged_state_dict(model), str(out / "merged" / "model.safetensors"),
+              metadata={"source": str(path)})
+    ae = consolidated_state(path).get("autoencoder")
+    if ae is not None:
+        save_file(ae, str(out / "merged" / "autoencoder.safetensors"))
+    merged_cfg = json.loads(json.dumps(cfg))
+    merged_cfg["stage"]["lora"]["enabled"] = False
+    (out / "merged" / "config.json").write_text(json.dumps({
+        "format": "worldline-export", "config": merged_cfg, "step": meta.get("step"),
+        "source": str(path), "lora_merged": True,
+        "files": sorted(f.name for f in (out / "merged").glob("*.safetensors"))}, indent=1))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``worldline-lora <run or checkpoint> --out DIR``."""
+    ap = argparse.ArgumentParser(prog="worldline-lora",
+                                 description="export a LoRA run: adapters + merged weights")
+    ap.add_argument("checkpoint", help="LoRA run dir, its checkpoints/ dir, or a step_<N> dir")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--raw", action="store_true", help="raw weights instead of EMA")
+    args = ap.parse_args(argv)
+    print(export_lora(args.checkpoint, args.out, use_ema=not args.raw))
+
+
+if __name__ == "__main__":
+    main()

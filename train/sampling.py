@@ -1,0 +1,162 @@
+"""``worldline-sample``: text, an optional first image, reference images and an action
+sequence → mp4s + a contact sheet.
+
+Modes (``sample.mode``):
+
+* ``full``: the whole clip at once (data.num_frames frames); a first image makes it
+  image-to-video (its latent is the clean prefix), references condition appearance.
+* ``rollout``: the world-model rollout: starting from the first image, generate
+  ``sample.rollout_frames`` latent frames one at a time with the KV cache, reading each step's
+  actions/camera from ``sample.actions``.
+
+Inputs not given come from the first clips of the data spec (their actions/camera, and in
+rollout mode their first frame)::
+
+    worldline-sample sample.checkpoint=runs/ctl 'sample.prompts=[a red circle in a meadow]' \
+        sample.first_image=first.png 'sample.refs=[ref.png]' sample.actions=actions.json \
+        sample.mode=rollout sample.rollout_frames=4 sample.seed=3 sample.num_steps=8
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from worldline.train.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["load_image", "load_controls", "run_sample"]
+
+
+def load_image(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
+    """An image file → uint8 [3, H, W], aspect-preserving resize + center crop to ``size``."""
+    from PIL import Image
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no image at {p}")
+    from worldline.data.loader import resize_center_crop
+
+    with Image.open(p) as img:
+        rgb = np.array(img.convert("RGB"))
+    frames, _ = resize_center_crop(rgb[None], size)
+    return frames[0].permute(2, 0, 1).contiguous()
+
+
+def load_controls(path: str | Path) -> dict[str, torch.Tensor]:
+    """``sample.actions``: JSON ``{"actions": [[a_slot0, ...] per frame], "camera": [[dx, dy]
+    per frame]}`` (either key optional) or a ``.npy`` of actions [T, S] → tensors [T, ...]."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"sample.actions: no file at {p}")
+    if p.suffix == ".npy":
+        return {"actions": torch.from_numpy(np.load(p)).long()}
+    data = json.loads(p.read_text())
+    out = {}
+    if "actions" in data:
+        out["actions"] = torch.tensor(data["actions"], dtype=torch.long)
+        if out["actions"].dim() == 1:
+            out["actions"] = out["actions"][:, None]
+    if "camera" in data:
+        out["camera"] = torch.tensor(data["camera"], dtype=torch.float32)
+    if not out:
+        raise ConfigError(f"invalid config: sample.actions: {p} has neither 'actions' nor 'camera'")
+    return out
+
+
+def _controls_for(trainer, batch: dict[str, Any], s: Any, n: int, frames: int) -> dict[str, Any]:
+    batch = dict(batch)
+    if s.actions:
+        ctl = load_controls(s.actions)
+        for k, v in ctl.items():
+            if v.shape[0] < frames:
+                raise ConfigError(f"invalid config: sample.actions: {s.actions} has {v.shape[0]} "
+                                  f"{k} rows, this video needs {frames} (one per pixel frame)")
+            batch[k] = v[:frames][None].expand(n, -1, -1).to(trainer.device)
+    return batch
+
+
+def run_sample(cfg: DictConfig) -> list[Path]:
+    """Generate per ``cfg.sample`` and write the files; returns their paths."""
+    from worldline.train.main import load_for_inference
+    from worldline.train.media import save_samples
+
+    s = cfg.sample
+    if not s.checkpoint:
+        raise ConfigError("invalid config: sample.checkpoint: required (a run or checkpoint dir)")
+    trainer, path = load_for_inference(cfg, s.checkpoint, s.use_ema)
+    if trainer.cfg.stage.objective != "flow":
+        raise ConfigError(f"invalid config: sample.checkpoint: {path} is an autoencoder "
+                          "checkpoint; sampling needs a world-model stage")
+    prompts = list(s.prompts)
+    n = len(prompts)
+    dev = trainer.device
+    batch = trainer.probe_batch(n)
+    size = tuple(cfg.data.resolution)
+    tf = trainer.module.dit.args.temporal_downsample
+    prefix: Optional[torch.Tensor] = None
+    if s.first_image:
+        img = load_image(s.first_image, size).to(dev)
+        prefix = trainer.encode_images(img[None])[:, :, None].expand(n, -1, -1, -1, -1)
+    refs: Optional[torch.Tensor] = None
+    if s.refs:
+        if "refs" not in trainer.cfg.stage.conditions:
+            raise ConfigError(f"invalid config: sample.refs: {path} was not trained with "
+                              "reference images (stage.conditions has no refs)")
+        imgs = torch.stack([load_image(r, size) for r in s.refs]).to(dev)
+        refs = trainer.encode_images(imgs)[None].expand(n, -1, -1, -1, -1)
+    with torch.no_grad():
+        if s.mode == "rollout":
+            videos = _rollout(trainer, batch, s, prompts, prefix, refs, tf)
+        else:
+            frames = cfg.data.num_frames
+            batch = _controls_for(trainer, batch, s, n, frames)
+            videos = trainer.generate(prompts, batch, s.seed, s.num_steps, s.cfg_scale,
+                                      action_cfg_scale=s.action_cfg_scale, prefix=prefix,
+                                      refs=refs, solver=s.solver)
+    out = Path(s.out) if s.out else path.parent.parent / "samples" / "manual"
+    files = save_samples(out, {"generated": videos}, fps=8.0, captions=prompts)
+    (out / "sample_config.json").write_text(json.dumps({
+        "checkpoint": str(path), "mode": s.mode, "seed": s.seed, "num_steps": s.num_steps,
+        "cfg_scale": s.cfg_scale, "action_cfg_scale": s.action_cfg_scale,
+        "first_image": s.first_image, "refs": list(s.refs), "actions": s.actions}, indent=1))
+    return [*files["videos"].values(), *files["images"].values()]
+
+
+def _rollout(trainer, batch, s, prompts, prefix, refs, tf) -> torch.Tensor:
+    from worldline.models.rollout import rollout
+
+    wm, dit = trainer.module, trainer.module.dit
+    if not dit.args.frame_causal:
+        raise ConfigError("invalid config: sample.mode: rollout needs a block-causal model "
+                          "(model.dit.frame_causal=true)")
+    n = len(prompts)
+    if prefix is None:  # the data's first frames
+        prefix = trainer.latents(batch)[:n, :, :1]
+    frames = 1 + s.rollout_frames * tf
+    batch = _controls_for(trainer, batch, s, n, frames) if s.actions else batch
+    cond = trainer.conditions({**batch, "caption": prompts, "text_emb": None}, n)
+    for k in ("actions", "camera"):
+        if cond[k] is not None and cond[k].shape[1] < frames:
+            raise ConfigError(f"invalid config: sample.actions: rollout of {s.rollout_frames} "
+                              f"latent frames needs {frames} {k} rows; give sample.actions")
+        if cond[k] is not None:
+            cond[k] = cond[k][:, :frames]
+    text = wm.encode_text(cond["text_ids"], cond["text_mask"]) if cond["text_ids"] is not None \
+        else None
+    g = torch.Generator(device=trainer.device).manual_seed(s.seed)
+    latent_shape = (prefix.shape[1], 1 + s.rollout_frames, *prefix.shape[3:])
+    gen = rollout(dit, prefix, s.rollout_frames, text=text, text_mask=cond["text_mask"],
+                  null_text=wm.null_text, actions=cond["actions"], camera=cond["camera"],
+                  refs=refs, window=s.window, num_steps=s.num_steps,
+                  shift=trainer.shift_for(latent_shape),
+                  text_scale=s.cfg_scale, action_scale=s.action_cfg_scale, generator=g)
+    z = torch.cat([prefix, gen], 2)
+    ae = trainer.autoencoder
+    return ae.decode(ae.denormalize(z)).clamp(-1, 1)
