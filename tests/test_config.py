@@ -6,7 +6,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import OmegaConfBaseException
 
 from _runs import cli, compose_cfg
-from worldline.train.config import ConfigError, validate
+from worldline.train.config import ConfigError
+from worldline.train.validate import validate
 
 
 @pytest.mark.parametrize("stage", ["autoencoder", "pretrain", "controllability", "finetune"])

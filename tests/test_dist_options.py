@@ -11,7 +11,8 @@ import pytest
 from _runs import compose_cfg, smoke_overrides
 from test_dist_engine import launch, losses
 from worldline.train.checkpoint import is_complete, list_checkpoints
-from worldline.train.config import ConfigError, validate
+from worldline.train.config import ConfigError
+from worldline.train.validate import validate
 from worldline.train.main import run_training
 
 

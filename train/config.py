@@ -5,14 +5,14 @@ config, an unknown key or a value of the wrong type fails during composition, be
 data or worker exists, and the error names the full key (e.g. ``train.stepz``).
 
 Cross-field rules that a type system cannot express (frame counts that the autoencoder cannot
-compress, resolutions the patch size does not divide, ...) live in :func:`validate`, which every
-entry point calls right after composition.
+compress, resolutions the patch size does not divide, ...) live in
+:func:`worldline.train.validate.validate`, which every entry point calls right after
+composition.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -23,7 +23,7 @@ from worldline.models.text import TextEncoderArgs
 
 STAGES = ("autoencoder", "pretrain", "controllability", "finetune")
 OBJECTIVES = ("autoencoder", "flow")
-CONDITIONS = ("text", "actions", "camera")
+CONDITIONS = ("text", "actions", "camera", "refs")
 
 
 @dataclass
@@ -48,7 +48,99 @@ class FlowConfig:
     # None: derive the logit-normal shift from the latent token count (resolution/length aware).
     shift: Optional[float] = None
     text_dropout: float = 0.1
+    # Drops actions and camera together (the DiT's null control vectors).
     action_dropout: float = 0.1
+    # Probability that a whole batch trains without its reference images.
+    ref_dropout: float = 0.1
+
+
+@dataclass
+class TaskMixConfig:
+    """Per-sample task probabilities of a flow stage (normalised to sum 1). i2v gives latent
+    frame 0 clean, continuation a clean prefix of 2.. frames (marked by the mask channel)."""
+
+    t2v: float = 1.0
+    i2v: float = 0.0
+    continuation: float = 0.0
+    # Diffusion forcing: an independent noise level per latent frame instead of one per clip.
+    diffusion_forcing: bool = False
+    # With diffusion forcing: fraction of samples that still share one level over all frames.
+    uniform_prob: float = 0.25
+
+
+@dataclass
+class PhaseConfig:
+    """One step of a resolution/length schedule, active from ``step`` on."""
+
+    step: int = 0
+    resolution: list[int] = field(default_factory=lambda: [64, 64])
+    num_frames: int = 17
+    # None keeps data.batch_size.
+    batch_size: Optional[int] = None
+
+
+@dataclass
+class FreezePolicyConfig:
+    """Train only the new modules (absent from stage.init_from) and ``train_first`` prefixes for
+    the first ``steps`` steps, then everything. steps=0 disables the policy."""
+
+    steps: int = 0
+    new_modules: bool = True
+    train_first: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (PEFT) on the DiT's attention/MLP projections; the base stays frozen."""
+
+    enabled: bool = False
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    # Linear-layer names inside each DiT block (matched as ``dit.blocks.<i>.<target>``).
+    targets: list[str] = field(default_factory=lambda: [
+        "attn.qkv", "attn.proj", "cross.q", "cross.kv", "cross.proj",
+        "mlp.w_gate", "mlp.w_up", "mlp.w_down"])
+
+
+@dataclass
+class ValidationConfig:
+    """Periodic validation flow loss during training, and early stopping on it."""
+
+    # Held-out shards; None: synthetic data uses a held-out world (another seed), other data
+    # validates on data.shards (not a held-out split: set this for real data).
+    shards: Optional[str] = None
+    every: int = 0
+    num_batches: int = 2
+    timesteps: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    # Stop after this many validations without an improvement of min_delta; 0 = never.
+    patience: int = 0
+    min_delta: float = 0.0
+
+
+@dataclass
+class PriorConfig:
+    """Prior preservation: this fraction of batches comes from other (pretraining) data."""
+
+    shards: Optional[str] = None
+    ratio: float = 0.0
+
+
+@dataclass
+class AutoencoderLossConfig:
+    """Optional perceptual and adversarial terms of the autoencoder stage (models/losses.py);
+    KL and L1/L2 weights are model.autoencoder.*_weight."""
+
+    # A local TorchScript file or pickled nn.Module (e.g. an exported LPIPS/VGG) mapping
+    # images in [-1, 1] to features; weighted by model.autoencoder.perceptual_weight.
+    perceptual_path: Optional[str] = None
+    # 3D PatchGAN discriminator, switched on at this optimizer step (-1: no GAN); its own
+    # AdamW at disc_lr, replicated (DDP) across ranks.
+    gan_start: int = -1
+    gan_weight: float = 0.1
+    disc_lr: float = 1e-4
+    disc_channels: int = 64
+    disc_layers: int = 3
 
 
 @dataclass
@@ -66,6 +158,18 @@ class StageConfig:
     # Parameter-name prefixes kept frozen during this stage (e.g. ["text_encoder."]).
     freeze: list[str] = field(default_factory=list)
     flow: FlowConfig = field(default_factory=FlowConfig)
+    ae: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
+    tasks: TaskMixConfig = field(default_factory=TaskMixConfig)
+    # Resolution/length schedule (phases by start step); empty: data.* throughout.
+    schedule: list[PhaseConfig] = field(default_factory=list)
+    freeze_policy: FreezePolicyConfig = field(default_factory=FreezePolicyConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    # Reference images per training sample (conditions contains "refs").
+    num_refs: int = 1
+    # Set train.steps from passes over the training data (small studio sets); None: steps.
+    epochs: Optional[int] = None
 
 
 @dataclass
@@ -76,6 +180,21 @@ class ModelConfig:
     autoencoder: AutoencoderArgs = field(default_factory=AutoencoderArgs)
     dit: DiTArgs = field(default_factory=DiTArgs)
     text: TextEncoderArgs = field(default_factory=TextEncoderArgs)
+    # The largest clip this model is meant for ([height, width] in pixels, frames): the DiT's
+    # RoPE has no hard limit, but attention memory and the position range a checkpoint was
+    # trained on do. Data shapes and buckets above it are rejected. null: no limit.
+    max_resolution: Optional[list[int]] = None
+    max_frames: Optional[int] = None
+
+
+@dataclass
+class BucketConfig:
+    """One resolution x length bucket and its batch size (see data/buckets.py)."""
+
+    height: int = MISSING
+    width: int = MISSING
+    num_frames: int = MISSING
+    batch_size: int = MISSING
 
 
 @dataclass
@@ -95,6 +214,33 @@ class DataConfig:
     num_workers: int = 1
     position: str = "start"
     shuffle_shards: bool = True
+    # Samples held back and drawn at random (across shards); 0 = stream order.
+    shuffle_buffer: int = 0
+    # Infinite resampled streaming (pretraining): shards drawn with replacement, no epochs.
+    resample: bool = False
+    # pixel: decode mp4s; latent: stream shards written by encode_latents (frozen AE skipped).
+    input: str = "pixel"
+    # Target fps resampled from the source timestamps (instead of frame_stride).
+    fps: Optional[float] = None
+    crop: str = "center"
+    # Resolution x length buckets, each with its own batch size ({height, width, num_frames,
+    # batch_size}); empty = one bucket (resolution, num_frames, batch_size).
+    buckets: list[BucketConfig] = field(default_factory=list)
+    # Let videos smaller than a bucket be upscaled into it (default: single bucket only).
+    upscale: Optional[bool] = None
+    # Abort when more than this fraction of a stream's samples are bad (after skip_check_after).
+    max_skip_fraction: float = 0.5
+    skip_check_after: int = 100
+    decode_threads: int = 1
+    # Batches keep decord's [B, T, H, W, 3] memory (same [B, 3, T, H, W] shape, channels-last
+    # strides): the worker skips a uint8 transpose that costs 10-20 % of a clip's decode
+    # (BENCHMARKS.md "Data pipeline"); the Trainer makes the batch contiguous after moving it
+    # to the device, where that transpose is nearly free.
+    channels_last: bool = True
+    # Also decode each sample's reference images (<key>.ref<i>.*, e.g. a studio mood board)
+    # into batch["refs"]; reference-conditioned stages draw from them before own-frame crops.
+    # null: when stage.conditions has refs.
+    with_refs: Optional[bool] = None
     synthetic: SyntheticWorldConfig = field(default_factory=SyntheticWorldConfig)
 
 
@@ -132,6 +278,12 @@ class DistConfig:
     # DCP async save: the step blocks only for the state copy; the write finishes in the
     # background and the checkpoint becomes visible (rename + latest) once it completes.
     async_save: bool = False
+    # Watchdog (train/watchdog.py): every rank logs a heartbeat line every heartbeat_s and
+    # publishes its step; a rank that sees a peer fall behind (or its heartbeat stop) for
+    # stall_timeout_s exits with an error naming that rank. 0 disables. Keep it below
+    # timeout_s so the named error comes before the collective's anonymous timeout.
+    heartbeat_s: float = 60.0
+    stall_timeout_s: float = 300.0
 
 
 @dataclass
@@ -176,6 +328,15 @@ class TrainConfig:
     # 0: sample only at the end of the run.
     sample_every: int = 0
     progress_bar: bool = True
+    # Steps with non-finite loss/gradients are skipped (no parameter, optimizer or EMA
+    # update); this many in a row abort the run. See train/guard.py.
+    max_nonfinite_skips: int = 10
+    # Check the skip counters after every step (one host sync per step) instead of at
+    # log/checkpoint steps only.
+    sync_nonfinite_check: bool = False
+    # A checkpoint write that fails (full or read-only disk): "continue" training (the next
+    # save retries; the previous checkpoint stays the latest) or "exit" cleanly.
+    on_save_error: str = "exit"
 
 
 @dataclass
@@ -196,6 +357,19 @@ class SampleConfig:
     # Where worldline-sample writes; None: <checkpoint's run dir>/samples/manual.
     out: Optional[str] = None
     use_ema: bool = True
+    # Separate guidance on actions/camera (1 = none); cfg_scale guides the text.
+    action_cfg_scale: float = 1.0
+    solver: str = "euler"
+    # worldline-sample inputs (None: taken from the first clips of the data spec).
+    first_image: Optional[str] = None
+    refs: list[str] = field(default_factory=list)
+    # JSON {"actions": [[...] per frame], "camera": [[dx, dy] per frame]} or .npy actions.
+    actions: Optional[str] = None
+    # full: whole clip at once; rollout: KV-cached autoregressive world-model rollout.
+    mode: str = "full"
+    # rollout: latent frames to generate after the first image, and the KV-cache window.
+    rollout_frames: int = 4
+    window: Optional[int] = None
 
 
 @dataclass
@@ -208,6 +382,66 @@ class EvalConfig:
     timesteps: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
     out: Optional[str] = None
     use_ema: bool = True
+    # Which metric groups to compute (flow checkpoints); the autoencoder always reports its
+    # reconstruction PSNR/SSIM.
+    metrics: list[str] = field(default_factory=lambda: [
+        "val_loss", "reconstruction", "rollout", "action_following", "reference"])
+    # Clips used by the generative metrics, and sampler steps for them.
+    num_clips: int = 4
+    num_steps: int = 8
+    # Optional local TorchScript feature extractor for reference consistency ([N,3,H,W] ->
+    # [N,D]); None: a built-in colour-histogram statistic.
+    feature_extractor: Optional[str] = None
+    # Local I3D TorchScript weights ([N,3,T,H,W] in [-1,1] -> [N,D]); FVD only when given.
+    i3d: Optional[str] = None
+
+
+@dataclass
+class PreemptConfig:
+    """Graceful stop on a signal (train/preempt.py): finish the step, agree across ranks,
+    checkpoint, exit with status ``stopped`` so the SLURM batch script requeues the job."""
+
+    enabled: bool = True
+    # SLURM's time-limit warning (--signal=B:USR1@N, forwarded by the batch script) and its
+    # preemption / scancel signal.
+    signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
+    # Steps between the ranks' collective stop checks (a CPU all-reduce of one integer): the
+    # stop comes up to this many steps after the signal.
+    check_every: int = 1
+
+
+SLURM_MODES = ("torchrun", "srun")
+
+
+@dataclass
+class SlurmConfig:
+    """What ``worldline-submit`` renders into the sbatch script (slurm/templates/)."""
+
+    # torchrun: one task per node running torchrun (c10d rendezvous on the first node);
+    # srun: one task per GPU started by srun (rank/world from SLURM_PROCID/SLURM_NTASKS).
+    mode: str = "torchrun"
+    nodes: int = 1
+    # 0: CPU-only ranks (one per node, gloo), as on the local test cluster.
+    gpus_per_node: int = 8
+    # Per task; None: 8 per rank (torchrun mode: 8 x ranks on the node).
+    cpus_per_task: Optional[int] = None
+    # sbatch --time: MM, HH:MM:SS or D-HH:MM:SS.
+    time: str = "24:00:00"
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    # --signal=B:USR1@<signal_s>: warning before the time limit (it may come up to 60 s early).
+    signal_s: int = 300
+    # Never requeue more often than this (a run that keeps being stopped stays stopped).
+    max_restarts: int = 50
+    # Env-setup hook sourced by the batch script before launch (modules, venv, caches);
+    # None: slurm/env.sh (activates the repository's .venv).
+    setup: Optional[str] = None
+    # Export the recommended NCCL settings (slurm/nccl.sh) in GPU jobs.
+    nccl: bool = True
+    # Extra "#SBATCH" options, e.g. ["--exclusive", "--mem=0"].
+    extra: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -224,6 +458,8 @@ class WorldlineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    preempt: PreemptConfig = field(default_factory=PreemptConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
     # "auto": continue from <run dir>/checkpoints/latest when it exists; a path: resume from
     # that run dir or checkpoint; null: always start fresh (refuses a run dir with checkpoints).
     resume: Optional[str] = "auto"
@@ -231,128 +467,6 @@ class WorldlineConfig:
 
 class ConfigError(ValueError):
     """A config that cannot run. The message names the offending key."""
-
-
-def _check(ok: bool, key: str, msg: str) -> None:
-    if not ok:
-        raise ConfigError(f"invalid config: {key}: {msg}")
-
-
-def _one_of(value: Any, key: str, allowed: tuple[str, ...]) -> None:
-    _check(value in allowed, key, f"{value!r} is not one of {list(allowed)}")
-
-
-def _check_known_keys(node: Any, prefix: str) -> None:
-    # Struct mode rejects unknown keys in YAML and plain overrides, but Hydra's "+key=value"
-    # opens the struct on purpose; catch such additions against the dataclass fields here.
-    if not isinstance(node, DictConfig):
-        return
-    typ = OmegaConf.get_type(node)
-    if dataclasses.is_dataclass(typ):
-        known = {f.name for f in dataclasses.fields(typ)}
-        for key in node.keys():
-            if key not in known:
-                raise ConfigError(f"invalid config: {prefix}{key}: unknown key "
-                                  f"(valid: {', '.join(sorted(known))})")
-    for key in node.keys():
-        _check_known_keys(node._get_node(key), f"{prefix}{key}.")
-
-
-def validate(cfg: DictConfig | WorldlineConfig) -> None:
-    """Cross-field checks that types cannot express. Raises :class:`ConfigError` naming the key."""
-    _check_known_keys(cfg, "")
-    _one_of(cfg.stage.name, "stage.name", STAGES)
-    _one_of(cfg.stage.objective, "stage.objective", OBJECTIVES)
-    for c in cfg.stage.conditions:
-        _one_of(c, "stage.conditions", CONDITIONS)
-    _one_of(cfg.data.kind, "data.kind", ("synthetic", "webdataset"))
-    _one_of(cfg.data.position, "data.position", ("start", "center", "random"))
-    _one_of(cfg.dist.backend, "dist.backend", DIST_BACKENDS)
-    _one_of(cfg.dist.activation_checkpointing, "dist.activation_checkpointing",
-            ("none", "full", "every_k"))
-    _check(cfg.dist.ac_every >= 1, "dist.ac_every", "must be >= 1")
-    _check(cfg.dist.replicate >= 1, "dist.replicate", "must be >= 1")
-    _check(cfg.dist.cp >= 1, "dist.cp", "must be >= 1")
-    _check(cfg.dist.replicate == 1 or cfg.dist.backend == "fsdp", "dist.replicate",
-           "HSDP (replicate > 1) needs dist.backend=fsdp")
-    _check(not cfg.dist.cpu_offload or cfg.dist.backend == "fsdp", "dist.cpu_offload",
-           "CPU offload of FSDP parameters needs dist.backend=fsdp (DeepSpeed: "
-           "dist.offload_optimizer / dist.offload_params)")
-    ds = cfg.dist.backend.startswith("deepspeed")
-    _check(not (cfg.dist.offload_optimizer or cfg.dist.ds_config) or ds, "dist.offload_optimizer",
-           "offload_optimizer / ds_config need a deepspeed_zero* backend")
-    _check(not cfg.dist.offload_params or cfg.dist.backend == "deepspeed_zero3",
-           "dist.offload_params", "parameter offload needs dist.backend=deepspeed_zero3")
-    _check(cfg.dist.cp == 1 or cfg.dist.backend in ("single", "ddp", "fsdp"), "dist.cp",
-           "context parallelism composes with ddp/fsdp only")
-    _check(cfg.dist.cp == 1 or cfg.dist.replicate == 1, "dist.cp",
-           "context parallelism with HSDP (dist.replicate > 1) is not supported yet")
-    _check(cfg.dist.cp == 1 or cfg.stage.objective == "flow", "dist.cp",
-           "context parallelism shards DiT tokens: flow stages only")
-    _check(not (ds and cfg.dist.async_save), "dist.async_save",
-           "DeepSpeed writes its own checkpoints synchronously")
-    if cfg.dist.cp > 1:
-        _check(cfg.model.dit.num_heads % cfg.dist.cp == 0, "dist.cp",
-               f"must divide model.dit.num_heads ({cfg.model.dit.num_heads})")
-    _one_of(cfg.logger.kind, "logger.kind", ("wandb", "none"))
-    _one_of(cfg.logger.mode, "logger.mode", ("offline", "online", "disabled"))
-    _one_of(cfg.train.precision, "train.precision", ("fp32", "bf16"))
-    _one_of(cfg.optim.schedule, "optim.schedule", ("cosine", "constant"))
-    _check(cfg.train.steps > 0, "train.steps", "must be > 0")
-    _check(cfg.train.grad_accum >= 1, "train.grad_accum", "must be >= 1")
-    _check(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
-    _check(cfg.train.ckpt_every >= 1, "train.ckpt_every", "must be >= 1")
-    _check(cfg.train.keep_last >= 1, "train.keep_last", "must be >= 1")
-    _check(0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
-    _check(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
-    _check(len(cfg.data.resolution) == 2, "data.resolution", "must be [height, width]")
-    _check(len(cfg.optim.betas) == 2, "optim.betas", "must be [beta1, beta2]")
-    if cfg.data.kind == "webdataset":
-        _check(bool(cfg.data.shards), "data.shards", "required when data.kind=webdataset")
-
-    ae = cfg.model.autoencoder
-    tf, sf = ae.temporal_downsample, ae.spatial_downsample
-    _check(
-        (cfg.data.num_frames - 1) % tf == 0,
-        "data.num_frames",
-        f"{cfg.data.num_frames} frames cannot be compressed causally by "
-        f"model.autoencoder.temporal_downsample={tf}: need 1 + k*{tf} frames",
-    )
-    h, w = cfg.data.resolution
-    dit = cfg.model.dit
-    ph, pw = dit.patch_size[1], dit.patch_size[2]
-    for name, size, p in (("height", h, ph), ("width", w, pw)):
-        _check(
-            size % (sf * p) == 0,
-            "data.resolution",
-            f"{name} {size} must be divisible by model.autoencoder.spatial_downsample ({sf}) "
-            f"x model.dit.patch_size ({p})",
-        )
-    latent_t = 1 + (cfg.data.num_frames - 1) // tf
-    _check(
-        latent_t % dit.patch_size[0] == 0,
-        "model.dit.patch_size",
-        f"temporal patch {dit.patch_size[0]} does not divide {latent_t} latent frames",
-    )
-    _check(
-        dit.in_channels == ae.latent_channels,
-        "model.dit.in_channels",
-        f"{dit.in_channels} != model.autoencoder.latent_channels ({ae.latent_channels})",
-    )
-    _check(dit.text_dim == cfg.model.text.dim, "model.dit.text_dim",
-           f"{dit.text_dim} != model.text.dim ({cfg.model.text.dim})")
-    _check(dit.hidden_size % dit.num_heads == 0, "model.dit.num_heads",
-           f"does not divide model.dit.hidden_size ({dit.hidden_size})")
-    if cfg.stage.objective == "flow" and cfg.stage.name != "autoencoder":
-        _check(
-            cfg.stage.autoencoder_from is not None or cfg.stage.init_from is not None,
-            "stage.autoencoder_from",
-            "a latent stage needs a trained autoencoder: set stage.autoencoder_from=<run dir> "
-            "(train one with stage=autoencoder), or run worldline-quickstart",
-        )
-    if cfg.stage.name == "autoencoder":
-        _check(cfg.stage.objective == "autoencoder", "stage.objective",
-               "stage=autoencoder trains with objective=autoencoder")
 
 
 def to_container(cfg: DictConfig) -> dict:

@@ -7,7 +7,7 @@ Examples (CPU, tiny)::
     worldline-eval eval.checkpoint=runs/world
     worldline-sample sample.checkpoint=runs/world 'sample.prompts=[a red circle in a meadow]'
 
-Every app validates the composed config (:func:`worldline.train.config.validate`) before any
+Every app validates the composed config (:func:`worldline.train.validate.validate`) before any
 model or data is built, so a bad config fails in seconds with the key named.
 """
 from __future__ import annotations
@@ -15,14 +15,16 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from worldline.train.config import ConfigError, WorldlineConfig, validate
+from worldline.train.config import ConfigError, WorldlineConfig
+from worldline.train.validate import validate
+from worldline.train.guard import TrainingAborted
+from worldline.train.preempt import EXIT_STOPPED, write_status
 
 log = logging.getLogger("worldline")
 
@@ -38,6 +40,9 @@ def _fail_cleanly(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any
         except (ConfigError, FileNotFoundError, FileExistsError) as e:
             print(f"worldline: error: {e}", file=sys.stderr, flush=True)
             sys.exit(2)
+        except TrainingAborted as e:  # non-finite streak, failed save (train/guard.py)
+            print(f"worldline: aborted: {e}", file=sys.stderr, flush=True)
+            sys.exit(1)
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
@@ -51,7 +56,23 @@ def run_training(cfg: DictConfig) -> Any:
     validate(cfg)
     trainer = make_trainer(cfg)
     trainer.train()
+    if trainer.rank == 0:
+        # Read by the SLURM batch script (slurm/templates/preempt.sh): only a run that is not
+        # finished is requeued.
+        write_status(trainer.run_dir, "stopped" if trainer.stopped_by else "finished",
+                     trainer.state.step, cfg.train.steps, trainer.stopped_by)
     return trainer
+
+
+def _sweep_job_run_dir(cfg: DictConfig) -> None:
+    """In a Hydra multirun (``-m``, any launcher) every job trains in its own run dir,
+    ``<run.name>/<job number>``, which is also Hydra's output dir for the job (hydra.sweep in
+    conf/config.yaml). A requeued sweep job keeps its number, hence its run dir, and resumes."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        cfg.run.name = f"{cfg.run.name}/{HydraConfig.get().job.num}"
 
 
 def load_for_inference(cfg: DictConfig, checkpoint: str, use_ema: bool):
@@ -65,6 +86,12 @@ def load_for_inference(cfg: DictConfig, checkpoint: str, use_ema: bool):
     # The checkpoint carries its frozen autoencoder; never chase the original training paths.
     stage = {**saved["stage"], "init_from": None,
              "autoencoder_from": str(path) if saved["stage"]["objective"] == "flow" else None}
+    # What only shapes training (data schedule and mix, freezing, early stopping) is off.
+    stage.update(schedule=[], epochs=None)
+    for key, off in (("freeze_policy", {"steps": 0}), ("prior", {"ratio": 0.0}),
+                     ("validation", {"every": 0, "patience": 0})):
+        if key in stage:
+            stage[key] = {**stage[key], **off}
     cfg = OmegaConf.merge(cfg, {"model": saved["model"], "stage": stage})
     validate(cfg)
     trainer = make_trainer(cfg)
@@ -87,7 +114,16 @@ def train_app(cfg: DictConfig) -> None:
     distributed = dist_env().distributed
     code = 0
     try:
-        _fail_cleanly(run_training)(cfg)
+        _sweep_job_run_dir(cfg)
+        trainer = _fail_cleanly(run_training)(cfg)
+        # Stopped on a signal after checkpointing: not an error, but not finished either.
+        code = EXIT_STOPPED if trainer.stopped_by else 0
+        if code == EXIT_STOPPED:
+            import torch.distributed as tdist
+
+            if tdist.is_initialized():  # every rank is done with the stop checkpoint
+                tdist.barrier()
+            trainer.preempt.chain()  # e.g. submitit's requeue in a launcher=slurm sweep job
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:  # noqa: BLE001 - report, then exit through finish()
@@ -96,53 +132,53 @@ def train_app(cfg: DictConfig) -> None:
     import torch.distributed as tdist
 
     if distributed or (tdist.is_available() and tdist.is_initialized()):
-        finish(code)
+        finish(code, clean=code in (0, EXIT_STOPPED))
     if code:
         sys.exit(code)
 
 
+def _run_eval(cfg: DictConfig) -> None:
+    from worldline.train.evaluate import run_eval
+
+    report = run_eval(cfg)
+    if report is not None:  # rank 0
+        print(json.dumps(report, indent=1))
+
+
 @hydra.main(version_base=None, config_path="../conf", config_name="eval")
-@_fail_cleanly
 def eval_app(cfg: DictConfig) -> None:
-    """``worldline-eval eval.checkpoint=<run or checkpoint dir>``: deterministic validation
-    metrics, written as JSON next to the checkpoint (or to ``eval.out``)."""
-    if not cfg.eval.checkpoint:
-        raise ConfigError("invalid config: eval.checkpoint: required (a run or checkpoint dir)")
-    trainer, path = load_for_inference(cfg, cfg.eval.checkpoint, cfg.eval.use_ema)
-    if trainer.cfg.stage.objective == "flow":
-        report = trainer.evaluate(cfg.eval.num_batches, list(cfg.eval.timesteps))
-    else:
-        report = trainer.evaluate(cfg.eval.num_batches)
-    report = {"checkpoint": str(path), **report}
-    out = Path(cfg.eval.out) if cfg.eval.out else path.parent.parent / "eval" / path.name
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps(report, indent=1))
+    """``worldline-eval eval.checkpoint=<run or checkpoint dir>``: validation loss, rollout,
+    action-following and reference metrics (train/evaluate.py) as report.json/.md + PNG plots
+    next to the checkpoint (or in ``eval.out``), logged to W&B. Under torchrun every rank
+    evaluates its share of the data and rank 0 writes the averaged report."""
+    import traceback
+
+    from worldline.train.dist import dist_env, finish
+
+    distributed = dist_env().distributed
+    code = 0
+    try:
+        _fail_cleanly(_run_eval)(cfg)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:  # noqa: BLE001 - report, then exit through finish()
+        traceback.print_exc()
+        code = 1
+    if distributed:
+        finish(code)
+    if code:
+        sys.exit(code)
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="sample")
 @_fail_cleanly
 def sample_app(cfg: DictConfig) -> None:
     """``worldline-sample sample.checkpoint=<run or checkpoint dir>``: mp4s + contact sheet for
-    ``sample.prompts``, with actions/camera taken from the first clips of the data spec."""
-    import torch
+    ``sample.prompts`` with an optional first image, references and action file, in full or
+    rollout mode (train/sampling.py)."""
+    from worldline.train.sampling import run_sample
 
-    from worldline.train.media import save_samples
-
-    s = cfg.sample
-    if not s.checkpoint:
-        raise ConfigError("invalid config: sample.checkpoint: required (a run or checkpoint dir)")
-    trainer, path = load_for_inference(cfg, s.checkpoint, s.use_ema)
-    if trainer.cfg.stage.objective != "flow":
-        raise ConfigError(f"invalid config: sample.checkpoint: {path} is an autoencoder "
-                          "checkpoint; sampling needs a world-model stage")
-    prompts = list(s.prompts)
-    batch = trainer.probe_batch(len(prompts))
-    with torch.no_grad():
-        videos = trainer.generate(prompts, batch, s.seed, s.num_steps, s.cfg_scale)
-    out = Path(s.out) if s.out else path.parent.parent / "samples" / "manual"
-    files = save_samples(out, {"generated": videos}, fps=8.0, captions=prompts)
-    for p in [*files["videos"].values(), *files["images"].values()]:
+    for p in run_sample(cfg):
         print(p)
 
 

@@ -31,8 +31,12 @@ from worldline.train import checkpoint as ckpt_lib
 from worldline.train.config import to_container
 from worldline.train.dist import init_distributed
 from worldline.train.ema import EMA
+from worldline.train import failpoints
+from worldline.train.guard import NonFiniteGuard, TrainingAborted
+from worldline.train.watchdog import Watchdog
 from worldline.train.parallel import make_backend
 from worldline.train.perf import peak_flops, peak_memory_bytes
+from worldline.train.preempt import PreemptionHandler, slurm_restart_count
 from worldline.train.state import TrainState, capture_rng, restore_rng
 from worldline.train.tracking import Tracker
 
@@ -76,6 +80,10 @@ class Trainer:
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.run.root) / cfg.run.name
+        #: Installed by ``train()`` (eval/sample apps never catch stop signals).
+        self.preempt: Optional[PreemptionHandler] = None
+        #: Name of the signal the run stopped on before ``train.steps`` (None: not stopped).
+        self.stopped_by: Optional[str] = None
         # Joins the process group under torchrun / srun / the deepspeed launcher (gloo on
         # CPU, NCCL on GPU); one process otherwise.
         self.dist_info = init_distributed(cfg.dist.timeout_s)
@@ -127,6 +135,12 @@ class Trainer:
                                                   async_save=cfg.dist.async_save)
         self.tracker: Optional[Tracker] = None
         self.autocast_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
+        # Non-finite steps are masked on the device (train/guard.py); faults are injected
+        # only when WORLDLINE_FAILPOINTS is set (train/failpoints.py, tests/faults/).
+        self.guard = NonFiniteGuard(self.device, cfg.train.max_nonfinite_skips,
+                                    cfg.train.sync_nonfinite_check)
+        if os.environ.get(failpoints.ENV):
+            failpoints.arm_trainer(self)
 
     # ----------------------------------------------------------------- building (overridable)
     def build_model(self) -> nn.Module:
@@ -147,7 +161,7 @@ class Trainer:
             return None
         from torch.distributed.device_mesh import init_device_mesh
 
-        d, cp, rep = self.cfg.dist, self.cfg.dist.cp, self.cfg.dist.replicate
+        cp, rep = self.cfg.dist.cp, self.cfg.dist.replicate
         if rep > 1:
             if self.dp_world % rep:
                 raise ValueError(f"dist.replicate={rep} does not divide {self.dp_world} dp ranks")
@@ -187,8 +201,10 @@ class Trainer:
         no_decay = [p for n, p in named if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": o.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
+        # fused: its kernel takes the non-finite guard's flag and skips the update on the
+        # device (train/guard.py), so no host sync is needed to skip a NaN step.
         return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                 foreach=True)
+                                 fused=True)
 
     def dataset_shards(self) -> str:
         """Shard spec for the training data (generates the synthetic world on first use)."""
@@ -215,6 +231,21 @@ class Trainer:
             seed=self.cfg.run.seed + seed_offset,
             position=d.position,
             shuffle_shards=d.shuffle_shards if shuffle is None else shuffle,
+            # Evaluation passes (shuffle=False) read each sample once, in order.
+            shuffle_buffer=d.shuffle_buffer if shuffle is None else 0,
+            resample=d.resample if shuffle is None else False,
+            input=d.input,
+            fps=d.fps,
+            crop=d.crop,
+            buckets=[OmegaConf.to_container(b) for b in d.buckets] or None,
+            upscale=d.upscale,
+            max_skip_fraction=d.max_skip_fraction,
+            skip_check_after=d.skip_check_after,
+            decode_threads=d.decode_threads,
+            channels_last=d.channels_last,
+            with_refs=("refs" in self.cfg.stage.conditions) if d.with_refs is None
+            else d.with_refs,
+            pin_memory=self.device.type == "cuda",
         )
 
     # ------------------------------------------------------------ per-objective (overridable)
@@ -236,7 +267,10 @@ class Trainer:
         t0 = time.perf_counter()
         batch = next(self._data_iter)
         self._data_wait += time.perf_counter() - t0
-        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+        self._step_samples = getattr(self, "_step_samples", 0) + len(batch["key"])
+        # channels_last batches arrive as a strided view of decord's [B, T, H, W, 3]; the
+        # transpose is paid once here, on the device when there is one.
+        return {k: v.to(self.device, non_blocking=True).contiguous() if torch.is_tensor(v) else v
                 for k, v in batch.items()}
 
     def forward_backward(self, batch: dict[str, Any], last: bool = True
@@ -259,11 +293,13 @@ class Trainer:
         return self.backend.clip(self.params, self.cfg.train.grad_clip)
 
     def optimizer_step(self) -> None:
-        self.backend.step(self.optimizer)
+        """The optimizer update, masked on the device when the guard flagged this step."""
+        self.guard.step(self.optimizer, lambda: self.backend.step(self.optimizer))
 
     def train_step(self) -> dict[str, torch.Tensor]:
         """One optimizer step over ``grad_accum`` micro-batches. Returns device tensors."""
         self.backend.zero_grad(self.optimizer)
+        self._step_samples = 0
         sums: dict[str, torch.Tensor] = {}
         accum = self.cfg.train.grad_accum
         for i in range(accum):
@@ -272,20 +308,36 @@ class Trainer:
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0) + v / accum
         grad_norm = self.clip_gradients()
+        ok = self.guard.flag(grad_norm)  # device-side; see train/guard.py
         self.optimizer_step()
         self.scheduler.step()
         self.state.step += 1
         if self.ema is not None:
-            self.ema.update(self.state.step)
-        n = self.cfg.data.batch_size * self.cfg.train.grad_accum * self.dp_world
+            self.ema.update(self.state.step, ok)
+        # Buckets make the batch size vary per step; counted on this rank, then scaled by the
+        # data-parallel world (ranks draw the same bucket schedule only on average).
+        n = self._step_samples * self.dp_world
         self.state.samples_seen += n
         self.state.tokens_seen += n * self.tokens_per_sample()
         sums["grad_norm"] = grad_norm
+        sums["nonfinite_frac"] = (~ok).float()
+        t, step = self.cfg.train, self.state.step
+        if t.sync_nonfinite_check or step % t.log_every == 0 or step % t.ckpt_every == 0 \
+                or step == t.steps:
+            # Host read of the skip counters, only where the loop syncs anyway (and before
+            # any save): aborts after train.max_nonfinite_skips in a row.
+            self.state.skipped_steps += self.guard.check(
+                step, self.checkpointer.latest() and str(self.checkpointer.latest()))
         return sums
 
     def train(self) -> TrainState:
         """Resume if asked, then run until ``train.steps``; checkpoint, log and sample."""
         cfg = self.cfg
+        # Before the (slow) resume, so a SLURM warning that arrives during it stops the run
+        # after its first step instead of being lost. Handlers are put back on return.
+        self.preempt = PreemptionHandler(list(cfg.preempt.signals), cfg.preempt.check_every,
+                                         cfg.preempt.enabled)
+        self._restarts = slurm_restart_count()
         resumed_from = self.maybe_resume()
         self.write_run_config()
         self.tracker = Tracker(self.run_dir, cfg.logger, cfg.run.name, to_container(cfg),
@@ -303,7 +355,10 @@ class Trainer:
         acc: dict[str, torch.Tensor] = {}
         n_acc, t_log, samples_log = 0, time.perf_counter(), self.state.samples_seen
         tokens_log = self.state.tokens_seen
+        self.watchdog = Watchdog.for_trainer(self)  # heartbeat line + stall detection
         while self.state.step < cfg.train.steps:
+            failpoints.at_step_start(self.state.step + 1, self.rank)
+            self.watchdog.beat(self.state.step + 1)
             out = self.train_step()
             self.checkpointer.poll()  # makes a finished async save visible (no collective)
             for k, v in out.items():
@@ -329,9 +384,11 @@ class Trainer:
                     data_wait_frac=worst["data_wait_frac"],
                     peak_mem_gb=worst["peak_mem_gb"],
                     peak_mem_gb_rank0=peak_memory_bytes(self.device) / 2**30,
-                    epoch=self.loader.state_dict().get("epoch", 0),
+                    epoch=self.loader.epoch,
                     skipped_samples=int(self.loader.stats.get("skipped", 0)),
                 )
+                if self._restarts is not None:  # which start of a requeued SLURM job logged it
+                    row["slurm_restart_count"] = self._restarts
                 self.tracker.log(row, step)
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", mfu=f"{row['mfu']:.1%}")
@@ -349,10 +406,22 @@ class Trainer:
                 self.model.eval()
                 self.sample_all_ranks(step)
                 self.model.train()
+            if not last and self.preempt.should_stop(step):
+                # All ranks agreed (train/preempt.py): save this step unless it was just saved,
+                # then leave; the entry point reports the run as stopped, not finished.
+                self.stopped_by = self.preempt.signal_name
+                if step % cfg.train.ckpt_every:
+                    self.save_checkpoint()
+                log.warning("stopping at step %d/%d on %s (checkpointed)", step, cfg.train.steps,
+                            self.stopped_by)
+                break
+        self.watchdog.stop()
         self.checkpointer.wait()  # an async save in flight must land before we report done
+        self.preempt.restore()
         if bar is not None:
             bar.close()
-        self.tracker.summary({"final_step": self.state.step})
+        if self.stopped_by is None:
+            self.tracker.summary({"final_step": self.state.step})
         self.tracker.finish()
         return self.state
 
@@ -411,6 +480,9 @@ class Trainer:
             tensors[key] = module.state_dict()
         return tensors
 
+    def load_extra_tensors(self, tensors: dict[str, Any]) -> None:
+        """Restore what a subclass added to :meth:`checkpoint_tensors` (loaded in place)."""
+
     def sync_buffers(self) -> None:
         """Give every rank rank 0's floating buffers (running statistics such as the
         autoencoder's latent mean/std are updated from each rank's local batch; DDP already
@@ -422,7 +494,8 @@ class Trainer:
             if b.is_floating_point():
                 dist.broadcast(b.data, src=0)
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Optional[Path]:
+        """Checkpoint this step; None when the write failed and train.on_save_error=continue."""
         self.sync_buffers()
         self.state.data = self.loader.state_dict()
         self.state.scheduler = self.scheduler.state_dict()
@@ -440,11 +513,27 @@ class Trainer:
             "time": time.time(),
         }
         rng = capture_rng(self._named_generators())
-        if not self.backend.uses_dcp:  # DeepSpeed: engine.save_checkpoint inside the step dir
-            return self.checkpointer.save(self.state.step, None, self.state, rng, meta,
-                                          writer=self.backend.save_checkpoint)
-        return self.checkpointer.save(self.state.step, self.checkpoint_tensors(), self.state,
-                                      rng, meta)
+        try:
+            if not self.backend.uses_dcp:  # DeepSpeed: engine.save_checkpoint in the step dir
+                return self.checkpointer.save(self.state.step, None, self.state, rng, meta,
+                                              writer=self.backend.save_checkpoint)
+            return self.checkpointer.save(self.state.step, self.checkpoint_tensors(),
+                                          self.state, rng, meta)
+        except ckpt_lib.CheckpointWriteError as e:
+            return self.on_save_error(e)
+
+    def on_save_error(self, err: Exception) -> None:
+        """A failed save (every rank gets the same error): report it, keep the previous
+        checkpoint as ``latest``, then continue or stop as ``train.on_save_error`` says."""
+        kept = self.checkpointer.latest()
+        kept_msg = f"{kept} is still the latest checkpoint" if kept else "no checkpoint yet"
+        if self.cfg.train.on_save_error == "continue":
+            log.error("%s; %s; training continues (train.on_save_error=continue)", err, kept_msg)
+            if self.tracker is not None:
+                self.tracker.log({"checkpoint_write_failed": 1}, self.state.step)
+            return None
+        raise TrainingAborted(f"{err}; {kept_msg}; stopping (train.on_save_error=exit), "
+                              f"resume=auto continues from it") from err
 
     def resolve_resume(self) -> Optional[Path]:
         r = self.cfg.resume
@@ -484,6 +573,7 @@ class Trainer:
                            optim_state_dict=tensors["optim"])
             for key, module in self.frozen.items():
                 module.load_state_dict(tensors[key])
+            self.load_extra_tensors(tensors)
         self.state = ckpt_lib.load_train_state(path, self.rank)
         self.scheduler.load_state_dict(self.state.scheduler)
         if same_layout:

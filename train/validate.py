@@ -1,0 +1,295 @@
+"""Cross-field config rules that types cannot express, checked right after composition and
+before any worker, model or data exists. Each failure is one :class:`ConfigError` naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from worldline.train.config import (CONDITIONS, DIST_BACKENDS, OBJECTIVES, SLURM_MODES, STAGES,
+                                    ConfigError, WorldlineConfig)
+
+__all__ = ["ConfigError", "validate"]
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid config: {key}: {msg}")
+
+
+def _one_of(value: Any, key: str, allowed: tuple[str, ...]) -> None:
+    _check(value in allowed, key, f"{value!r} is not one of {list(allowed)}")
+
+
+def _check_known_keys(node: Any, prefix: str) -> None:
+    # Struct mode rejects unknown keys in YAML and plain overrides, but Hydra's "+key=value"
+    # opens the struct on purpose; catch such additions against the dataclass fields here.
+    if not isinstance(node, DictConfig):
+        return
+    typ = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(typ):
+        known = {f.name for f in dataclasses.fields(typ)}
+        for key in node.keys():
+            if key not in known:
+                raise ConfigError(f"invalid config: {prefix}{key}: unknown key "
+                                  f"(valid: {', '.join(sorted(known))})")
+    for key in node.keys():
+        _check_known_keys(node._get_node(key), f"{prefix}{key}.")
+
+
+def validate(cfg: DictConfig | WorldlineConfig) -> None:
+    """Cross-field checks that types cannot express. Raises :class:`ConfigError` naming the key."""
+    _check_known_keys(cfg, "")
+    _one_of(cfg.stage.name, "stage.name", STAGES)
+    _one_of(cfg.stage.objective, "stage.objective", OBJECTIVES)
+    for c in cfg.stage.conditions:
+        _one_of(c, "stage.conditions", CONDITIONS)
+    _one_of(cfg.dist.backend, "dist.backend", DIST_BACKENDS)
+    _one_of(cfg.dist.activation_checkpointing, "dist.activation_checkpointing",
+            ("none", "full", "every_k"))
+    _check(cfg.dist.ac_every >= 1, "dist.ac_every", "must be >= 1")
+    _check(cfg.dist.replicate >= 1, "dist.replicate", "must be >= 1")
+    _check(cfg.dist.cp >= 1, "dist.cp", "must be >= 1")
+    _check(cfg.dist.replicate == 1 or cfg.dist.backend == "fsdp", "dist.replicate",
+           "HSDP (replicate > 1) needs dist.backend=fsdp")
+    _check(not cfg.dist.cpu_offload or cfg.dist.backend == "fsdp", "dist.cpu_offload",
+           "CPU offload of FSDP parameters needs dist.backend=fsdp (DeepSpeed: "
+           "dist.offload_optimizer / dist.offload_params)")
+    ds = cfg.dist.backend.startswith("deepspeed")
+    _check(not (cfg.dist.offload_optimizer or cfg.dist.ds_config) or ds, "dist.offload_optimizer",
+           "offload_optimizer / ds_config need a deepspeed_zero* backend")
+    _check(not cfg.dist.offload_params or cfg.dist.backend == "deepspeed_zero3",
+           "dist.offload_params", "parameter offload needs dist.backend=deepspeed_zero3")
+    _check(cfg.dist.cp == 1 or cfg.dist.backend in ("single", "ddp", "fsdp"), "dist.cp",
+           "context parallelism composes with ddp/fsdp only")
+    _check(cfg.dist.cp == 1 or cfg.dist.replicate == 1, "dist.cp",
+           "context parallelism with HSDP (dist.replicate > 1) is not supported yet")
+    _check(cfg.dist.cp == 1 or cfg.stage.objective == "flow", "dist.cp",
+           "context parallelism shards DiT tokens: flow stages only")
+    _check(not (ds and cfg.dist.async_save), "dist.async_save",
+           "DeepSpeed writes its own checkpoints synchronously")
+    if cfg.dist.cp > 1:
+        _check(cfg.model.dit.num_heads % cfg.dist.cp == 0, "dist.cp",
+               f"must divide model.dit.num_heads ({cfg.model.dit.num_heads})")
+    _one_of(cfg.logger.kind, "logger.kind", ("wandb", "none"))
+    _one_of(cfg.logger.mode, "logger.mode", ("offline", "online", "disabled"))
+    _one_of(cfg.train.precision, "train.precision", ("fp32", "bf16"))
+    _one_of(cfg.optim.schedule, "optim.schedule", ("cosine", "constant"))
+    _check(cfg.train.steps > 0, "train.steps", "must be > 0")
+    _check(cfg.train.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+    _check(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
+    _check(cfg.train.ckpt_every >= 1, "train.ckpt_every", "must be >= 1")
+    _check(cfg.train.keep_last >= 1, "train.keep_last", "must be >= 1")
+    _check(0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
+    _validate_faults(cfg)
+    _check(len(cfg.optim.betas) == 2, "optim.betas", "must be [beta1, beta2]")
+
+    _validate_data(cfg)
+    _validate_launch(cfg)
+    ae, dit = cfg.model.autoencoder, cfg.model.dit
+    _check(
+        dit.in_channels == ae.latent_channels,
+        "model.dit.in_channels",
+        f"{dit.in_channels} != model.autoencoder.latent_channels ({ae.latent_channels})",
+    )
+    _check(dit.text_dim == cfg.model.text.dim, "model.dit.text_dim",
+           f"{dit.text_dim} != model.text.dim ({cfg.model.text.dim})")
+    _check(dit.hidden_size % dit.num_heads == 0, "model.dit.num_heads",
+           f"does not divide model.dit.hidden_size ({dit.hidden_size})")
+    if cfg.stage.objective == "flow" and cfg.stage.name != "autoencoder":
+        _check(
+            cfg.stage.autoencoder_from is not None or cfg.stage.init_from is not None,
+            "stage.autoencoder_from",
+            "a latent stage needs a trained autoencoder: set stage.autoencoder_from=<run dir> "
+            "(train one with stage=autoencoder), or run worldline-quickstart",
+        )
+    a = cfg.stage.ae
+    if a.gan_start >= 0 or a.perceptual_path:
+        _check(cfg.stage.objective == "autoencoder", "stage.ae",
+               "perceptual / GAN terms belong to the autoencoder stage")
+        _check(cfg.dist.backend in ("single", "ddp", "fsdp"), "stage.ae.gan_start",
+               "the discriminator is trained beside the model with DCP checkpoints: "
+               "dist.backend must be single, ddp or fsdp")
+    if a.perceptual_path:
+        _check(cfg.model.autoencoder.perceptual_weight > 0, "model.autoencoder.perceptual_weight",
+               "must be > 0 when stage.ae.perceptual_path is set")
+    _check(a.disc_layers >= 1 and a.disc_channels >= 4, "stage.ae.disc_layers",
+           "the discriminator needs >= 1 layer of >= 4 channels")
+    if cfg.stage.name == "autoencoder":
+        _check(cfg.stage.objective == "autoencoder", "stage.objective",
+               "stage=autoencoder trains with objective=autoencoder")
+    _validate_stage(cfg)
+
+
+def _frames_and_size(cfg: Any, key: str, num_frames: int, resolution: list[int]) -> None:
+    tf = cfg.model.autoencoder.temporal_downsample
+    sf = cfg.model.autoencoder.spatial_downsample
+    p = cfg.model.dit.patch_size
+    _check((num_frames - 1) % tf == 0, key, f"{num_frames} frames: need 1 + k*{tf}")
+    _check(len(resolution) == 2 and all(r % (sf * p[1]) == 0 for r in resolution), key,
+           f"resolution {list(resolution)} must be [h, w] divisible by {sf * p[1]}")
+
+
+def _validate_stage(cfg: Any) -> None:
+    """Rules of the stage features (task mix, schedule, freeze policy, LoRA, validation)."""
+    st, dit = cfg.stage, cfg.model.dit
+    active = set(st.conditions)
+    _one_of(cfg.sample.mode, "sample.mode", ("full", "rollout"))
+    _one_of(cfg.sample.solver, "sample.solver", ("euler", "heun"))
+    if st.objective != "flow":
+        return
+    tk = st.tasks
+    probs = (tk.t2v, tk.i2v, tk.continuation)
+    _check(min(probs) >= 0 and sum(probs) > 0, "stage.tasks",
+           "probabilities must be >= 0 with a positive sum")
+    _check(0.0 <= tk.uniform_prob <= 1.0, "stage.tasks.uniform_prob", "must be in [0, 1]")
+    _check(tk.i2v + tk.continuation == 0 or dit.mask_channel, "stage.tasks",
+           "image-to-video / continuation mark their clean frames with the mask channel: set "
+           "model.dit.mask_channel=true")
+    f = st.flow
+    for k in ("text_dropout", "action_dropout", "ref_dropout"):
+        _check(0.0 <= f[k] <= 1.0, f"stage.flow.{k}", "must be in [0, 1]")
+    _check("actions" not in active or dit.num_action_slots > 0 or dit.action_dim > 0,
+           "stage.conditions", "actions need model.dit.num_action_slots or model.dit.action_dim")
+    _check("camera" not in active or dit.camera_dim > 0, "stage.conditions",
+           "camera needs model.dit.camera_dim > 0")
+    if "refs" in active:
+        _check(1 <= st.num_refs <= dit.max_refs, "stage.num_refs",
+               f"must be in [1, model.dit.max_refs={dit.max_refs}] when conditions has refs")
+    last = -1
+    for i, ph in enumerate(st.schedule):
+        _check(ph.step > last, f"stage.schedule[{i}].step", "phase steps must increase")
+        last = ph.step
+        _frames_and_size(cfg, f"stage.schedule[{i}]", ph.num_frames, list(ph.resolution))
+        _check(ph.batch_size is None or ph.batch_size >= 1, f"stage.schedule[{i}].batch_size",
+               "must be >= 1")
+    fp = st.freeze_policy
+    _check(fp.steps >= 0, "stage.freeze_policy.steps", "must be >= 0")
+    _check(fp.steps == 0 or st.init_from is not None or not fp.new_modules or fp.train_first,
+           "stage.freeze_policy", "new modules are found relative to stage.init_from; set it "
+           "or list stage.freeze_policy.train_first")
+    _check(fp.steps == 0 or cfg.dist.backend != "ddp" or cfg.dist.find_unused_parameters,
+           "stage.freeze_policy", "DDP with parameters frozen mid-run needs "
+           "dist.find_unused_parameters=true")
+    lo = st.lora
+    if lo.enabled:
+        _check(lo.rank >= 1, "stage.lora.rank", "must be >= 1")
+        _check(bool(lo.targets), "stage.lora.targets", "list at least one projection")
+        _check(fp.steps == 0, "stage.lora", "LoRA trains adapters only; drop the freeze policy")
+    v = st.validation
+    _check(v.every >= 0 and v.num_batches >= 1, "stage.validation", "every >= 0, num_batches >= 1")
+    _check(v.patience == 0 or v.every > 0, "stage.validation.patience",
+           "early stopping needs periodic validation (stage.validation.every > 0)")
+    _check(0.0 <= st.prior.ratio < 1.0, "stage.prior.ratio", "must be in [0, 1)")
+    _check(st.prior.ratio == 0 or bool(st.prior.shards), "stage.prior.shards",
+           "required when stage.prior.ratio > 0 (the pretraining shards to mix in)")
+    _check(st.epochs is None or st.epochs >= 1, "stage.epochs", "must be >= 1")
+
+
+def _validate_faults(cfg: Any) -> None:
+    """Fault-handling knobs (train/guard.py, train/watchdog.py, checkpoint write errors)."""
+    t, d = cfg.train, cfg.dist
+    _check(t.max_nonfinite_skips >= 1, "train.max_nonfinite_skips", "must be >= 1")
+    _one_of(t.on_save_error, "train.on_save_error", ("continue", "exit"))
+    _check(d.timeout_s > 0, "dist.timeout_s", "must be > 0")
+    _check(d.heartbeat_s >= 0 and d.stall_timeout_s >= 0, "dist.heartbeat_s",
+           "heartbeat_s and stall_timeout_s must be >= 0 (0 disables the watchdog)")
+    _check(d.heartbeat_s == 0 or d.stall_timeout_s < d.timeout_s, "dist.stall_timeout_s",
+           f"{d.stall_timeout_s} must be below dist.timeout_s ({d.timeout_s}) so a stalled "
+           "rank is named before the collective times out anonymously")
+    _check(d.heartbeat_s == 0 or d.heartbeat_s <= d.stall_timeout_s, "dist.heartbeat_s",
+           f"{d.heartbeat_s} must be <= dist.stall_timeout_s ({d.stall_timeout_s})")
+    if d.backend == "deepspeed_zero3":
+        # ZeRO-3 re-partitions parameters after every forward: keeping them gathered is
+        # ZeRO-2's behaviour, and per-block torch.compile would run before DeepSpeed installs
+        # its parameter-gathering hooks on those blocks.
+        _check(d.reshard_after_forward, "dist.reshard_after_forward",
+               "false cannot be combined with dist.backend=deepspeed_zero3 (ZeRO-3 always "
+               "re-partitions after forward); use deepspeed_zero2 to keep parameters whole")
+        _check(not d.compile_blocks, "dist.compile_blocks",
+               "per-block torch.compile is not supported with dist.backend=deepspeed_zero3; "
+               "use dist=fsdp for compiled blocks")
+    m = cfg.model
+    if m.max_resolution is not None or m.max_frames is not None:
+        _check(m.max_resolution is None or len(m.max_resolution) == 2, "model.max_resolution",
+               "must be [height, width]")
+        max_h, max_w = m.max_resolution or (None, None)
+        shapes = [("data.resolution", *cfg.data.resolution, cfg.data.num_frames)]
+        shapes += [(f"data.buckets[{i}]", b.height, b.width, b.num_frames)
+                   for i, b in enumerate(cfg.data.buckets)]
+        for key, h, w, t in shapes:
+            _check(max_h is None or (h <= max_h and w <= max_w), key,
+                   f"{h}x{w} is larger than model.max_resolution [{max_h}, {max_w}]")
+            _check(m.max_frames is None or t <= m.max_frames, key,
+                   f"{t} frames exceed model.max_frames ({m.max_frames})")
+
+
+def _check_clip_shape(cfg: Any, h: int, w: int, t: int, key: str, t_key: str) -> None:
+    """A clip of ``t`` frames at ``h x w`` must compress causally and patchify exactly."""
+    ae, dit = cfg.model.autoencoder, cfg.model.dit
+    tf, sf = ae.temporal_downsample, ae.spatial_downsample
+    _check((t - 1) % tf == 0, t_key,
+           f"{t} frames cannot be compressed causally by model.autoencoder.temporal_downsample="
+           f"{tf}: need 1 + k*{tf} frames")
+    for name, size, p in (("height", h, dit.patch_size[1]), ("width", w, dit.patch_size[2])):
+        _check(size % (sf * p) == 0, key,
+               f"{name} {size} must be divisible by model.autoencoder.spatial_downsample ({sf}) "
+               f"x model.dit.patch_size ({p})")
+    latent_t = 1 + (t - 1) // tf
+    _check(latent_t % dit.patch_size[0] == 0, "model.dit.patch_size",
+           f"temporal patch {dit.patch_size[0]} does not divide {latent_t} latent frames "
+           f"({key})")
+
+
+def _validate_data(cfg: Any) -> None:
+    d = cfg.data
+    _one_of(d.kind, "data.kind", ("synthetic", "webdataset"))
+    _one_of(d.position, "data.position", ("start", "center", "random"))
+    _one_of(d.crop, "data.crop", ("center", "random"))
+    _one_of(d.input, "data.input", ("pixel", "latent"))
+    _check(d.batch_size >= 1, "data.batch_size", "must be >= 1")
+    _check(len(d.resolution) == 2, "data.resolution", "must be [height, width]")
+    _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
+    _check(d.fps is None or (d.fps > 0 and d.frame_stride == 1), "data.fps",
+           "must be > 0 and cannot be combined with data.frame_stride != 1")
+    _check(0.0 <= d.max_skip_fraction <= 1.0, "data.max_skip_fraction", "must be in [0, 1]")
+    _check(d.decode_threads >= 1, "data.decode_threads", "must be >= 1")
+    if d.kind == "webdataset":
+        _check(bool(d.shards), "data.shards", "required when data.kind=webdataset")
+    _check(d.input == "pixel" or d.kind == "webdataset", "data.input",
+           "latent input streams latent shards: set data.kind=webdataset and data.shards to "
+           "the output of scripts/encode_latents.py")
+    _check(d.input == "pixel" or cfg.stage.objective == "flow", "data.input",
+           "the autoencoder stage trains on pixels")
+    h, w = d.resolution
+    _check_clip_shape(cfg, h, w, d.num_frames, "data.resolution", "data.num_frames")
+    for i, b in enumerate(d.buckets):
+        key = f"data.buckets[{i}]"
+        _check(min(b.height, b.width, b.num_frames, b.batch_size) >= 1, key,
+               "height, width, num_frames and batch_size must be >= 1")
+        _check_clip_shape(cfg, b.height, b.width, b.num_frames, key, key)
+
+
+def _validate_launch(cfg: Any) -> None:
+    """preempt.* and slurm.* (what worldline-submit renders and the Trainer's stop handling)."""
+    import re
+    import signal
+
+    for name in cfg.preempt.signals:
+        _check(name in signal.Signals.__members__ and name not in ("SIGKILL", "SIGSTOP"),
+               "preempt.signals", f"{name!r} is not a catchable signal name (e.g. SIGUSR1)")
+    _check(cfg.preempt.check_every >= 1, "preempt.check_every", "must be >= 1")
+    s = cfg.slurm
+    _one_of(s.mode, "slurm.mode", SLURM_MODES)
+    _check(s.nodes >= 1, "slurm.nodes", "must be >= 1")
+    _check(s.gpus_per_node >= 0, "slurm.gpus_per_node", "must be >= 0")
+    _check(s.cpus_per_task is None or s.cpus_per_task >= 1, "slurm.cpus_per_task", "must be >= 1")
+    # sbatch's forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
+    _check(re.fullmatch(r"(\d+-)?\d+(:\d{1,2}){0,2}", str(s.time)) is not None, "slurm.time",
+           f"{s.time!r} is not a SLURM time (MM, HH:MM:SS or D-HH:MM:SS)")
+    _check(s.signal_s >= 0, "slurm.signal_s", "must be >= 0")
+    _check(s.max_restarts >= 0, "slurm.max_restarts", "must be >= 0")
+    for opt in s.extra:
+        _check(str(opt).startswith("-"), "slurm.extra", f"{opt!r} is not an sbatch option")
