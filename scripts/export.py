@@ -45,6 +45,8 @@ def consolidated_state(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     if ckpt_lib.is_deepspeed(path):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        ckpt_lib.verify_deepspeed_files(path)  # zero_to_fp32 unpickles without weights_only
+
         out = {"model": _plain(get_fp32_state_dict_from_zero_checkpoint(str(path),
                                                                          tag=ckpt_lib.DS_TAG))}
         extra = torch.load(path / "extra.pt", weights_only=True)

@@ -121,6 +121,34 @@ def is_deepspeed(ckpt: Path) -> bool:
     return (Path(ckpt) / DS_TAG).is_dir()
 
 
+# The only non-tensor classes DeepSpeed 0.19 pickles into its ZeRO checkpoints (measured with
+# torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-1/2/3 and universal files).
+DEEPSPEED_PICKLE_ALLOWLIST = frozenset({
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+})
+
+
+def verify_deepspeed_files(ckpt: Path) -> None:
+    """Refuse a DeepSpeed checkpoint whose pickles reference anything but tensors, plain
+    containers and :data:`DEEPSPEED_PICKLE_ALLOWLIST`.
+
+    DeepSpeed's own loaders (``engine.load_checkpoint``, ``zero_to_fp32``) call ``torch.load``
+    with ``weights_only=False``; this scan (the same opcode-level check ``weights_only`` uses,
+    without unpickling anything) runs first, so a planted ``__reduce__`` payload is rejected
+    before DeepSpeed ever opens the file."""
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    for f in sorted(Path(ckpt).rglob("*.pt")):
+        if f.name == "extra.pt" or f.parent.name == "ranks":
+            continue  # ours, always read with weights_only=True
+        bad = set(get_unsafe_globals_in_checkpoint(str(f))) - DEEPSPEED_PICKLE_ALLOWLIST
+        if bad:
+            raise ValueError(f"refusing to load {f}: it pickles {sorted(bad)}, which a "
+                             f"DeepSpeed checkpoint never contains (possible code injection)")
+
+
 def is_export(path: Path) -> bool:
     """A ``worldline-export`` folder (consolidated safetensors + config.json)."""
     return (Path(path) / "model.safetensors").is_file() and (Path(path) / "config.json").is_file()

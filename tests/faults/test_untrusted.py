@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from faults._helpers import RECIPE, metric_rows, run, train_args
 
@@ -111,6 +112,28 @@ def _with_target(run_dir: Path) -> Path:
     meta["config"]["model"]["autoencoder"]["_target_"] = "os.system"
     meta_file.write_text(json.dumps(meta))
     return meta_file
+
+
+def test_deepspeed_checkpoint_pickles_are_scanned_before_deepspeed_loads(tmp_path: Path) -> None:
+    """DeepSpeed's loaders unpickle with weights_only=False: a payload planted in a ZeRO shard
+    is refused by the scan (resume, export and eval all go through it) and never runs, while
+    the classes DeepSpeed really pickles pass."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    from worldline.scripts.export import consolidated_state
+    from worldline.train.checkpoint import verify_deepspeed_files
+
+    ckpt = tmp_path / "step_4"
+    (ckpt / "ds").mkdir(parents=True)
+    torch.save({"loss_scaler": LossScaler(1.0), "w": torch.ones(2)},
+               ckpt / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    verify_deepspeed_files(ckpt)  # DeepSpeed's own classes are allowed
+    marker = tmp_path / "ran"
+    torch.save({"state": _Boom(str(marker))}, ckpt / "ds" / "mp_rank_00_model_states.pt")
+    for load in (verify_deepspeed_files, consolidated_state):
+        with pytest.raises(ValueError, match="refusing to load .*mp_rank_00_model_states"):
+            load(ckpt)
+    assert not marker.exists()
 
 
 def test_target_in_checkpoint_config_is_rejected(small_run: Path, tmp_path: Path,

@@ -34,7 +34,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from worldline.train.checkpoint import DS_TAG
+from worldline.train.checkpoint import DS_TAG, verify_deepspeed_files
 from worldline.train.ema import EMA
 from worldline.train.parallel.base import Backend
 
@@ -245,6 +245,8 @@ class DeepSpeedBackend(Backend):
 
     def load_checkpoint(self, path: Path, same_layout: bool) -> None:
         t = self.trainer
+        # DeepSpeed's loaders unpickle without weights_only: scan the files first.
+        verify_deepspeed_files(path)
         if same_layout:
             self.engine.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
                                         load_lr_scheduler_states=False)
@@ -278,6 +280,7 @@ class DeepSpeedBackend(Backend):
                    "--num_extract_workers", "1", "--num_merge_workers", "1"]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode == 0:
+                verify_deepspeed_files(tmp)
                 os.replace(tmp, uni)
             else:
                 ok[0] = 0
