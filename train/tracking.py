@@ -96,7 +96,10 @@ class Tracker:
 
         config = redact_secrets(config)
 
-        wdir = self.run_dir / "wandb"
+        # Absolute: a process started by another W&B user inherits its wandb-core service
+        # (WANDB_SERVICE), which resolves relative paths against its own working directory.
+        root = self.run_dir.resolve()
+        wdir = root / "wandb"
         wdir.mkdir(parents=True, exist_ok=True)
         for var, sub in (("WANDB_CACHE_DIR", ".cache"), ("WANDB_CONFIG_DIR", ".config"),
                          ("WANDB_DATA_DIR", ".data"), ("WANDB_ARTIFACT_DIR", ".artifacts")):
@@ -110,7 +113,7 @@ class Tracker:
             name=run_name,
             id=self.run_id,
             resume="allow",
-            dir=str(self.run_dir),
+            dir=str(root),
             mode=cfg.mode,
             group=cfg.group,
             tags=list(cfg.tags),
