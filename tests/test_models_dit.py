@@ -7,6 +7,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from _models import perturb_zero_init
 from worldline.models.dit import (
     DIT_SIZES,
     DiTArgs,
@@ -26,15 +27,6 @@ def tiny_args(**kw) -> DiTArgs:
         in_channels=4, hidden_size=64, depth=2, num_heads=4, text_dim=32, num_action_slots=3
     )
     return DiTArgs(**{**base, **kw})
-
-
-def perturb_zero_init(model: torch.nn.Module, seed: int = 0) -> None:
-    """Give the zero-initialized (adaLN-zero) parameters non-zero values, as training would."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().sum() == 0:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
 
 
 @pytest.mark.parametrize("patch", [[1, 1, 1], [1, 2, 2], [2, 2, 1]])

@@ -8,6 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from _models import perturb_zero_init
 from worldline.models.autoencoder import AutoencoderArgs
 from worldline.models.dit import DiTArgs
 from worldline.models.flow import flow_loss, interpolate, sample_timesteps, velocity_target
@@ -62,14 +63,6 @@ def batch(model: WorldModel, b: int = 4, latent=(4, 5, 8, 8), seed: int = 0):
         actions=torch.randint(0, a.num_actions, (b, t_pix, a.num_action_slots), generator=g),
         camera=torch.randn(b, t_pix, a.camera_dim, generator=g),
     )
-
-
-def perturb_zero_init(model: torch.nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().sum() == 0:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -149,4 +149,20 @@ def run_and_finish(main: Callable[[], Optional[int]]) -> None:
     except BaseException:  # noqa: BLE001 - report, then exit through finish()
         traceback.print_exc()
     finish(code)
+
+
+def all_reduce_scalars(values: dict[str, Any], device: torch.device,
+                       op: str = "mean") -> dict[str, float]:
+    """Scalars (floats or 0-dim tensors) by name -> their mean (or max) over all ranks, as
+    floats. One collective for the whole dict; a host sync, so call it at log steps only."""
+    keys = sorted(values)
+    if not keys:
+        return {}
+    vec = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=device).reshape(())
+                       for k in keys])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(vec, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        if op != "max":
+            vec /= dist.get_world_size()
+    return dict(zip(keys, vec.tolist()))
 

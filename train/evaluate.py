@@ -32,6 +32,7 @@ import torch
 from omegaconf import DictConfig
 
 from worldline.models.metrics import psnr, ssim
+from worldline.train.dist import all_reduce_scalars
 from worldline.train.flow_trainer import FlowTrainer, to_unit_range
 from worldline.train.plots import line_plot
 
@@ -291,7 +292,7 @@ def _reduce_over_ranks(trainer: Any, report: dict[str, Any]) -> dict[str, Any]:
             flat[k] = torch.tensor(float(v))
         elif isinstance(v, list):
             flat.update({f"{k}#{i}": torch.tensor(float(x)) for i, x in enumerate(v)})
-    mean = trainer.reduce_metrics(flat)
+    mean = all_reduce_scalars(flat, trainer.device)
     out = dict(report)
     for k, v in report.items():
         if isinstance(v, list):

@@ -43,6 +43,7 @@ from worldline.models.flow import (
 )
 from worldline.models.world_model import WorldModel
 from worldline.train import checkpoint as ckpt_lib
+from worldline.train.dist import all_reduce_scalars
 from worldline.train.media import save_samples
 from worldline.train.stage_loader import StageLoader
 from worldline.train.stages import (
@@ -352,7 +353,7 @@ class FlowTrainer(Trainer):
         rep = self.validation_loss(self.validation_loader(), v.num_batches, list(v.timesteps))
         if was_training:
             self.model.train()
-        rep = self.reduce_metrics({k: torch.tensor(val) for k, val in rep.items()})
+        rep = all_reduce_scalars(rep, self.device)
         val = rep["val_loss"]
         if self.tracker is not None:
             self.tracker.log({f"val/{k}": x for k, x in rep.items()}, step)

@@ -29,7 +29,7 @@ from torch import nn
 from worldline.data.loader import ShardLoader
 from worldline.train import checkpoint as ckpt_lib
 from worldline.train.config import to_container
-from worldline.train.dist import init_distributed
+from worldline.train.dist import all_reduce_scalars, init_distributed
 from worldline.train.ema import EMA
 from worldline.train import failpoints
 from worldline.train.guard import NonFiniteGuard, TrainingAborted
@@ -134,6 +134,7 @@ class Trainer:
         self.checkpointer = ckpt_lib.Checkpointer(self.run_dir, cfg.train.keep_last,
                                                   async_save=cfg.dist.async_save)
         self.tracker: Optional[Tracker] = None
+        self._step_samples = 0  # samples of the step being taken (buckets vary the batch size)
         self.autocast_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
         # Non-finite steps are masked on the device (train/guard.py); faults are injected
         # only when WORLDLINE_FAILPOINTS is set (train/failpoints.py, tests/faults/).
@@ -267,7 +268,7 @@ class Trainer:
         t0 = time.perf_counter()
         batch = next(self._data_iter)
         self._data_wait += time.perf_counter() - t0
-        self._step_samples = getattr(self, "_step_samples", 0) + len(batch["key"])
+        self._step_samples += len(batch["key"])
         # channels_last batches arrive as a strided view of decord's [B, T, H, W, 3]; the
         # transpose is paid once here, on the device when there is one.
         return {k: v.to(self.device, non_blocking=True).contiguous() if torch.is_tensor(v) else v
@@ -327,7 +328,7 @@ class Trainer:
             # Host read of the skip counters, only where the loop syncs anyway (and before
             # any save): aborts after train.max_nonfinite_skips in a row.
             self.state.skipped_steps += self.guard.check(
-                step, self.checkpointer.latest() and str(self.checkpointer.latest()))
+                step, str(latest) if (latest := self.checkpointer.latest()) else None)
         return sums
 
     def train(self) -> TrainState:
@@ -371,10 +372,11 @@ class Trainer:
                 dt = time.perf_counter() - t_log
                 # The only host sync of the loop: one per log interval (plus, with several
                 # ranks, two small all-reduces of the logged values).
-                row = self.reduce_metrics({k: v / n_acc for k, v in acc.items()})
+                row = all_reduce_scalars({k: v / n_acc for k, v in acc.items()}, self.device)
                 samples = self.state.samples_seen - samples_log
-                worst = self.reduce_max({"data_wait_frac": self._data_wait / dt,
-                                         "peak_mem_gb": peak_memory_bytes(self.device) / 2**30})
+                worst = all_reduce_scalars(
+                    {"data_wait_frac": self._data_wait / dt,
+                     "peak_mem_gb": peak_memory_bytes(self.device) / 2**30}, self.device, "max")
                 row.update(
                     lr=self.scheduler.get_last_lr()[0],
                     samples_per_s=samples / dt,
@@ -439,25 +441,6 @@ class Trainer:
         finally:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             self.run_dir = real
-
-    def reduce_metrics(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Average logged tensors over all ranks (called at log steps only)."""
-        keys = sorted(values)
-        if not keys:
-            return {}
-        vec = torch.stack([torch.as_tensor(values[k], dtype=torch.float64,
-                                           device=self.device).reshape(()) for k in keys])
-        if self.world_size > 1:
-            dist.all_reduce(vec, op=dist.ReduceOp.SUM)
-            vec /= self.world_size
-        return dict(zip(keys, vec.tolist()))
-
-    def reduce_max(self, values: dict[str, float]) -> dict[str, float]:
-        keys = sorted(values)
-        vec = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(vec, op=dist.ReduceOp.MAX)
-        return dict(zip(keys, vec.tolist()))
 
     def _progress_bar(self):
         if not self.cfg.train.progress_bar or self.rank != 0:
