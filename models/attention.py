@@ -5,6 +5,8 @@
 * flash-attn (`flash_attn_func`, or `flash_attn_varlen_func` when a key-padding mask is
   given) when the package imports, the tensors live on CUDA in fp16/bf16 and no arbitrary
   mask is needed;
+* on CPU in bf16/fp16 with a small score matrix, an explicit matmul -> softmax -> matmul
+  (see `_use_cpu_matmul`: PyTorch's CPU flash kernel is ~2x slower there);
 * `torch.nn.functional.scaled_dot_product_attention` otherwise (CPU, fp32, arbitrary masks),
   which itself dispatches to PyTorch's flash / memory-efficient / math kernels.
 
@@ -33,6 +35,16 @@ except Exception:  # noqa: BLE001 - any failure to import just disables the fast
 
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
+# CPU, bf16: fwd+bwd of matmul/softmax/matmul ÷ SDPA's CPU flash kernel, steady state,
+# 2 threads (scripts/bench_attention.py, BENCHMARKS.md): 0.48 at 320x320 per head, 0.51 at
+# 512x512, 0.65 at 768x768, 1.6 at 1024x1024, 0.36 for 320 queries x 32 text keys. In fp32
+# the two are equal (0.98-1.05) up to 768, so only reduced precision takes the matmul path.
+# Small score blocks stay in cache; beyond ~2^19 per head the flash kernel's tiling wins.
+_CPU_MATMUL_MAX_SCORES_PER_HEAD = 1 << 19
+# The matmul path keeps the probabilities for backward (flash keeps only a logsumexp);
+# 2^24 elements = 32 MiB (bf16) per layer bounds that memory whatever the batch and heads.
+_CPU_MATMUL_MAX_SCORES = 1 << 24
+
 __all__ = ["attention", "flash_attn_available"]
 
 
@@ -50,6 +62,32 @@ def _can_use_flash(q: Tensor, k: Tensor, v: Tensor) -> bool:
         # flash-attn supports head dims up to 256.
         and q.shape[-1] <= 256
     )
+
+
+def _use_cpu_matmul(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """The explicit-matmul path: CPU, reduced precision, small score matrix (see above)."""
+    if q.device.type != "cpu" or q.dtype not in _FLASH_DTYPES or not q.dtype == k.dtype == v.dtype:
+        return False
+    per_head = q.shape[-2] * k.shape[-2]
+    heads = q.numel() // (q.shape[-2] * q.shape[-1])
+    return per_head <= _CPU_MATMUL_MAX_SCORES_PER_HEAD and per_head * heads <= _CPU_MATMUL_MAX_SCORES
+
+
+def _matmul_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
+    """softmax(q k^T / sqrt(Dh) (+ mask)) v with reduced-precision matmuls.
+
+    The scale goes on q, as in SDPA's math kernel (5x fewer elements than the scores). Scores
+    and probabilities stay in q's dtype: PyTorch's CPU softmax accumulates bf16/fp16 in fp32
+    (its output equals an fp32 softmax rounded once), so an explicit upcast would only add
+    copies of the largest tensor here.
+    """
+    s = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            s = s.masked_fill(~attn_mask, float("-inf"))
+        else:
+            s = s + attn_mask.to(s.dtype)
+    return torch.matmul(s.softmax(dim=-1), v)
 
 
 def _flash_varlen_keys(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor) -> Tensor:
@@ -86,7 +124,7 @@ def attention(
     Args:
         q: [B, heads, Nq, Dh]; k, v: [B, heads, Nk, Dh].
         attn_mask: optional mask broadcastable to [B, heads, Nq, Nk]; bool (True = attend) or
-            additive float. Forces the SDPA path.
+            additive float. Rules out flash-attn.
         is_causal: causal (lower-triangular) masking.
         key_padding_mask: optional [B, Nk] bool, True for real keys. Uses flash-attn varlen on
             CUDA, an SDPA mask otherwise. Every row must keep at least one key.
@@ -112,13 +150,19 @@ def attention(
             attn_mask = attn_mask & kpm
         else:
             attn_mask = attn_mask.masked_fill(~kpm, float("-inf"))
-    if attn_mask is not None and is_causal:
-        # SDPA rejects mask + is_causal together; fold causality into the mask.
+    use_matmul = _use_cpu_matmul(q, k, v)
+    if is_causal and (attn_mask is not None or use_matmul):
+        # SDPA rejects mask + is_causal together, and the matmul path takes masks only: fold
+        # causality (top-left aligned, as SDPA's is_causal) into the mask.
         nq, nk = q.shape[-2], k.shape[-2]
         causal = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril()
-        if attn_mask.dtype == torch.bool:
+        if attn_mask is None:
+            attn_mask = causal
+        elif attn_mask.dtype == torch.bool:
             attn_mask = attn_mask & causal
         else:
             attn_mask = attn_mask.masked_fill(~causal, float("-inf"))
         is_causal = False
+    if use_matmul:
+        return _matmul_attention(q, k, v, attn_mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)

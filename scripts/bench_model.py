@@ -1,10 +1,12 @@
 """Model benchmarks, each figure measured side by side in one run (timings on shared machines
 are noisy: compare ratios, not absolute numbers).
 
-1. DiT fwd+bwd step time (small config) and achieved FLOP/s / this machine's fp32 matmul FLOP/s
-   (a square-matmul probe at the model's width, same thread count).
+1. DiT fwd+bwd step time (small config) and achieved FLOP/s / this machine's matmul FLOP/s in
+   the same precision (an MLP-shaped matmul probe at the model's width, same thread count).
 2. fwd+bwd time / diffusers WanTransformer3DModel with the same width, depth, heads, FFN
    parameters, token count and text length (interleaved repeats, medians).
+   Figures 1-2 are taken in fp32 and in bf16 autocast (what ``train.precision=bf16`` runs;
+   both models under the same autocast), each precision side by side in its own loop.
 3. KV-cached rollout: per-frame time at a 64-frame context / at 8 (window = context), the
    matching FLOP ratio, the uncached ratio, and a rolling window of 8 at frame 64 vs frame 8.
 
@@ -38,9 +40,9 @@ def _time(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(ts)
 
 
-def matmul_flops(n: int, repeats: int) -> float:
-    """Best fp32 FLOP/s of an [n, 4n] @ [4n, n]-style probe (the MLP's shape)."""
-    a, b = torch.randn(2048, n), torch.randn(n, 4 * n)
+def matmul_flops(n: int, repeats: int, dtype: torch.dtype = torch.float32) -> float:
+    """Best FLOP/s of a [2048, n] @ [n, 4n] probe (the MLP's shape) in `dtype`."""
+    a, b = torch.randn(2048, n, dtype=dtype), torch.randn(n, 4 * n, dtype=dtype)
     t = min(_time(lambda: a @ b, 1, 1) for _ in range(repeats))
     return 2 * 2048 * n * 4 * n / t
 
@@ -55,7 +57,13 @@ def small_dit(size: str = "small", **kw) -> VideoDiT:
     return dit
 
 
-def bench_step(batch: int, latent: tuple[int, int, int, int], text_len: int, repeats: int):
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def bench_step(batch: int, latent: tuple[int, int, int, int], text_len: int, repeats: int,
+               precision: str = "fp32"):
+    """Figures 1-2 in one precision: fp32, or bf16 autocast as the Trainer runs it."""
+    amp = PRECISIONS[precision]
     dit = small_dit()
     c, t, h, w = latent
     x = torch.randn(batch, c, t, h, w)
@@ -65,16 +73,21 @@ def bench_step(batch: int, latent: tuple[int, int, int, int], text_len: int, rep
     acts = torch.randint(0, 5, (batch, t_pix, 3))
     cam = torch.randn(batch, t_pix, 2)
 
+    def autocast():
+        return torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None)
+
     def ours():
         dit.zero_grad(set_to_none=True)
-        dit(x, tt, text, None, acts, cam).float().pow(2).mean().backward()
+        with autocast():
+            out = dit(x, tt, text, None, acts, cam)
+        out.float().pow(2).mean().backward()
 
     a = dit.args
     wan = None
     try:
         from diffusers import WanTransformer3DModel
 
-        hidden = dit.blocks[0].mlp.w_up.out_features  # SwiGLU: 3 matrices
+        hidden = dit.blocks[0].mlp.hidden  # SwiGLU: 3 matrices
         torch.manual_seed(0)
         wan = WanTransformer3DModel(
             patch_size=tuple(a.patch_size), num_attention_heads=a.num_heads,
@@ -86,21 +99,23 @@ def bench_step(batch: int, latent: tuple[int, int, int, int], text_len: int, rep
 
     def theirs():
         wan.zero_grad(set_to_none=True)
-        out = wan(x, (tt * 1000), text, return_dict=False)[0]
+        with autocast():
+            out = wan(x, (tt * 1000), text, return_dict=False)[0]
         out.float().pow(2).mean().backward()
 
     res = {"ours_s": [], "wan_s": [], "probe": []}
-    ours()
-    if wan is not None:
-        theirs()
+    for _ in range(3):  # warm-up: oneDNN builds its bf16 kernels on first use of a shape
+        ours()
+        if wan is not None:
+            theirs()
     for _ in range(repeats):  # interleaved: all three see the same machine load
-        res["probe"].append(matmul_flops(a.hidden_size, 3))
+        res["probe"].append(matmul_flops(a.hidden_size, 3, amp or torch.float32))
         res["ours_s"].append(_time(ours, 1, 0))
         if wan is not None:
             res["wan_s"].append(_time(theirs, 1, 0))
     ours_s = statistics.median(res["ours_s"])
     flops = dit.flops_per_sample(latent, text_len) * batch
-    out = {"batch": batch, "latent": list(latent), "text_len": text_len,
+    out = {"precision": precision, "batch": batch, "latent": list(latent), "text_len": text_len,
            "tokens_per_sample": t * h * w // 4, "params": dit.num_params(),
            "flops_per_step": flops, "ours_s": ours_s, "ours_flops_per_s": flops / ours_s,
            "matmul_flops_per_s": statistics.median(res["probe"]),
@@ -163,6 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rollout-sizes", default="small,base",
                    help="comma-separated DiT sizes for the rollout figure")
     p.add_argument("--skip-step", action="store_true", help="rollout figure only")
+    p.add_argument("--precisions", default="fp32,bf16",
+                   help="comma-separated precisions for the step figures (fp32, bf16)")
     a = p.parse_args(argv)
     torch.set_flush_denormal(True)  # zero-init nets: denormals cost ~20x on CPU
     torch.set_num_threads(a.threads)
@@ -170,12 +187,15 @@ def main(argv: list[str] | None = None) -> dict:
     res = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "machine": f"{platform.processor() or platform.machine()}, {a.threads} threads, "
                       f"torch {torch.__version__}"}
+    precisions = a.precisions.split(",")
+    if bad := sorted(set(precisions) - set(PRECISIONS)):
+        p.error(f"--precisions: unknown {bad}; choose from {sorted(PRECISIONS)}")
     if a.quick:
-        res["step"] = bench_step(1, (8, 2, 8, 8), 8, reps)
+        res["step"] = [bench_step(1, (8, 2, 8, 8), 8, reps, pr) for pr in precisions]
         res["rollout"] = bench_rollout(4, [2, 4], 3, 1, reps)
     else:
         if not a.skip_step:
-            res["step"] = bench_step(1, (8, 5, 16, 16), 32, reps)
+            res["step"] = [bench_step(1, (8, 5, 16, 16), 32, 8, pr) for pr in precisions]
         res["rollout"] = [bench_rollout(8, [8, 64], 5, 4, 3, size)
                           for size in a.rollout_sizes.split(",")]
     print(json.dumps(res, indent=1))

@@ -114,3 +114,50 @@ def test_text_encoder_shapes_and_padding_invariance():
     ids_short, mask_short = tok(["a red circle"], max_len=16)
     torch.testing.assert_close(out[0, :16], enc(ids_short, mask_short)[0], atol=1e-5, rtol=1e-5)
     assert enc.flops_per_sample(24) > 0 and enc.num_params() > 0
+
+
+@pytest.mark.parametrize("case", ["plain", "causal", "padding", "frame_mask", "additive"])
+def test_cpu_bf16_matmul_path_matches_sdpa_values_and_grads(case):
+    """bf16 on CPU takes the explicit matmul path (small scores); it must agree with SDPA in
+    fp32 on outputs and on the gradients of q, k and v, for every kind of mask."""
+    import worldline.models.attention as attn_mod
+
+    q, k, v = _qkv(b=2, h=3, nq=12, nk=12, d=16)
+    kw: dict = {}
+    if case == "causal":
+        kw["is_causal"] = True
+    elif case == "padding":
+        kpm = torch.ones(2, 12, dtype=torch.bool)
+        kpm[1, 7:] = False
+        kw["key_padding_mask"] = kpm
+    elif case == "frame_mask":  # block-causal over 3 frames of 4 tokens
+        rank = torch.arange(3).repeat_interleave(4)
+        kw["attn_mask"] = rank[:, None] >= rank[None, :]
+    elif case == "additive":
+        kw["attn_mask"] = torch.randn(12, 12)
+    q16, k16, v16 = (t.bfloat16().requires_grad_() for t in (q, k, v))
+    assert attn_mod._use_cpu_matmul(q16, k16, v16)
+    out16 = attention(q16, k16, v16, **kw)
+    assert out16.dtype == torch.bfloat16
+    q32, k32, v32 = (t.bfloat16().float().requires_grad_() for t in (q, k, v))
+    out32 = attention(q32, k32, v32, **kw)  # fp32 never takes the matmul path: SDPA reference
+    torch.testing.assert_close(out16.float(), out32, atol=3e-2, rtol=3e-2)
+    g = torch.randn_like(out32)
+    out16.backward(g.bfloat16())
+    out32.backward(g)
+    for a, b in ((q16, q32), (k16, k32), (v16, v32)):
+        torch.testing.assert_close(a.grad.float(), b.grad, atol=5e-2, rtol=5e-2)
+
+
+def test_cpu_matmul_path_only_for_small_reduced_precision_scores():
+    import worldline.models.attention as attn_mod
+
+    small = torch.zeros(1, 2, 64, 16, dtype=torch.bfloat16)
+    assert attn_mod._use_cpu_matmul(small, small, small)
+    assert not attn_mod._use_cpu_matmul(small.float(), small.float(), small.float())
+    n = 1 + int(attn_mod._CPU_MATMUL_MAX_SCORES_PER_HEAD ** 0.5)
+    big = torch.zeros(1, 1, n, 8, dtype=torch.bfloat16)
+    assert not attn_mod._use_cpu_matmul(big, big, big)  # the flash kernel's regime
+    many_heads = torch.zeros(1, 1 + attn_mod._CPU_MATMUL_MAX_SCORES // 64 ** 2, 64, 8,
+                             dtype=torch.bfloat16)
+    assert not attn_mod._use_cpu_matmul(many_heads, many_heads, many_heads)  # memory bound
