@@ -35,12 +35,12 @@ except Exception:  # noqa: BLE001 - any failure to import just disables the fast
 
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
-# CPU, bf16: fwd+bwd of matmul/softmax/matmul ÷ SDPA's CPU flash kernel, steady state,
-# 2 threads (scripts/bench_attention.py, BENCHMARKS.md): 0.48 at 320x320 per head, 0.51 at
-# 512x512, 0.65 at 768x768, 1.6 at 1024x1024, 0.36 for 320 queries x 32 text keys. In fp32
-# the two are equal (0.98-1.05) up to 768, so only reduced precision takes the matmul path.
-# Small score blocks stay in cache; beyond ~2^19 per head the flash kernel's tiling wins.
-_CPU_MATMUL_MAX_SCORES_PER_HEAD = 1 << 19
+# CPU, bf16: fwd+bwd time of matmul/softmax/matmul ÷ SDPA's CPU flash kernel, steady state,
+# 2 threads (`python -m worldline.scripts.bench_attention`, BENCHMARKS.md): 0.40-0.48 for
+# 320^2-768^2 scores per head, 0.75 at 1024^2, 1.03 at 2048^2; 0.32-0.41 for 32 text keys. In
+# fp32 the two tie (0.88-1.06) up to 1024^2 and SDPA wins beyond, so fp32 stays on SDPA.
+# Small score blocks stay in cache; past 2^20 per head the gain is gone and the memory grows.
+_CPU_MATMUL_MAX_SCORES_PER_HEAD = 1 << 20
 # The matmul path keeps the probabilities for backward (flash keeps only a logsumexp);
 # 2^24 elements = 32 MiB (bf16) per layer bounds that memory whatever the batch and heads.
 _CPU_MATMUL_MAX_SCORES = 1 << 24

@@ -345,7 +345,9 @@ class Trainer:
                                resume_step=self.state.step if resumed_from else None,
                                run_id=self.state.wandb_run_id, rank=self.rank)
         self.state.wandb_run_id = self.tracker.run_id
-        peak, peak_src = peak_flops(self.device)
+        # The CPU probe runs in the training precision: bf16 matmuls run ~4x fp32 on CPUs with
+        # AVX512-BF16/AMX, and an fp32 peak would overstate a bf16 run's MFU.
+        peak, peak_src = peak_flops(self.device, self.autocast_dtype or torch.float32)
         fps = self.flops_per_sample()
         log.info("%s: %.2fM trainable params, %.3g train FLOPs/sample, peak %.3g FLOP/s (%s)",
                  type(self).__name__, sum(p.numel() for p in self.params) / 1e6, fps, peak, peak_src)
