@@ -5,8 +5,9 @@
 * flash-attn (`flash_attn_func`, or `flash_attn_varlen_func` when a key-padding mask is
   given) when the package imports, the tensors live on CUDA in fp16/bf16 and no arbitrary
   mask is needed;
-* on CPU in bf16/fp16 with a small score matrix, an explicit matmul -> softmax -> matmul
-  (see `_use_cpu_matmul`: PyTorch's CPU flash kernel is ~2x slower there);
+* on CPU in bf16/fp16, unless the scores would take too much memory, an explicit
+  matmul -> softmax -> matmul over cache-sized query chunks (PyTorch's CPU flash kernel is
+  ~2x slower there; see `_use_cpu_matmul`);
 * `torch.nn.functional.scaled_dot_product_attention` otherwise (CPU, fp32, arbitrary masks),
   which itself dispatches to PyTorch's flash / memory-efficient / math kernels.
 
@@ -35,14 +36,13 @@ except Exception:  # noqa: BLE001 - any failure to import just disables the fast
 
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
-# CPU, bf16: fwd+bwd time of matmul/softmax/matmul ÷ SDPA's CPU flash kernel, steady state,
-# 2 threads (`python -m worldline.scripts.bench_attention`, BENCHMARKS.md): 0.40-0.48 for
-# 320^2-768^2 scores per head, 0.75 at 1024^2, 1.03 at 2048^2; 0.32-0.41 for 32 text keys. In
-# fp32 the two tie (0.88-1.06) up to 1024^2 and SDPA wins beyond, so fp32 stays on SDPA.
-# Small score blocks stay in cache; past 2^20 per head the gain is gone and the memory grows.
-_CPU_MATMUL_MAX_SCORES_PER_HEAD = 1 << 20
-# The matmul path keeps the probabilities for backward (flash keeps only a logsumexp);
-# 2^24 elements = 32 MiB (bf16) per layer bounds that memory whatever the batch and heads.
+# CPU, bf16: an explicit matmul -> softmax -> matmul, over query chunks whose score block stays
+# in cache, runs fwd+bwd in well under the time of SDPA's CPU flash kernel (measured by
+# `python -m worldline.scripts.bench_attention`, table in BENCHMARKS.md). In fp32 the two tie
+# up to 1024^2 scores per head and SDPA wins beyond, so fp32 stays on SDPA.
+_CPU_MATMUL_CHUNK_SCORES = 1 << 18  # per head and query chunk: 512 KiB of bf16 scores
+# Unlike flash (which keeps a logsumexp), the matmul path keeps every probability for
+# backward: 2^24 elements (32 MiB bf16 per layer) bounds that whatever the batch and heads.
 _CPU_MATMUL_MAX_SCORES = 1 << 24
 
 __all__ = ["attention", "flash_attn_available"]
@@ -65,22 +65,29 @@ def _can_use_flash(q: Tensor, k: Tensor, v: Tensor) -> bool:
 
 
 def _use_cpu_matmul(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """The explicit-matmul path: CPU, reduced precision, small score matrix (see above)."""
+    """The explicit-matmul path: CPU, reduced precision, bounded score memory (see above)."""
     if q.device.type != "cpu" or q.dtype not in _FLASH_DTYPES or not q.dtype == k.dtype == v.dtype:
         return False
-    per_head = q.shape[-2] * k.shape[-2]
-    heads = q.numel() // (q.shape[-2] * q.shape[-1])
-    return per_head <= _CPU_MATMUL_MAX_SCORES_PER_HEAD and per_head * heads <= _CPU_MATMUL_MAX_SCORES
+    return q.numel() // q.shape[-1] * k.shape[-2] <= _CPU_MATMUL_MAX_SCORES
 
 
 def _matmul_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
-    """softmax(q k^T / sqrt(Dh) (+ mask)) v with reduced-precision matmuls.
+    """softmax(q k^T / sqrt(Dh) (+ mask)) v with reduced-precision matmuls, over query chunks.
 
     The scale goes on q, as in SDPA's math kernel (5x fewer elements than the scores). Scores
     and probabilities stay in q's dtype: PyTorch's CPU softmax accumulates bf16/fp16 in fp32
     (its output equals an fp32 softmax rounded once), so an explicit upcast would only add
-    copies of the largest tensor here.
+    copies of the largest tensor here. Softmax rows are independent, so chunking the queries
+    is exact; it keeps each chunk's score block in cache.
     """
+    nq, nk = q.shape[-2], k.shape[-2]
+    rows = max(1, _CPU_MATMUL_CHUNK_SCORES // nk)
+    if rows < nq:
+        mask_rows = attn_mask is not None and attn_mask.dim() >= 2 and attn_mask.shape[-2] == nq
+        return torch.cat([
+            _matmul_attention(q[..., i:i + rows, :], k, v,
+                              attn_mask[..., i:i + rows, :] if mask_rows else attn_mask)
+            for i in range(0, nq, rows)], dim=-2)
     s = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:

@@ -251,30 +251,17 @@ class CrossAttention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """w_down(silu(x W_gate) * x W_up), with W_gate and W_up stored as one [2 * hidden, dim]
-    matrix ``w_gate_up`` (gate rows first): one matmul and one weight read instead of two,
-    in forward and in both backward products."""
-
     def __init__(self, dim: int, mlp_ratio: float) -> None:
         super().__init__()
         # 2/3 keeps the parameter count of a 2-matrix GELU MLP; round for matmul-friendly sizes.
         hidden = int(2 * mlp_ratio * dim / 3)
         hidden = 32 * ((hidden + 31) // 32)
-        self.hidden = hidden
-        self.w_gate_up = nn.Linear(dim, 2 * hidden, bias=False)
-        self.w_gate_up.fused_parts = 2  # init_weights: Xavier per part, as two Linears would
+        self.w_gate = nn.Linear(dim, hidden, bias=False)
+        self.w_up = nn.Linear(dim, hidden, bias=False)
         self.w_down = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
-        return self.w_down(F.silu(gate) * up)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Checkpoints written before the fusion hold w_gate / w_up separately.
-        old = (prefix + "w_gate.weight", prefix + "w_up.weight")
-        if all(k in state_dict for k in old):
-            state_dict[prefix + "w_gate_up.weight"] = torch.cat([state_dict.pop(k) for k in old])
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
 class DiTBlock(nn.Module):
@@ -365,8 +352,7 @@ class VideoDiT(nn.Module):
         """(Re)initialize every parameter; also used after materializing from the meta device."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                for part in m.weight.chunk(getattr(m, "fused_parts", 1)):
-                    nn.init.xavier_uniform_(part)
+                nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):

@@ -87,7 +87,7 @@ def bench_step(batch: int, latent: tuple[int, int, int, int], text_len: int, rep
     try:
         from diffusers import WanTransformer3DModel
 
-        hidden = dit.blocks[0].mlp.hidden  # SwiGLU: 3 matrices
+        hidden = dit.blocks[0].mlp.w_up.out_features  # SwiGLU: 3 matrices
         torch.manual_seed(0)
         wan = WanTransformer3DModel(
             patch_size=tuple(a.patch_size), num_attention_heads=a.num_heads,
@@ -176,8 +176,10 @@ def main(argv: list[str] | None = None) -> dict:
     # The per-frame cost grows only through attention to cached keys, whose share of the work
     # shrinks with width; interactive world models are base-size and up, so that is the default.
     p.add_argument("--rollout-sizes", default="small,base",
-                   help="comma-separated DiT sizes for the rollout figure")
+                   help="comma-separated DiT sizes for the rollout figure ('' skips it)")
     p.add_argument("--skip-step", action="store_true", help="rollout figure only")
+    p.add_argument("--latent", default="8,5,16,16",
+                   help="C,t,h,w of the step figures' latent (default: 320 tokens)")
     p.add_argument("--precisions", default="fp32,bf16",
                    help="comma-separated precisions for the step figures (fp32, bf16)")
     a = p.parse_args(argv)
@@ -195,9 +197,10 @@ def main(argv: list[str] | None = None) -> dict:
         res["rollout"] = bench_rollout(4, [2, 4], 3, 1, reps)
     else:
         if not a.skip_step:
-            res["step"] = [bench_step(1, (8, 5, 16, 16), 32, 8, pr) for pr in precisions]
+            latent = tuple(int(v) for v in a.latent.split(","))
+            res["step"] = [bench_step(1, latent, 32, 8, pr) for pr in precisions]
         res["rollout"] = [bench_rollout(8, [8, 64], 5, 4, 3, size)
-                          for size in a.rollout_sizes.split(",")]
+                          for size in a.rollout_sizes.split(",") if size]
     print(json.dumps(res, indent=1))
     if a.json:
         with open(a.json, "w") as f:

@@ -149,15 +149,29 @@ def test_cpu_bf16_matmul_path_matches_sdpa_values_and_grads(case):
         torch.testing.assert_close(a.grad.float(), b.grad, atol=5e-2, rtol=5e-2)
 
 
-def test_cpu_matmul_path_only_for_small_reduced_precision_scores():
+def test_cpu_matmul_path_only_for_reduced_precision_and_bounded_scores():
     import worldline.models.attention as attn_mod
 
     small = torch.zeros(1, 2, 64, 16, dtype=torch.bfloat16)
     assert attn_mod._use_cpu_matmul(small, small, small)
     assert not attn_mod._use_cpu_matmul(small.float(), small.float(), small.float())
-    n = 1 + int(attn_mod._CPU_MATMUL_MAX_SCORES_PER_HEAD ** 0.5)
-    big = torch.zeros(1, 1, n, 8, dtype=torch.bfloat16)
-    assert not attn_mod._use_cpu_matmul(big, big, big)  # the flash kernel's regime
     many_heads = torch.zeros(1, 1 + attn_mod._CPU_MATMUL_MAX_SCORES // 64 ** 2, 64, 8,
                              dtype=torch.bfloat16)
     assert not attn_mod._use_cpu_matmul(many_heads, many_heads, many_heads)  # memory bound
+
+
+@pytest.mark.parametrize("mask", ["none", "frame", "padding"])
+def test_cpu_matmul_query_chunks_are_exact(monkeypatch, mask):
+    """Query chunks (forced small here) give the unchunked result, masks sliced per chunk."""
+    import worldline.models.attention as attn_mod
+
+    q, k, v = (t.bfloat16() for t in _qkv(b=2, h=2, nq=12, nk=12, d=8))
+    kw: dict = {}
+    if mask == "frame":
+        rank = torch.arange(3).repeat_interleave(4)
+        kw["attn_mask"] = rank[:, None] >= rank[None, :]
+    elif mask == "padding":
+        kw["key_padding_mask"] = torch.tensor([[True] * 12, [True] * 5 + [False] * 7])
+    whole = attention(q, k, v, **kw)
+    monkeypatch.setattr(attn_mod, "_CPU_MATMUL_CHUNK_SCORES", 5 * 12)  # 5-row chunks: 5+5+2
+    torch.testing.assert_close(attention(q, k, v, **kw), whole, atol=0, rtol=0)

@@ -100,7 +100,7 @@ class LoraConfig:
     # Linear-layer names inside each DiT block (matched as ``dit.blocks.<i>.<target>``).
     targets: list[str] = field(default_factory=lambda: [
         "attn.qkv", "attn.proj", "cross.q", "cross.kv", "cross.proj",
-        "mlp.w_gate_up", "mlp.w_down"])
+        "mlp.w_gate", "mlp.w_up", "mlp.w_down"])
 
 
 @dataclass
