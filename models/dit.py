@@ -188,14 +188,22 @@ def gate(x: Tensor, g: Tensor) -> Tensor:
     return (_per_frame(x, g.shape[1]) * g[:, :, None]).view_as(x)
 
 
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """x in fp32 when it is bf16/fp16; fp32 and fp64 stay as they are."""
+    return x.float() if x.element_size() < 4 else x
+
+
 def _qk_norm(norm: nn.Module, x: Tensor) -> Tensor:
-    """QK-RMSNorm in fp32, back in x's dtype. Under bf16 autocast, an fp32 norm weight and a
-    bf16 input miss PyTorch's fused RMSNorm kernel (6 ops fwd, more bwd); fp32 also matches
-    what autocast does for norms on CUDA."""
-    return norm(x.float()).to(x.dtype)
+    """QK-RMSNorm in (at least) fp32, back in x's dtype. Under bf16 autocast, an fp32 norm
+    weight and a bf16 input miss PyTorch's fused RMSNorm kernel (6 ops fwd, more bwd); fp32
+    also matches what autocast does for norms on CUDA."""
+    return norm(_at_least_fp32(x)).to(x.dtype)
 
 
 class SelfAttention(nn.Module):
+    """Spacetime self-attention: fused QKV, QK-RMSNorm, 3D RoPE (also used, token-sharded, by
+    Ulysses context parallelism through :meth:`project`)."""
+
     def __init__(self, dim: int, num_heads: int, qk_norm: bool) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -204,6 +212,15 @@ class SelfAttention(nn.Module):
         head_dim = dim // num_heads
         self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+
+    def project(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, N, D] -> normed, rotated q, k and v [B, H, N, Dh] in x's compute dtype."""
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        # Norm and rotation both in fp32 (RoPE needs it), one cast back to the compute dtype.
+        q = apply_rope(self.q_norm(_at_least_fp32(q)), *rope).to(v.dtype)
+        k = apply_rope(self.k_norm(_at_least_fp32(k)), *rope).to(v.dtype)
+        return q, k, v
 
     def forward(
         self,
@@ -216,10 +233,7 @@ class SelfAttention(nn.Module):
         (k, v) [B, H, N_past, Dh] of earlier tokens (already rotated), or a preallocated
         :class:`KVBlock` holding them, prepended to this call's keys. Returns (out [B, N, D], (k, v) of this call's tokens, for a KV cache)."""
         b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        # Norm and rotation both in fp32 (RoPE needs it), one cast back to the compute dtype.
-        q = apply_rope(self.q_norm(q.float()), *rope).to(v.dtype)
-        k = apply_rope(self.k_norm(k.float()), *rope).to(v.dtype)
+        q, k, v = self.project(x, rope)
         kv = (k, v)
         if isinstance(past_kv, KVBlock):  # preallocated cache: the past is not copied
             k, v = past_kv.extend(k, v)

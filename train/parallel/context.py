@@ -89,13 +89,11 @@ def ulysses_self_attention(attn: nn.Module, group: Any, x: Tensor, rope: tuple[T
                            past_kv: Optional[tuple[Tensor, Tensor]] = None):
     """``SelfAttention.forward`` on local tokens x [B, N/cp, D] (rope already local)."""
     from worldline.models.attention import attention
-    from worldline.models.dit import apply_rope
 
     if past_kv is not None:
         raise NotImplementedError("context parallelism does not support KV-cached rollout")
     b, n, d = x.shape
-    q, k, v = attn.qkv(x).view(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-    q, k = apply_rope(attn.q_norm(q), *rope), apply_rope(attn.k_norm(k), *rope)
+    q, k, v = attn.project(x, rope)
     kv = (k, v)
     # [B, H, N/cp, Dh] -> [B, H/cp, N, Dh]: local heads, every token.
     q, k, v = (_AllToAll.apply(t, 1, 2, group) for t in (q, k, v))
