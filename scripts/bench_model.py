@@ -57,13 +57,13 @@ def small_dit(size: str = "small", **kw) -> VideoDiT:
     return dit
 
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def bench_step(batch: int, latent: tuple[int, int, int, int], text_len: int, repeats: int,
                precision: str = "fp32"):
     """Figures 1-2 in one precision: fp32, or bf16 autocast as the Trainer runs it."""
-    amp = PRECISIONS[precision]
+    dtype = PRECISIONS[precision]
     dit = small_dit()
     c, t, h, w = latent
     x = torch.randn(batch, c, t, h, w)
@@ -74,7 +74,7 @@ def bench_step(batch: int, latent: tuple[int, int, int, int], text_len: int, rep
     cam = torch.randn(batch, t_pix, 2)
 
     def autocast():
-        return torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None)
+        return torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
 
     def ours():
         dit.zero_grad(set_to_none=True)
@@ -109,7 +109,7 @@ def bench_step(batch: int, latent: tuple[int, int, int, int], text_len: int, rep
         if wan is not None:
             theirs()
     for _ in range(repeats):  # interleaved: all three see the same machine load
-        res["probe"].append(matmul_flops(a.hidden_size, 3, amp or torch.float32))
+        res["probe"].append(matmul_flops(a.hidden_size, 3, dtype))
         res["ours_s"].append(_time(ours, 1, 0))
         if wan is not None:
             res["wan_s"].append(_time(theirs, 1, 0))
@@ -185,7 +185,6 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     torch.set_flush_denormal(True)  # zero-init nets: denormals cost ~20x on CPU
     torch.set_num_threads(a.threads)
-    reps = 1 if a.quick else 4
     res = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "machine": f"{platform.processor() or platform.machine()}, {a.threads} threads, "
                       f"torch {torch.__version__}"}
@@ -193,8 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
     if bad := sorted(set(precisions) - set(PRECISIONS)):
         p.error(f"--precisions: unknown {bad}; choose from {sorted(PRECISIONS)}")
     if a.quick:
-        res["step"] = [bench_step(1, (8, 2, 8, 8), 8, reps, pr) for pr in precisions]
-        res["rollout"] = bench_rollout(4, [2, 4], 3, 1, reps)
+        res["step"] = [bench_step(1, (8, 2, 8, 8), 8, 1, pr) for pr in precisions]
+        res["rollout"] = bench_rollout(4, [2, 4], 3, 1, 1)
     else:
         if not a.skip_step:
             latent = tuple(int(v) for v in a.latent.split(","))

@@ -34,18 +34,24 @@ def _watch(fault_root: Path, fault_datasets: Path, name: str, failpoints: str = 
     return proc, log
 
 
+def _await_watchdog(proc, log: Path) -> tuple[float, str]:
+    """Seconds until the watchdog's error appears in the log, and that error line."""
+    t0 = time.monotonic()
+    assert wait_for(lambda: "worldline: error: watchdog:" in log.read_text(), LIMIT_S, proc)
+    took = time.monotonic() - t0
+    return took, next(ln for ln in log.read_text().splitlines()
+                      if "worldline: error: watchdog:" in ln)
+
+
 def test_stalled_rank_is_named(fault_root, fault_datasets, reference_run) -> None:
     proc, log = _watch(fault_root, fault_datasets, "stall",
                        "stall:steps=6,rank=1,secs=600")
     try:
         assert wait_for(lambda: last_logged_step(fault_root / "stall") >= 5, 120, proc)
-        t0 = time.monotonic()
-        assert wait_for(lambda: "worldline: error: watchdog:" in log.read_text(), LIMIT_S, proc)
-        took = time.monotonic() - t0
-        out = log.read_text()
+        took, line = _await_watchdog(proc, log)
     finally:
         kill9(proc)
-    line = next(ln for ln in out.splitlines() if "worldline: error: watchdog:" in ln)
+    out = log.read_text()
     # rank 1 finished step 5 and stalled before step 6, where rank 0 waits for it.
     assert "rank 1 (still in step 5) stalled: it never reached step 6" in line, line
     assert "heartbeat rank 0 step" in out and "heartbeat rank 1 step" in out
@@ -58,13 +64,9 @@ def test_frozen_rank_is_named(fault_root, fault_datasets, reference_run) -> None
         assert wait_for(lambda: last_logged_step(fault_root / "frozen") >= 3, 120, proc)
         victim = rank_pid(proc, 1)
         psutil.Process(victim).send_signal(signal.SIGSTOP)
-        t0 = time.monotonic()
-        assert wait_for(lambda: "worldline: error: watchdog:" in log.read_text(), LIMIT_S, proc)
-        took = time.monotonic() - t0
-        out = log.read_text()
+        took, line = _await_watchdog(proc, log)
     finally:
         kill9(proc)
-    line = next(ln for ln in out.splitlines() if "worldline: error: watchdog:" in ln)
     assert "rank 1 sent no heartbeat" in line and "dead or frozen" in line, line
     print(f"\nfrozen rank named after {took:.1f} s: {line}")
 
