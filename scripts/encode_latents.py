@@ -25,17 +25,9 @@ import torch
 
 def load_autoencoder(checkpoint: str, device: str = "cpu") -> torch.nn.Module:
     """A frozen ``VideoAutoencoder`` from a Worldline run or checkpoint directory."""
-    from worldline.models.autoencoder import AutoencoderArgs, VideoAutoencoder
-    from worldline.train import checkpoint as ckpt_lib
+    from worldline.train.pipeline_io import load_autoencoder as load
 
-    path = ckpt_lib.resolve_checkpoint(checkpoint)
-    cfg = ckpt_lib.read_meta(path)["config"]["model"]["autoencoder"]
-    fields = AutoencoderArgs.__dataclass_fields__
-    ae = VideoAutoencoder(AutoencoderArgs(**{k: v for k, v in cfg.items() if k in fields}))
-    # An autoencoder run saves it as the trained "model"; later stages as a frozen module.
-    key = "autoencoder" if "autoencoder" in ckpt_lib.checkpoint_keys(path) else "model"
-    ckpt_lib.load_module_weights(ae, path, key, prefer_ema=True)
-    return ae.requires_grad_(False).eval().to(device)
+    return load(checkpoint)[0].to(device)
 
 
 def autoencoder_encoder(ae: torch.nn.Module, device: str = "cpu"):

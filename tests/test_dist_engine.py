@@ -172,7 +172,7 @@ def test_same_size_resume_is_bitwise(dist_run: Path, root: Path, datasets: Path)
 
 
 def _model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    from worldline.scripts.export import consolidated_state
+    from worldline.train.weights import consolidated_state
 
     return consolidated_state(ckpt)["model"]
 
@@ -252,35 +252,35 @@ def test_export_loads_in_one_process(dist_run: Path, root: Path) -> None:
     from safetensors.torch import load_file
 
     from worldline.models.autoencoder import AutoencoderArgs, VideoAutoencoder
-    from worldline.scripts.export import export
-    from worldline.train import checkpoint as ckpt_lib
+    from worldline.train.weights import export, load_module_weights
 
     out = export(dist_run, root / f"{dist_run.name}-export")
     info = json.loads((out / "config.json").read_text())
     assert info["step"] == STEPS and info["source_world_size"] == 2
     assert {"model.safetensors", "ema.safetensors"} <= set(info["files"])
     ae = VideoAutoencoder(AutoencoderArgs(**info["config"]["model"]["autoencoder"]))
-    assert ckpt_lib.load_module_weights(ae, out, "model", prefer_ema=False) is False
+    assert load_module_weights(ae, out, "model", prefer_ema=False) is False
     exported = load_file(str(out / "model.safetensors"))
     for n, p in ae.state_dict().items():
         assert torch.equal(p, exported[n]), n
     if dist_run.name in ("fsdp", "deepspeed_zero3"):
         # The folder is a checkpoint for eval/sampling: worldline-eval's loader, one process.
         from _runs import compose_cfg
-        from worldline.train.main import load_for_inference
+        from worldline.train.inference import load_for_inference
 
         cfg = compose_cfg(["experiment=smoke", "stage=autoencoder", "logger=none",
                            f"run.root={root}", f"data.root={root / '_datasets'}"])
-        trainer, path = load_for_inference(cfg, str(out), use_ema=True)
-        assert path == out and trainer.world_size == 1
-        assert trainer.evaluate(1)["psnr"] > 5
+        run = load_for_inference(cfg, str(out), use_ema=True)
+        assert run.path == out and run.world_size == 1
+        assert run.objective.evaluate(run.pipeline, run.loaders.make(shuffle=False),
+                                      1)["psnr"] > 5
     if "ddp" in _runs and dist_run.name != "ddp":
         # Same training on another backend -> the same consolidated weights (to fp noise).
         ref = _model_weights(_runs["ddp"] / "checkpoints" / f"step_{STEPS}")
         for n in ref:
             torch.testing.assert_close(exported[n], ref[n], rtol=1e-3, atol=1e-4)
         # The EMA too, though ZeRO-3 keeps it as per-rank slices and FSDP as DTensor shards.
-        from worldline.scripts.export import consolidated_state
+        from worldline.train.weights import consolidated_state
 
         ref_ema = consolidated_state(_runs["ddp"] / "checkpoints" / f"step_{STEPS}")["ema"]
         ema = load_file(str(out / "ema.safetensors"))

@@ -16,12 +16,8 @@ from worldline.models.world_model import WorldModel
 from worldline.train.config import ConfigError, FreezePolicyConfig
 from worldline.train.validate import validate
 from worldline.train.stage_loader import is_prior_batch
-from worldline.train.stages import (
-    FreezePolicy,
-    load_init_weights,
-    stage_dit_args,
-    zero_init_new_controls,
-)
+from worldline.train.pipeline_io import stage_dit_args
+from worldline.train.stages import FreezePolicy, load_init_weights, zero_init_new_controls
 from worldline.train.tasks import TaskProbs, clean_prefix_inputs, sample_prefix_lengths
 
 DIT = DiTArgs(in_channels=4, hidden_size=64, depth=2, num_heads=4, text_dim=32,
@@ -164,20 +160,19 @@ def test_init_from_a_mismatched_model_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_epochs_set_the_step_count_from_the_data(tmp_path: Path) -> None:
-    from worldline.train.objectives import resolve_epochs
+    from worldline.train.build import train_steps
 
     cfg = compose_cfg(["stage=finetune", "stage.init_from=x", "experiment=smoke",
                        "stage.epochs=3", "train.grad_accum=2"])
-    resolve_epochs(cfg)  # 16 clips, batch 2 x accumulation 2 -> 4 steps per epoch
-    assert cfg.train.steps == 12
+    # 16 clips, batch 2 x accumulation 2 -> 4 steps per epoch
+    assert train_steps(cfg) == 12
     shards = tmp_path / "studio"
     shards.mkdir()
     (shards / "manifest.json").write_text(json.dumps({"num_samples": 10}))
     cfg = compose_cfg(["stage=finetune", "stage.init_from=x", "experiment=smoke",
                        "data=webdataset", f"data.shards={shards}", "stage.epochs=2"])
-    resolve_epochs(cfg)  # ceil(2 * 10 / 2)
-    assert cfg.train.steps == 10
+    assert train_steps(cfg) == 10  # ceil(2 * 10 / 2)
     cfg = compose_cfg(["stage=finetune", "stage.init_from=x", "data=webdataset",
                        f"data.shards={tmp_path}", "stage.epochs=2"])
     with pytest.raises(FileNotFoundError, match="manifest.json"):
-        resolve_epochs(cfg)
+        train_steps(cfg)

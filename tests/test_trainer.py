@@ -11,7 +11,7 @@ import torch
 from _runs import compose_cfg, smoke_overrides
 from worldline.train.checkpoint import latest_checkpoint, list_checkpoints
 from worldline.train.main import run_training
-from worldline.train.objectives import make_trainer
+from worldline.train.build import build_trainer as make_trainer
 from worldline.train.tracking import read_metrics
 
 
@@ -41,8 +41,8 @@ def test_one_step_changes_parameters(tmp_path, datasets, ae_run, stage) -> None:
                                       "train.steps=1", "optim.weight_decay=0", *extra))
     trainer = make_trainer(cfg)
     before = {n: p.detach().clone() for n, p in trainer.module.named_parameters()}
-    frozen_before = {n: p.detach().clone() for m in trainer.frozen.values()
-                     for n, p in m.named_parameters()}
+    frozen = [trainer.pipeline.autoencoder] if stage == "pretrain" else []
+    frozen_before = {n: p.detach().clone() for m in frozen for n, p in m.named_parameters()}
     trainer.train()
     after = dict(trainer.module.named_parameters())
     changed = {n for n in before if not torch.equal(before[n], after[n])}
@@ -55,7 +55,7 @@ def test_one_step_changes_parameters(tmp_path, datasets, ae_run, stage) -> None:
                      if p.grad is not None and p.grad.abs().sum() > 0}
         assert any(n.startswith("dit.final") for n in with_grad), with_grad
         assert with_grad <= changed, with_grad - changed
-    for n, p in (n_p for m in trainer.frozen.values() for n_p in m.named_parameters()):
+    for n, p in (n_p for m in frozen for n_p in m.named_parameters()):
         assert torch.equal(frozen_before[n], p), f"frozen {n} changed"
     assert latest_checkpoint(tmp_path / "one" / "checkpoints").name == "step_1"
 
@@ -196,7 +196,7 @@ def test_latent_shards_train_like_pixels(tmp_path, datasets, ae_run) -> None:
         tmp_path, "lat", datasets, *common, "data=latent", f"data.shards={lat_dir}",
         "data.num_frames=9", "data.resolution=[32,32]", "data.batch_size=2",
         "data.num_workers=0")))
-    trainer.encode = None  # any pixel encode would now fail loudly
+    trainer.pipeline.encode_video = None  # any pixel encode would now fail loudly
     trainer.train()
     pix, lat = _losses(tmp_path / "pix"), _losses(tmp_path / "lat")
     assert [s for s, _ in pix] == [s for s, _ in lat] == [1, 2, 3]
@@ -215,12 +215,13 @@ def test_autoencoder_gan_and_perceptual_resume_exactly(tmp_path, datasets) -> No
              f"stage.ae.perceptual_path={tmp_path / 'perc.pt'}",
              "model.autoencoder.perceptual_weight=0.1"]
     straight = make_trainer(compose_cfg(smoke_overrides(tmp_path, "gan", datasets, *extra)))
-    d0 = {n: p.detach().clone() for n, p in straight.disc.named_parameters()}
+    d0 = {n: p.detach().clone() for n, p in straight.objective.disc.disc.named_parameters()}
     straight.train()
     rows = [r for r in read_metrics(tmp_path / "gan") if "loss" in r]
     assert [r["d_loss"] == 0 for r in rows] == [True, True, False, False, False]
     assert all(r["perceptual"] > 0 for r in rows) and rows[-1]["g_adv"] != 0
-    assert any(not torch.equal(d0[n], p) for n, p in straight.disc.named_parameters())
+    assert any(not torch.equal(d0[n], p)
+               for n, p in straight.objective.disc.disc.named_parameters())
 
     # A crash right after the step-3 save, then resume=auto.
     shutil.copytree(tmp_path / "gan", tmp_path / "gan2")
@@ -228,6 +229,7 @@ def test_autoencoder_gan_and_perceptual_resume_exactly(tmp_path, datasets) -> No
     (tmp_path / "gan2" / "checkpoints" / "latest").unlink()
     resumed = make_trainer(compose_cfg(smoke_overrides(tmp_path, "gan2", datasets, *extra)))
     resumed.train()
-    for a, b in ((straight.module, resumed.module), (straight.disc, resumed.disc)):
+    for a, b in ((straight.module, resumed.module),
+                 (straight.objective.disc.disc, resumed.objective.disc.disc)):
         for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
             assert torch.equal(p, q), n

@@ -133,7 +133,7 @@ def test_pretrain_steps_up_resolution_schedule(workflow: Path) -> None:
 def test_controllability_grows_and_resumes(workflow: Path) -> None:
     run_dir = workflow / "control"
     assert [s for s, _ in list_checkpoints(run_dir / "checkpoints")][-1] == 16
-    from worldline.train.stages import saved_param_names
+    from worldline.train.weights import saved_param_names
 
     ctl = saved_param_names(run_dir / "checkpoints" / "step_16")
     pre = saved_param_names(workflow / "world" / "checkpoints" / "step_16")
@@ -268,18 +268,19 @@ def test_sample_from_first_image_references_and_action_file(workflow: Path,
     import torch
 
     from _runs import compose_cfg
-    from worldline.train.main import load_for_inference
+    from worldline.train.inference import load_for_inference, probe_batch
     from worldline.train.sampling import load_image
 
-    tr, _ = load_for_inference(compose_cfg(["experiment=smoke", f"run.root={workflow}",
-                                            "logger=none"]), str(workflow / "control"), True)
+    run = load_for_inference(compose_cfg(["experiment=smoke", f"run.root={workflow}",
+                                          "logger=none"]), str(workflow / "control"), True)
+    pipe = run.pipeline
     img = load_image(tmp_path / "first.png", (32, 32))
     assert np.array_equal(img.permute(1, 2, 0).numpy(), clip["frames"][0])
     with torch.no_grad():
-        z = tr.encode_images(img[None])[:, :, None]
-        alone = tr.autoencoder.decode(tr.autoencoder.denormalize(z)).clamp(-1, 1)
-        gen = tr.generate(["a red circle"], tr.probe_batch(1), 0, 2, 2.0, prefix=z,
-                          solver="heun", action_cfg_scale=1.5)
+        z = pipe.encode_images(img[None])[:, :, None]
+        alone = pipe.decode(z)
+        gen = pipe.generate(["a red circle"], batch=probe_batch(run, 1), seed=0, num_steps=2,
+                            cfg_scale=2.0, prefix=z, solver="heun", action_cfg_scale=1.5)
     assert gen.shape == (1, 3, 9, 32, 32)
     torch.testing.assert_close(gen[:, :, 0], alone[:, :, 0], rtol=0, atol=1e-5)
     assert (gen[:, :, 1:] - alone[:, :, :1]).abs().mean() > 1e-3  # later frames are generated

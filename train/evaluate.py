@@ -33,7 +33,7 @@ from omegaconf import DictConfig
 
 from worldline.models.metrics import psnr, ssim
 from worldline.train.dist import all_reduce_scalars
-from worldline.train.flow_trainer import FlowTrainer, to_unit_range
+from worldline.train.pipeline import to_unit_range
 from worldline.train.plots import line_plot
 
 log = logging.getLogger(__name__)
@@ -68,18 +68,19 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 class FlowEvaluator:
-    """Generative metrics of a loaded FlowTrainer on the first ``eval.num_clips`` clips."""
+    """Generative metrics of a loaded world model on the first ``eval.num_clips`` clips."""
 
-    def __init__(self, trainer: FlowTrainer, ecfg: Any) -> None:
-        self.t, self.e = trainer, ecfg
-        self.device = trainer.device
+    def __init__(self, run: Any, ecfg: Any) -> None:
+        self.run, self.e = run, ecfg
+        self.pipe = run.pipeline
+        self.device = self.pipe.device
         self.batch = self._clips(ecfg.num_clips)
-        self.x0 = trainer.latents(self.batch)
+        self.x0 = self.pipe.latents(self.batch)
         self.video = to_unit_range(self.batch["video"])
 
     def _clips(self, n: int) -> dict[str, Any]:
-        loader = iter(self.t.build_loader(shuffle=False))
-        parts: list[dict] = []
+        loader = iter(self.run.loaders.make(shuffle=False))
+        parts: list[Any] = []
         while sum(len(p["caption"]) for p in parts) < n:
             parts.append(next(loader))
         out: dict[str, Any] = {}
@@ -95,42 +96,29 @@ class FlowEvaluator:
     @torch.no_grad()
     def rollout_video(self, actions: Optional[torch.Tensor], seed: int) -> torch.Tensor:
         """Videos [N, 3, T, H, W] continuing each clip's first frame under ``actions``."""
-        tr = self.t
-        dit, wm = tr.module.dit, tr.module
+        pipe, dit = self.pipe, self.pipe.transformer
         batch = {**self.batch}
         if actions is not None:
             batch["actions"] = actions
-        cond = tr.conditions(batch, self.x0.shape[0])
+        prompts = list(batch["caption"])
         ctx = self.x0[:, :, :1]
         n_new = self.x0.shape[2] - 1
         if dit.args.frame_causal and dit.args.patch_size[0] == 1 and n_new > 0:
-            from worldline.models.rollout import rollout
-
-            text = None
-            if cond["text_ids"] is not None:
-                text = wm.encode_text(cond["text_ids"], cond["text_mask"])
-            g = torch.Generator(device=self.device).manual_seed(seed)
-            gen = rollout(dit, ctx, n_new, text=text, text_mask=cond["text_mask"],
-                          null_text=wm.null_text, actions=cond["actions"], camera=cond["camera"],
-                          num_steps=self.e.num_steps, shift=tr.shift_for(self.x0.shape[1:]),
-                          generator=g)
-            z = torch.cat([ctx, gen], 2)
-            return tr.autoencoder.decode(tr.autoencoder.denormalize(z)).clamp(-1, 1)
-        return tr.generate(list(batch["caption"]), batch, seed, self.e.num_steps, 1.0,
-                           prefix=ctx, latent_shape=self.x0.shape[1:])
+            return pipe.rollout(prompts, n_new, context=ctx, num_steps=self.e.num_steps,
+                                seed=seed, batch=batch)
+        return pipe.generate(prompts, prefix=ctx, seed=seed, num_steps=self.e.num_steps,
+                             latent_shape=tuple(self.x0.shape[1:]), batch=batch)
 
     # --------------------------------------------------------------------- metrics
     @torch.no_grad()
     def reconstruction(self) -> dict[str, float]:
-        ae = self.t.autoencoder
-        recon = ae.decode(ae.denormalize(self.x0)).clamp(-1, 1)
+        recon = self.pipe.decode(self.x0)
         return {"reconstruction/psnr": float(psnr(recon, self.video).mean()),
                 "reconstruction/ssim": float(ssim(recon, self.video).mean())}
 
     def _horizon_groups(self) -> list[list[int]]:
         """Pixel frames of each generated latent frame (horizon step 1, 2, ...)."""
-        tf = self.t.autoencoder.args.temporal_downsample if hasattr(
-            self.t.autoencoder, "args") else 4
+        tf = self.pipe.transformer.args.temporal_downsample
         n_lat = self.x0.shape[2]
         return [list(range(1 + (k - 1) * tf, 1 + k * tf)) for k in range(1, n_lat)]
 
@@ -151,17 +139,17 @@ class FlowEvaluator:
     @torch.no_grad()
     def action_following(self, gen_true: torch.Tensor) -> dict[str, float]:
         acts = self.batch.get("actions")
-        if "actions" not in self.t.cfg.stage.conditions or acts is None or acts.shape[-1] == 0:
+        if "actions" not in self.pipe.conditions or acts is None or acts.shape[-1] == 0:
             return {}
         n = acts.shape[0]
-        other = acts.roll(1, 0) if n > 1 else (acts + 1) % self.t.module.dit.args.num_actions
+        other = acts.roll(1, 0) if n > 1 else (acts + 1) % self.pipe.transformer.args.num_actions
         gen_other = self.rollout_video(other, seed=0)
         gen_seed = self.rollout_video(None, seed=1)
         rep = {"action_following/divergence_other_actions":
                float((gen_true - gen_other).abs().mean()),
                "action_following/divergence_other_seed":
                float((gen_true - gen_seed).abs().mean())}
-        d = self.t.cfg.data
+        d = self.run.cfg.data
         if d.kind == "synthetic":
             rep.update(self._sprite_tracking(gen_true, gen_other))
         return rep
@@ -176,7 +164,7 @@ class FlowEvaluator:
             render_clip,
         )
 
-        d = self.t.cfg.data
+        d = self.run.cfg.data
         syn = SyntheticWorldConfig(**{k: d.synthetic[k] for k in d.synthetic})
         sy, sx = d.resolution[0] / syn.height, d.resolution[1] / syn.width
         half = _sprite_size(syn) / 2
@@ -209,18 +197,18 @@ class FlowEvaluator:
 
     @torch.no_grad()
     def reference_consistency(self) -> dict[str, float]:
-        tr = self.t
-        if "refs" not in tr.cfg.stage.conditions:
+        pipe = self.pipe
+        if "refs" not in pipe.conditions:
             return {}
         # The reference is the clip's last frame (a view of the same subject the model must
         # carry into a text-only generation).
         ref_px = self.video[:, :, -1]
-        refs = tr.encode_images(self.batch["video"][:, :, -1])[:, None]
+        refs = pipe.encode_images(self.batch["video"][:, :, -1])[:, None]
         prompts = list(self.batch["caption"])
-        with_r = tr.generate(prompts, self.batch, 0, self.e.num_steps, 1.0, refs=refs,
-                             latent_shape=self.x0.shape[1:])
-        without = tr.generate(prompts, self.batch, 0, self.e.num_steps, 1.0,
-                              latent_shape=self.x0.shape[1:])
+        kw = dict(seed=0, num_steps=self.e.num_steps, latent_shape=tuple(self.x0.shape[1:]),
+                  batch=self.batch)
+        with_r = pipe.generate(prompts, refs=refs, **kw)
+        without = pipe.generate(prompts, **kw)
         feat = self._features()
         r = feat(ref_px)
 
@@ -281,10 +269,10 @@ def _markdown(report: dict[str, Any]) -> str:
 _COUNTS = ("num_clips", "detections_")  # fvd/num_videos is already the gathered total
 
 
-def _reduce_over_ranks(trainer: Any, report: dict[str, Any]) -> dict[str, Any]:
+def _reduce_over_ranks(run: Any, report: dict[str, Any]) -> dict[str, Any]:
     """Average every number (and every element of a per-horizon list) over the ranks, each of
     which evaluated its own shards; counts are summed. One process: unchanged."""
-    if trainer.world_size == 1:
+    if run.world_size == 1:
         return report
     flat: dict[str, torch.Tensor] = {}
     for k, v in report.items():
@@ -292,15 +280,15 @@ def _reduce_over_ranks(trainer: Any, report: dict[str, Any]) -> dict[str, Any]:
             flat[k] = torch.tensor(float(v))
         elif isinstance(v, list):
             flat.update({f"{k}#{i}": torch.tensor(float(x)) for i, x in enumerate(v)})
-    mean = all_reduce_scalars(flat, trainer.device)
+    mean = all_reduce_scalars(flat, run.device)
     out = dict(report)
     for k, v in report.items():
         if isinstance(v, list):
             out[k] = [mean[f"{k}#{i}"] for i in range(len(v))]
         elif k in mean:
             is_count = any(c in k for c in _COUNTS)
-            out[k] = mean[k] * trainer.world_size if is_count else mean[k]
-    out["num_ranks"] = trainer.world_size
+            out[k] = mean[k] * run.world_size if is_count else mean[k]
+    out["num_ranks"] = run.world_size
     return out
 
 
@@ -309,7 +297,7 @@ def run_eval(cfg: DictConfig) -> Optional[dict[str, Any]]:
     ranks other than 0 of a multi-process evaluation)."""
     from worldline.train.checkpoint import read_meta
     from worldline.train.config import ConfigError, to_container
-    from worldline.train.main import load_for_inference
+    from worldline.train.inference import load_for_inference
     from worldline.train.media import save_samples
     from worldline.train.tracking import Tracker
 
@@ -319,19 +307,19 @@ def run_eval(cfg: DictConfig) -> Optional[dict[str, Any]]:
     for key in ("feature_extractor", "i3d"):
         if e[key] and not Path(e[key]).is_file():
             raise FileNotFoundError(f"eval.{key}: no TorchScript file at {e[key]}")
-    trainer, path = load_for_inference(cfg, e.checkpoint, e.use_ema)
+    run = load_for_inference(cfg, e.checkpoint, e.use_ema)
+    path, pipe = run.path, run.pipeline
     step = read_meta(path).get("step")
     report: dict[str, Any] = {"checkpoint": str(path), "step": step}
     out = Path(e.out) if e.out else path.parent.parent / "eval" / path.name
     out.mkdir(parents=True, exist_ok=True)
     media: dict[str, torch.Tensor] = {}
-    if trainer.cfg.stage.objective != "flow":
-        report.update(trainer.evaluate(e.num_batches))
-    else:
-        metrics = set(e.metrics)
-        if "val_loss" in metrics:
-            report.update(trainer.evaluate(e.num_batches, list(e.timesteps)))
-        ev = FlowEvaluator(trainer, e)
+    metrics = set(e.metrics)
+    if pipe.world_model is None or "val_loss" in metrics:  # an autoencoder: PSNR/SSIM
+        report.update(run.objective.evaluate(pipe, run.loaders.make(shuffle=False),
+                                             e.num_batches, list(e.timesteps)))
+    if pipe.world_model is not None:
+        ev = FlowEvaluator(run, e)
         if "reconstruction" in metrics:
             report.update(ev.reconstruction())
         gen = None
@@ -345,8 +333,8 @@ def run_eval(cfg: DictConfig) -> Optional[dict[str, Any]]:
         if "reference" in metrics:
             report.update(ev.reference_consistency())
         report.update(ev.fvd(gen) if gen is not None else {})
-    report = _reduce_over_ranks(trainer, report)
-    if trainer.rank != 0:
+    report = _reduce_over_ranks(run, report)
+    if run.rank != 0:
         return None
     # NaN (e.g. a sprite never detected) is not JSON: write null.
     report = {k: (None if isinstance(v, float) and math.isnan(v) else v)

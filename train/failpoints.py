@@ -30,7 +30,7 @@ import os
 import signal
 import time
 from functools import lru_cache
-from typing import Optional
+from typing import Any, Optional
 
 log = logging.getLogger(__name__)
 
@@ -83,18 +83,26 @@ def corrupt_loss(loss, step: int, rank: int):
     return loss * float(point.get("value", "nan"))
 
 
-def arm_trainer(trainer) -> None:
+class _FaultyObjective:
+    """An objective whose loss ``nan_loss`` corrupts at armed steps; all else delegates."""
+
+    def __init__(self, inner: Any, rank: int) -> None:
+        self._inner, self._rank = inner, rank
+
+    def loss(self, pipe: Any, batch: Any, rng: Any) -> Any:
+        loss, parts = self._inner.loss(pipe, batch, rng)
+        return corrupt_loss(loss, rng.step + 1, self._rank), parts
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def arm_trainer(trainer: Any) -> None:
     """Install ``nan_loss`` and ``inf_grad`` on a Trainer (called only when the variable is
-    set): its ``compute_loss`` is wrapped and its first trainable parameter gets a hook."""
-    compute_loss = trainer.compute_loss
+    set): its objective is wrapped and its first trainable parameter gets a hook."""
     step = lambda: trainer.state.step + 1  # noqa: E731 - the step being computed
-
-    def corrupted(batch):
-        loss, parts = compute_loss(batch)
-        return corrupt_loss(loss, step(), trainer.rank), parts
-
-    trainer.compute_loss = corrupted
-    trainer.params[0].register_hook(inf_grad_hook(step, trainer.rank))
+    trainer.objective = _FaultyObjective(trainer.objective, trainer.rank)
+    trainer.engine.params[0].register_hook(inf_grad_hook(step, trainer.rank))
 
 
 def inf_grad_hook(step_fn, rank: int):

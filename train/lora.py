@@ -11,13 +11,12 @@ turns one into
                                   model.safetensors, autoencoder.safetensors, config.json
                                   (accepted by worldline-eval / -sample / stage.init_from)
 
-Example::
+Example (CLI in scripts/export.py)::
 
     worldline-lora runs/studio-lora --out runs/studio-lora/export
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
@@ -29,7 +28,8 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["lora_config", "inject_lora", "lora_state_dict", "merged_state_dict", "export_lora"]
+__all__ = ["lora_config", "inject_lora", "lora_state_dict", "merged_state_dict", "has_lora",
+           "export_lora"]
 
 
 def lora_config(cfg: Any):
@@ -89,15 +89,19 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def has_lora(model: nn.Module) -> bool:
+    """Whether PEFT LoRA layers were injected into ``model``."""
+    return any("lora_" in n for n, _ in model.named_parameters())
+
+
 def export_lora(checkpoint: str | Path, out: str | Path, use_ema: bool = True) -> Path:
     """Write lora.safetensors, adapter_config.json and merged/ for a LoRA run's checkpoint."""
+    from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
-    from worldline.models.world_model import WorldModel
-    from worldline.scripts.export import consolidated_state
     from worldline.train import checkpoint as ckpt_lib
-    from worldline.train.stages import stage_dit_args
-    from worldline.models.text import TextEncoderArgs
+    from worldline.train.pipeline_io import build_models
+    from worldline.train.weights import consolidated_state, load_module_weights
 
     path = ckpt_lib.resolve_checkpoint(checkpoint)
     meta = ckpt_lib.read_meta(path)
@@ -105,16 +109,10 @@ def export_lora(checkpoint: str | Path, out: str | Path, use_ema: bool = True) -
     st = cfg["stage"]
     if not st.get("lora", {}).get("enabled"):
         raise ValueError(f"{path} is not a LoRA run (stage.lora.enabled is false)")
-    from omegaconf import OmegaConf
-
-    from worldline.models.dit import DiTArgs
-
-    dit_cfg = OmegaConf.merge(OmegaConf.structured(DiTArgs), cfg["model"]["dit"])
-    model = WorldModel(stage_dit_args(dit_cfg, st["conditions"]),
-                       TextEncoderArgs(**cfg["model"]["text"]))
+    _, model = build_models(cfg)  # on meta, adapters injected
+    model.to_empty(device="cpu")
     lcfg = OmegaConf.create(st["lora"])
-    inject_lora(model, lcfg)
-    ckpt_lib.load_module_weights(model, path, "model", prefer_ema=use_ema)
+    load_module_weights(model, path, "model", prefer_ema=use_ema)
     out = Path(out)
     (out / "merged").mkdir(parents=True, exist_ok=True)
     save_file(lora_state_dict(model), str(out / "lora.safetensors"),
@@ -135,18 +133,3 @@ def export_lora(checkpoint: str | Path, out: str | Path, use_ema: bool = True) -
         "source": str(path), "lora_merged": True,
         "files": sorted(f.name for f in (out / "merged").glob("*.safetensors"))}, indent=1))
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``worldline-lora <run or checkpoint> --out DIR``."""
-    ap = argparse.ArgumentParser(prog="worldline-lora",
-                                 description="export a LoRA run: adapters + merged weights")
-    ap.add_argument("checkpoint", help="LoRA run dir, its checkpoints/ dir, or a step_<N> dir")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--raw", action="store_true", help="raw weights instead of EMA")
-    args = ap.parse_args(argv)
-    print(export_lora(args.checkpoint, args.out, use_ema=not args.raw))
-
-
-if __name__ == "__main__":
-    main()

@@ -50,55 +50,18 @@ def _fail_cleanly(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any
 
 
 def run_training(cfg: DictConfig) -> Any:
-    """Validate ``cfg`` and train its stage to ``train.steps``. Returns the finished Trainer."""
-    from worldline.train.objectives import make_trainer
+    """Validate ``cfg`` and train its stage to its last step. Returns the finished Trainer."""
+    from worldline.train.build import build_trainer
 
     validate(cfg)
-    trainer = make_trainer(cfg)
+    trainer = build_trainer(cfg)
     trainer.train()
     if trainer.rank == 0:
         # Read by the SLURM batch script (slurm/templates/preempt.sh): only a run that is not
         # finished is requeued.
         write_status(trainer.run_dir, "stopped" if trainer.stopped_by else "finished",
-                     trainer.state.step, cfg.train.steps, trainer.stopped_by)
+                     trainer.state.step, trainer.settings.steps, trainer.stopped_by)
     return trainer
-
-
-def _sweep_job_run_dir(cfg: DictConfig) -> None:
-    """In a Hydra multirun (``-m``, any launcher) every job trains in its own run dir,
-    ``<run.name>/<job number>``, which is also Hydra's output dir for the job (hydra.sweep in
-    conf/config.yaml). A requeued sweep job keeps its number, hence its run dir, and resumes."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        cfg.run.name = f"{cfg.run.name}/{HydraConfig.get().job.num}"
-
-
-def load_for_inference(cfg: DictConfig, checkpoint: str, use_ema: bool):
-    """A Trainer whose model/stage config come from ``checkpoint`` (everything else — data,
-    sampling and eval settings — from the command line), with the checkpoint's weights loaded."""
-    from worldline.train import checkpoint as ckpt_lib
-    from worldline.train.objectives import make_trainer
-
-    path = ckpt_lib.resolve_checkpoint(checkpoint)
-    saved = ckpt_lib.read_meta(path)["config"]
-    # The checkpoint carries its frozen autoencoder; never chase the original training paths.
-    stage = {**saved["stage"], "init_from": None,
-             "autoencoder_from": str(path) if saved["stage"]["objective"] == "flow" else None}
-    # What only shapes training (data schedule and mix, freezing, early stopping) is off.
-    stage.update(schedule=[], epochs=None)
-    for key, off in (("freeze_policy", {"steps": 0}), ("prior", {"ratio": 0.0}),
-                     ("validation", {"every": 0, "patience": 0})):
-        if key in stage:
-            stage[key] = {**stage[key], **off}
-    cfg = OmegaConf.merge(cfg, {"model": saved["model"], "stage": stage})
-    validate(cfg)
-    trainer = make_trainer(cfg)
-    used = ckpt_lib.load_module_weights(trainer.module, path, "model", prefer_ema=use_ema)
-    trainer.model.eval()
-    log.info("loaded %s (%s weights)", path, "EMA" if used else "raw")
-    return trainer, path
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
@@ -114,7 +77,6 @@ def train_app(cfg: DictConfig) -> None:
     distributed = dist_env().distributed
     code = 0
     try:
-        _sweep_job_run_dir(cfg)
         trainer = _fail_cleanly(run_training)(cfg)
         # Stopped on a signal after checkpointing: not an error, but not finished either.
         code = EXIT_STOPPED if trainer.stopped_by else 0
@@ -123,7 +85,10 @@ def train_app(cfg: DictConfig) -> None:
 
             if tdist.is_initialized():  # every rank is done with the stop checkpoint
                 tdist.barrier()
-            trainer.preempt.chain()  # e.g. submitit's requeue in a launcher=slurm sweep job
+            from worldline.train.hooks import PreemptionHook
+
+            # e.g. submitit's requeue in a launcher=slurm sweep job
+            trainer.find_hook(PreemptionHook).chain()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:  # noqa: BLE001 - report, then exit through finish()

@@ -1,215 +1,338 @@
-"""One Trainer subclass per objective: the autoencoder stage here, latent flow matching in
-:mod:`worldline.train.flow_trainer`.
+"""Training objectives: one job each, ``loss(pipeline, batch, rng) -> (loss, metrics)``.
 
-Each overrides only ``build_model``, ``compute_loss``, ``sample`` and ``evaluate``; the loop,
-optimizer, EMA and checkpointing stay in :mod:`worldline.train.trainer`.
+* :class:`FlowObjective` — latent rectified flow of the world model on the frozen
+  autoencoder (every flow stage: text/actions/camera/reference conditioning with per-condition
+  CFG dropout, the text-to-video / image-to-video / continuation task mix, diffusion forcing).
+* :class:`AutoencoderObjective` — KL + L1/L2 reconstruction (+ perceptual, + a PatchGAN whose
+  discriminator is a second optimizer the same loop drives: :class:`DiscriminatorStep`).
+
+An objective also knows what one batch costs (``tokens``, ``flops``: from the batch's own
+clip shape, so tokens/s and MFU are right with buckets of several sizes), how to evaluate
+(``evaluate``) and what to show as samples (``sample``). No objective sees the Trainer.
 """
 from __future__ import annotations
 
-import json
 import logging
-from contextlib import nullcontext
-from pathlib import Path
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
-from torch import nn
+from torch import Tensor, nn
 
-from worldline.models.autoencoder import VideoAutoencoder, autoencoder_loss
-from worldline.models.metrics import ssim
-from worldline.train.flow_trainer import FlowTrainer, to_unit_range  # noqa: F401 - re-export
-from worldline.train.media import save_samples
-from worldline.train.trainer import Trainer
+from worldline.models.conditioning import draw_references
+from worldline.models.flow import (
+    flow_loss,
+    interpolate,
+    sample_frame_timesteps,
+    sample_timesteps,
+    velocity_target,
+)
+from worldline.models.metrics import psnr, ssim
+from worldline.train.pipeline import WorldPipeline, to_unit_range
+from worldline.train.tasks import TaskProbs, clean_prefix_inputs, sample_prefix_lengths
 
 log = logging.getLogger(__name__)
 
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-sample PSNR in dB of videos in [-1, 1]; [B, C, T, H, W] → [B]."""
-    mse = (x - y).float().pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return 10 * torch.log10(4.0 / mse)
+__all__ = ["MicroBatchRNG", "FlowObjective", "AutoencoderObjective", "DiscriminatorStep",
+           "clip_shape"]
 
 
-class AutoencoderTrainer(Trainer):
+@dataclass
+class MicroBatchRNG:
+    """The randomness of one micro-batch: its generator (checkpointed with the run) and its
+    coordinates, from which host-side choices are derived so a resumed run draws the same."""
+
+    generator: torch.Generator
+    step: int  # optimizer steps completed before this micro-batch
+    micro: int = 0
+    dp_rank: int = 0
+    seed: int = 0
+
+
+def clip_shape(batch: Mapping[str, Any]) -> tuple[int, int, int]:
+    """(frames, height, width) of the pixel clips of ``batch``."""
+    shape = getattr(batch, "clip_shape", None)
+    if shape is not None:
+        return tuple(shape)  # type: ignore[return-value]
+    return tuple(batch["video"].shape[2:])  # type: ignore[return-value]
+
+
+class FlowObjective:
+    """Latent flow matching of the world model (see the module docstring).
+
+    ``stage``: the ``stage.*`` config node (conditions, flow, tasks, num_refs)."""
+
+    def __init__(self, stage: Any, seed: int) -> None:
+        self.stage, self.seed = stage, seed
+        self.conditions = set(stage.conditions)
+
+    def _batch_latent_shape(self, pipe: WorldPipeline, batch: Mapping[str, Any]) -> tuple:
+        return tuple(pipe.latent_shape(*clip_shape(batch)))
+
+    def latents(self, pipe: WorldPipeline, batch: Mapping[str, Any]) -> Tensor:
+        """Normalised latents of a batch (cached latents are checked against its clip shape)."""
+        expected = self._batch_latent_shape(pipe, batch) if "latents" in batch and \
+            getattr(batch, "clip_shape", None) is not None else None
+        return pipe.latents(batch, expected)
+
+    def tokens(self, pipe: WorldPipeline, batch: Mapping[str, Any]) -> int:
+        """DiT tokens of this batch (host-side arithmetic, no sync)."""
+        n = len(batch["key"])
+        if "latents" in batch:
+            return n * pipe.num_tokens(tuple(batch["latents"].shape[1:]))
+        return n * pipe.num_tokens(self._batch_latent_shape(pipe, batch))
+
+    def flops(self, pipe: WorldPipeline, batch: Mapping[str, Any]) -> float:
+        """Training FLOPs (fwd + bwd) of this batch."""
+        n = len(batch["key"])
+        shape = tuple(batch["latents"].shape[1:]) if "latents" in batch else \
+            self._batch_latent_shape(pipe, batch)
+        return n * float(pipe.world_model.flops_per_sample(shape, pipe.settings.text_max_len))
+
+    def reference_latents(self, pipe: WorldPipeline, batch: Mapping[str, Any], x0: Tensor,
+                          generator: torch.Generator) -> Tensor:
+        """K = stage.num_refs reference latents per clip [B, K, C, h, w]: the dataset's
+        reference images (``batch["refs"]``, e.g. a mood board) first, then random crops of
+        the clip's own frames (models.conditioning.draw_references)."""
+        k = self.stage.num_refs
+        refs = draw_references(x0, k, generator=generator, crop_scale=(0.5, 0.9))
+        given = batch.get("refs")
+        if given is not None:
+            for i, r in enumerate(given[: x0.shape[0]]):
+                if r is not None and len(r):
+                    lat = pipe.encode_images(r[:k])
+                    if lat.shape[-2:] == refs.shape[-2:]:
+                        refs[i, : lat.shape[0]] = lat
+        return refs
+
+    def loss(self, pipe: WorldPipeline, batch: Mapping[str, Any],
+             rng: MicroBatchRNG) -> tuple[Tensor, dict[str, Tensor]]:
+        """One micro-batch → (scalar loss, task fractions). No host syncs."""
+        f, tk, g = self.stage.flow, self.stage.tasks, rng.generator
+        dev = pipe.device
+        x0 = self.latents(pipe, batch)
+        b, n = x0.shape[0], x0.shape[2]
+        shift = pipe.shift_for(x0.shape[1:])
+        noise = torch.randn(x0.shape, generator=g, device=dev)
+        if tk.diffusion_forcing:
+            t = sample_frame_timesteps(b, n, generator=g, device=dev, mean=f.timestep_mean,
+                                       std=f.timestep_std, shift=shift,
+                                       p_uniform=tk.uniform_prob)
+        else:
+            t = sample_timesteps(b, generator=g, device=dev, mean=f.timestep_mean,
+                                 std=f.timestep_std, shift=shift)
+        prefix, task = sample_prefix_lengths(b, n, TaskProbs(tk.t2v, tk.i2v, tk.continuation),
+                                             g, dev)
+        drop_text = torch.rand(b, generator=g, device=dev) < f.text_dropout
+        drop_actions = torch.rand(b, generator=g, device=dev) < f.action_dropout
+        refs, extra = None, torch.zeros((), device=dev)
+        if "refs" in self.conditions:
+            refs = self.reference_latents(pipe, batch, x0, g)
+            # A batch-level choice made on the host (no device sync): a pure function of
+            # (seed, step, data-parallel rank, micro-batch), so a resumed run draws the same.
+            u = np.random.default_rng([self.seed, rng.step, rng.dp_rank, rng.micro]).random()
+            if u < f.ref_dropout:
+                refs = None
+                # Unused this step: a zero-weighted term keeps DDP's reducer fed.
+                extra = 0.0 * pipe.transformer.ref_embed.sum()
+        cond = pipe.condition_inputs(batch, b)
+        x_in, t_in, loss_mask = clean_prefix_inputs(x0, interpolate(x0, noise, t), t, prefix,
+                                                    pipe.transformer.args.mask_channel)
+        pred = pipe.velocity(x_in, t_in, cond, drop_text=drop_text, drop_actions=drop_actions,
+                             refs=pipe.ref_input(refs))
+        loss = flow_loss(pred, velocity_target(x0, noise), mask=loss_mask) + extra
+        parts = {f"task_frac/{name}": (task == i).float().mean()
+                 for i, name in enumerate(("t2v", "i2v", "continuation"))}
+        return loss, parts
+
+    @torch.no_grad()
+    def evaluate(self, pipe: WorldPipeline, loader: Any, num_batches: int,
+                 timesteps: Sequence[float]) -> dict[str, float]:
+        """Flow loss at fixed timesteps with fixed noise (text-to-video, active conditions,
+        references drawn with a fixed generator): deterministic, so two checkpoints (or two
+        runs) are directly comparable."""
+        it = iter(loader)
+        g = torch.Generator(device=pipe.device).manual_seed(0)
+        per_t: dict[float, list[float]] = {float(t): [] for t in timesteps}
+        mask_channel = pipe.transformer.args.mask_channel
+        for _ in range(num_batches):
+            batch = next(it)
+            x0 = self.latents(pipe, batch)
+            b = x0.shape[0]
+            cond = pipe.condition_inputs(batch, b)
+            noise = torch.randn(x0.shape, generator=g, device=pipe.device)
+            refs = (self.reference_latents(pipe, batch, x0, g)
+                    if "refs" in self.conditions else None)
+            zero = torch.zeros(b, dtype=torch.long, device=pipe.device)
+            for t_val in per_t:
+                t = torch.full((b,), t_val, device=pipe.device)
+                x_in, t_in, _ = clean_prefix_inputs(x0, interpolate(x0, noise, t), t, zero,
+                                                    mask_channel)
+                pred = pipe.velocity(x_in, t_in, cond, refs=pipe.ref_input(refs))
+                per_t[t_val].append(flow_loss(pred, velocity_target(x0, noise)).item())
+        report = {f"val_loss/t={t:g}": sum(v) / len(v) for t, v in per_t.items()}
+        report["val_loss"] = sum(report.values()) / len(report)
+        return report
+
+    @torch.no_grad()
+    def sample(self, pipe: WorldPipeline, batch: Mapping[str, Any], s: Any
+               ) -> tuple[dict[str, Tensor], dict[str, float], list[str]]:
+        """Fixed prompts (text-to-video) and, for models with the mask channel, the first
+        frames of the probe clips (image-to-video). Returns (video groups, metrics,
+        captions)."""
+        prompts = list(s.prompts)
+        kw = dict(seed=s.seed, num_steps=s.num_steps, cfg_scale=s.cfg_scale,
+                  action_cfg_scale=s.action_cfg_scale, solver=s.solver,
+                  latent_shape=pipe.latent_shape(*clip_shape(batch)) if "video" in batch
+                  else tuple(batch["latents"].shape[1:]), batch=batch)
+        refs = None
+        if "refs" in self.conditions:
+            g = torch.Generator(device=pipe.device).manual_seed(s.seed)
+            refs = self.reference_latents(pipe, batch, self.latents(pipe, batch), g)
+        groups = {"generated": pipe.generate(prompts, refs=refs, **kw)}
+        if pipe.transformer.args.mask_channel and "video" in batch:
+            first = self.latents(pipe, batch)[:, :, :1]
+            groups["image_to_video"] = pipe.generate(list(batch["caption"]), prefix=first,
+                                                     refs=refs, **kw)
+        if "video" in batch:
+            groups["reference"] = to_unit_range(batch["video"])
+        return groups, {}, prompts
+
+
+class DiscriminatorStep:
+    """The PatchGAN's own AdamW, stepped once per optimizer step after the autoencoder's
+    update on the last micro-batch's real clips and (detached) reconstructions
+    (taming-transformers' alternating scheme). Replicated with DDP across ranks; saved with
+    the run (``disc``, ``disc_optim``), so a resume is exact."""
+
+    def __init__(self, channels: int, layers: int, lr: float, start: int,
+                 device: torch.device, distributed: bool) -> None:
+        from worldline.models.losses import PatchDiscriminator3D
+
+        self.start = start
+        self.disc = PatchDiscriminator3D(3, channels, layers).to(device)
+        self.model: nn.Module = self.disc
+        if distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(self.disc)
+        self.optimizer = torch.optim.AdamW(self.disc.parameters(), lr=lr, betas=(0.5, 0.9))
+        self.pair: Optional[tuple[Tensor, Tensor]] = None
+        self.device = device
+
+    def active(self, step: int) -> bool:
+        """Whether step ``step`` (1-based, the one being taken) uses the adversarial terms."""
+        return step > self.start
+
+    def after_step(self, step: int) -> dict[str, Tensor]:
+        """One hinge-loss update after optimizer step ``step``; real and fake in one forward
+        (a single DDP forward per backward). Logs 0 before the GAN starts."""
+        from worldline.models.losses import hinge_d_loss
+
+        if not (self.active(step) and self.pair is not None):
+            return {"d_loss": torch.zeros((), device=self.device)}
+        x, fake = self.pair
+        self.pair = None
+        self.optimizer.zero_grad(set_to_none=True)
+        logits = self.model(torch.cat([x, fake]))
+        d_loss = hinge_d_loss(*logits.chunk(2))
+        d_loss.backward()
+        self.optimizer.step()
+        return {"d_loss": d_loss.detach()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """DCP state of the discriminator and its optimizer (keys ``disc``, ``disc_optim``)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        # get_state_dict initialises an empty optimizer's state, so a checkpoint taken
+        # before the GAN starts has the same keys as one taken after.
+        disc, optim = get_state_dict(self.disc, self.optimizer)
+        return {"disc": disc, "disc_optim": optim}
+
+    def load_state_dict(self, tensors: Mapping[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.disc, self.optimizer, model_state_dict=tensors["disc"],
+                       optim_state_dict=tensors["disc_optim"])
+
+
+class AutoencoderObjective:
     """Stage ``autoencoder``: KL + L1/L2 reconstruction on pixels, optionally a perceptual
-    term (``stage.ae.perceptual_path``) and a 3D PatchGAN switched on at ``stage.ae.gan_start``.
+    term (``stage.ae.perceptual_path``) and a 3D PatchGAN switched on at
+    ``stage.ae.gan_start`` (:class:`DiscriminatorStep`)."""
 
-    The discriminator has its own AdamW and steps once per optimizer step, on the last
-    micro-batch's real clips and (detached) reconstructions, after the autoencoder's update
-    (taming-transformers' alternating scheme). It is replicated with DDP across ranks and
-    saved with the run (``disc``, ``disc_optim``), so a resume is exact."""
-
-    def __init__(self, cfg: DictConfig) -> None:
-        super().__init__(cfg)
-        a = cfg.stage.ae
+    def __init__(self, ae_cfg: Any, device: torch.device, distributed: bool) -> None:
         self.perceptual = None
-        if a.perceptual_path:
+        if ae_cfg.perceptual_path:
             from worldline.models.losses import PerceptualLoss
 
-            self.perceptual = PerceptualLoss.from_path(a.perceptual_path).to(self.device)
-        self.disc = self.disc_model = self.disc_optim = None
-        if a.gan_start >= 0:
-            from worldline.models.losses import PatchDiscriminator3D
+            self.perceptual = PerceptualLoss.from_path(ae_cfg.perceptual_path).to(device)
+        self.gan_weight = ae_cfg.gan_weight
+        self.disc: Optional[DiscriminatorStep] = None
+        if ae_cfg.gan_start >= 0:
+            self.disc = DiscriminatorStep(ae_cfg.disc_channels, ae_cfg.disc_layers,
+                                          ae_cfg.disc_lr, ae_cfg.gan_start, device, distributed)
 
-            self.disc = PatchDiscriminator3D(3, a.disc_channels, a.disc_layers).to(self.device)
-            self.disc_model = self.disc
-            if self.world_size > 1:
-                from torch.nn.parallel import DistributedDataParallel
+    @property
+    def auxiliary(self) -> dict[str, DiscriminatorStep]:
+        """Second optimizers the loop steps after the main update (and checkpoints)."""
+        return {"disc": self.disc} if self.disc is not None else {}
 
-                self.disc_model = DistributedDataParallel(self.disc)
-            self.disc_optim = torch.optim.AdamW(self.disc.parameters(), lr=a.disc_lr,
-                                                betas=(0.5, 0.9))
-        self._last_pair: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    def loss(self, pipe: WorldPipeline, batch: Mapping[str, Any],
+             rng: MicroBatchRNG) -> tuple[Tensor, dict[str, Tensor]]:
+        from worldline.models.autoencoder import autoencoder_loss
 
-    def build_model(self) -> nn.Module:
-        return VideoAutoencoder(OmegaConf.to_object(self.cfg.model.autoencoder))
-
-    def gan_on(self) -> bool:
-        """Whether the step being taken (``state.step + 1``) uses the adversarial terms."""
-        return self.disc is not None and self.state.step + 1 > self.cfg.stage.ae.gan_start
-
-    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = to_unit_range(batch["video"])
-        recon, mean, logvar = self.model(x, generator=self.generator)
+        recon, mean, logvar = pipe.forward_model(x, generator=rng.generator)
         logits, adv = None, 0.0
-        if self.gan_on():
+        if self.disc is not None and self.disc.active(rng.step + 1):
             # The raw module, with its weights frozen for this pass: the generator's gradient
             # must reach the autoencoder only, never the discriminator.
-            self.disc.requires_grad_(False)
-            logits = self.disc(recon)
-            self.disc.requires_grad_(True)
-            adv = self.cfg.stage.ae.gan_weight
-            self._last_pair = (x.detach(), recon.detach())
-        loss, parts = autoencoder_loss(x, recon, mean, logvar, self.module.args,
+            d = self.disc.disc
+            d.requires_grad_(False)
+            logits = d(recon)
+            d.requires_grad_(True)
+            adv = self.gan_weight
+            self.disc.pair = (x.detach(), recon.detach())
+        loss, parts = autoencoder_loss(x, recon, mean, logvar, pipe.autoencoder.args,
                                        perceptual=self.perceptual, disc_logits=logits,
                                        adv_weight=adv)
         if self.disc is not None and logits is None:  # same logged keys every step
-            parts["g_adv"] = torch.zeros((), device=self.device)
+            parts["g_adv"] = torch.zeros((), device=pipe.device)
         return loss, parts
 
-    def train_step(self) -> dict[str, torch.Tensor]:
-        out = super().train_step()
-        if self.gan_on_after_step():
-            out["d_loss"] = self.discriminator_step()
-        elif self.disc is not None:
-            out["d_loss"] = torch.zeros((), device=self.device)
-        return out
+    def tokens(self, pipe: WorldPipeline, batch: Mapping[str, Any]) -> int:
+        t, h, w = clip_shape(batch)
+        return len(batch["key"]) * t * h * w
 
-    def gan_on_after_step(self) -> bool:
-        return self.disc is not None and self.state.step > self.cfg.stage.ae.gan_start \
-            and self._last_pair is not None
-
-    def discriminator_step(self) -> torch.Tensor:
-        """One hinge-loss update of the discriminator; real and fake in one forward (a single
-        DDP forward per backward)."""
-        from worldline.models.losses import hinge_d_loss
-
-        x, fake = self._last_pair
-        self._last_pair = None
-        self.disc_optim.zero_grad(set_to_none=True)
-        logits = self.disc_model(torch.cat([x, fake]))
-        d_loss = hinge_d_loss(*logits.chunk(2))
-        d_loss.backward()
-        self.disc_optim.step()
-        return d_loss.detach()
-
-    def checkpoint_tensors(self) -> dict[str, Any]:
-        tensors = super().checkpoint_tensors()
-        if self.disc is not None:
-            from torch.distributed.checkpoint.state_dict import get_state_dict
-
-            # get_state_dict initialises an empty optimizer's state, so a checkpoint taken
-            # before the GAN starts has the same keys as one taken after.
-            tensors["disc"], tensors["disc_optim"] = get_state_dict(self.disc, self.disc_optim)
-        return tensors
-
-    def load_extra_tensors(self, tensors: dict[str, Any]) -> None:
-        if self.disc is not None:
-            from torch.distributed.checkpoint.state_dict import set_state_dict
-
-            set_state_dict(self.disc, self.disc_optim, model_state_dict=tensors["disc"],
-                           optim_state_dict=tensors["disc_optim"])
-
-    def tokens_per_sample(self) -> int:
-        d = self.cfg.data
-        return d.num_frames * d.resolution[0] * d.resolution[1]
-
-    def flops_per_sample(self) -> float:
-        d = self.cfg.data
-        return float(self.module.flops_per_sample(d.num_frames, *d.resolution))
-
-    def probe_batch(self) -> dict[str, Any]:
-        """The first batch of the data in fixed (unshuffled) order: the same clips every time."""
-        loader = self.build_loader(shuffle=False)
-        batch = next(iter(loader))
-        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    def flops(self, pipe: WorldPipeline, batch: Mapping[str, Any]) -> float:
+        return len(batch["key"]) * float(pipe.autoencoder.flops_per_sample(*clip_shape(batch)))
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        mean, _ = self.module.encode(x)
-        return self.module.decode(mean).clamp(-1, 1)
-
-    def sample(self, step: int) -> None:
-        batch = self.probe_batch()
-        x = to_unit_range(batch["video"])
-        ctx = self.ema.applied_to(self.module) if self.ema is not None else nullcontext()
-        with ctx:
-            recon = self.reconstruct(x)
-        out = self.run_dir / "samples" / f"step_{step}"
-        files = save_samples(out, {"input": x, "reconstruction": recon}, fps=8.0)
-        value = float(psnr(recon, x).mean())
-        if self.tracker is not None:
-            self.tracker.log({"sample/psnr": value}, step)
-            self.tracker.log_media(step, files["videos"], files["images"])
-        log.info("step %d: reconstruction PSNR %.2f dB → %s", step, value, out)
+    def reconstruct(self, pipe: WorldPipeline, x: Tensor) -> Tensor:
+        mean, _ = pipe.autoencoder.encode(x)
+        return pipe.autoencoder.decode(mean).clamp(-1, 1)
 
     @torch.no_grad()
-    def evaluate(self, num_batches: int) -> dict[str, float]:
+    def evaluate(self, pipe: WorldPipeline, loader: Any, num_batches: int,
+                 timesteps: Sequence[float] = ()) -> dict[str, float]:
         """Reconstruction PSNR/SSIM over the first ``num_batches`` batches in fixed order."""
-        loader = iter(self.build_loader(shuffle=False))
+        it = iter(loader)
         vals, sims = [], []
         for _ in range(num_batches):
-            x = to_unit_range(next(loader)["video"].to(self.device))
-            recon = self.reconstruct(x)
+            x = to_unit_range(next(it)["video"].to(pipe.device))
+            recon = self.reconstruct(pipe, x)
             vals.append(psnr(recon, x))
             sims.append(ssim(recon, x))
         return {"psnr": float(torch.cat(vals).mean()), "ssim": float(torch.cat(sims).mean()),
                 "num_clips": len(torch.cat(vals))}
 
-
-TRAINERS: dict[str, type[Trainer]] = {"autoencoder": AutoencoderTrainer, "flow": FlowTrainer}
-
-
-def num_training_samples(cfg: DictConfig) -> int:
-    """Samples in the training data (manifest.json of data.shards, or the synthetic world)."""
-    d = cfg.data
-    if d.kind == "synthetic":
-        return int(d.synthetic.num_clips)
-    from worldline.data.shards import MANIFEST
-
-    manifest = Path(str(d.shards)) / MANIFEST
-    if not manifest.is_file():
-        raise FileNotFoundError(f"stage.epochs needs the sample count: no {manifest} "
-                                f"(point data.shards at a worldline-shards output folder)")
-    return int(json.loads(manifest.read_text())["num_samples"])
-
-
-def resolve_epochs(cfg: DictConfig) -> None:
-    """``stage.epochs`` → ``train.steps`` (passes over a small studio set rather than steps)."""
-    e = cfg.stage.epochs
-    if e is None:
-        return
-    import math
-    import os
-
-    world = int(os.environ.get("WORLD_SIZE", 1)) // max(1, cfg.dist.cp)
-    per_step = cfg.data.batch_size * cfg.train.grad_accum * world
-    cfg.train.steps = max(1, math.ceil(e * num_training_samples(cfg) / per_step))
-    log.info("stage.epochs=%d -> train.steps=%d", e, cfg.train.steps)
-
-
-def make_trainer(cfg: DictConfig) -> Trainer:
-    """The Trainer subclass for ``cfg.stage.objective``."""
-    resolve_epochs(cfg)
-    return TRAINERS[cfg.stage.objective](cfg)
+    @torch.no_grad()
+    def sample(self, pipe: WorldPipeline, batch: Mapping[str, Any], s: Any
+               ) -> tuple[dict[str, Tensor], dict[str, float], Optional[list[str]]]:
+        """Input clips and their reconstructions, with the reconstruction PSNR."""
+        x = to_unit_range(batch["video"])
+        recon = self.reconstruct(pipe, x)
+        return ({"input": x, "reconstruction": recon},
+                {"sample/psnr": float(psnr(recon, x).mean())}, None)

@@ -70,56 +70,50 @@ def load_controls(path: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _controls_for(trainer, batch: dict[str, Any], s: Any, n: int, frames: int) -> dict[str, Any]:
-    batch = dict(batch)
-    if s.actions:
-        ctl = load_controls(s.actions)
-        for k, v in ctl.items():
-            if v.shape[0] < frames:
-                raise ConfigError(f"invalid config: sample.actions: {s.actions} has {v.shape[0]} "
-                                  f"{k} rows, this video needs {frames} (one per pixel frame)")
-            batch[k] = v[:frames][None].expand(n, -1, -1).to(trainer.device)
-    return batch
-
-
 def run_sample(cfg: DictConfig) -> list[Path]:
     """Generate per ``cfg.sample`` and write the files; returns their paths."""
-    from worldline.train.main import load_for_inference
+    from worldline.train.inference import load_for_inference, probe_batch
     from worldline.train.media import save_samples
 
     s = cfg.sample
     if not s.checkpoint:
         raise ConfigError("invalid config: sample.checkpoint: required (a run or checkpoint dir)")
-    trainer, path = load_for_inference(cfg, s.checkpoint, s.use_ema)
-    if trainer.cfg.stage.objective != "flow":
+    run = load_for_inference(cfg, s.checkpoint, s.use_ema)
+    pipe, path = run.pipeline, run.path
+    if pipe.world_model is None:
         raise ConfigError(f"invalid config: sample.checkpoint: {path} is an autoencoder "
                           "checkpoint; sampling needs a world-model stage")
     prompts = list(s.prompts)
     n = len(prompts)
-    dev = trainer.device
-    batch = trainer.probe_batch(n)
+    batch = probe_batch(run, n)
     size = tuple(cfg.data.resolution)
-    tf = trainer.module.dit.args.temporal_downsample
     prefix: Optional[torch.Tensor] = None
     if s.first_image:
-        img = load_image(s.first_image, size).to(dev)
-        prefix = trainer.encode_images(img[None])[:, :, None].expand(n, -1, -1, -1, -1)
+        img = load_image(s.first_image, size).to(pipe.device)
+        prefix = pipe.encode_images(img[None])[:, :, None].expand(n, -1, -1, -1, -1)
     refs: Optional[torch.Tensor] = None
     if s.refs:
-        if "refs" not in trainer.cfg.stage.conditions:
+        if "refs" not in pipe.conditions:
             raise ConfigError(f"invalid config: sample.refs: {path} was not trained with "
                               "reference images (stage.conditions has no refs)")
-        imgs = torch.stack([load_image(r, size) for r in s.refs]).to(dev)
-        refs = trainer.encode_images(imgs)[None].expand(n, -1, -1, -1, -1)
-    with torch.no_grad():
+        imgs = torch.stack([load_image(r, size) for r in s.refs]).to(pipe.device)
+        refs = pipe.encode_images(imgs)[None].expand(n, -1, -1, -1, -1)
+    ctl = load_controls(s.actions) if s.actions else {}
+    kw = dict(actions=ctl.get("actions"), camera=ctl.get("camera"), refs=refs, seed=s.seed,
+              num_steps=s.num_steps, cfg_scale=s.cfg_scale,
+              action_cfg_scale=s.action_cfg_scale, batch=batch)
+    try:
         if s.mode == "rollout":
-            videos = _rollout(trainer, batch, s, prompts, prefix, refs, tf)
+            if prefix is None:  # the data's first frames
+                prefix = pipe.latents(batch)[:n, :, :1]
+            videos = pipe.rollout(prompts, s.rollout_frames, context=prefix, window=s.window,
+                                  **kw)
         else:
-            frames = cfg.data.num_frames
-            batch = _controls_for(trainer, batch, s, n, frames)
-            videos = trainer.generate(prompts, batch, s.seed, s.num_steps, s.cfg_scale,
-                                      action_cfg_scale=s.action_cfg_scale, prefix=prefix,
-                                      refs=refs, solver=s.solver)
+            videos = pipe.generate(prompts, num_frames=cfg.data.num_frames, height=size[0],
+                                   width=size[1], prefix=prefix, solver=s.solver, **kw)
+    except ValueError as e:  # controls too short, a model that cannot roll out
+        raise ConfigError(f"invalid config: sample.{'actions' if s.actions else 'mode'}: "
+                          f"{e}") from e
     out = Path(s.out) if s.out else path.parent.parent / "samples" / "manual"
     files = save_samples(out, {"generated": videos}, fps=8.0, captions=prompts)
     (out / "sample_config.json").write_text(json.dumps({
@@ -127,36 +121,3 @@ def run_sample(cfg: DictConfig) -> list[Path]:
         "cfg_scale": s.cfg_scale, "action_cfg_scale": s.action_cfg_scale,
         "first_image": s.first_image, "refs": list(s.refs), "actions": s.actions}, indent=1))
     return [*files["videos"].values(), *files["images"].values()]
-
-
-def _rollout(trainer, batch, s, prompts, prefix, refs, tf) -> torch.Tensor:
-    from worldline.models.rollout import rollout
-
-    wm, dit = trainer.module, trainer.module.dit
-    if not dit.args.frame_causal:
-        raise ConfigError("invalid config: sample.mode: rollout needs a block-causal model "
-                          "(model.dit.frame_causal=true)")
-    n = len(prompts)
-    if prefix is None:  # the data's first frames
-        prefix = trainer.latents(batch)[:n, :, :1]
-    frames = 1 + s.rollout_frames * tf
-    batch = _controls_for(trainer, batch, s, n, frames) if s.actions else batch
-    cond = trainer.conditions({**batch, "caption": prompts, "text_emb": None}, n)
-    for k in ("actions", "camera"):
-        if cond[k] is not None and cond[k].shape[1] < frames:
-            raise ConfigError(f"invalid config: sample.actions: rollout of {s.rollout_frames} "
-                              f"latent frames needs {frames} {k} rows; give sample.actions")
-        if cond[k] is not None:
-            cond[k] = cond[k][:, :frames]
-    text = wm.encode_text(cond["text_ids"], cond["text_mask"]) if cond["text_ids"] is not None \
-        else None
-    g = torch.Generator(device=trainer.device).manual_seed(s.seed)
-    latent_shape = (prefix.shape[1], 1 + s.rollout_frames, *prefix.shape[3:])
-    gen = rollout(dit, prefix, s.rollout_frames, text=text, text_mask=cond["text_mask"],
-                  null_text=wm.null_text, actions=cond["actions"], camera=cond["camera"],
-                  refs=refs, window=s.window, num_steps=s.num_steps,
-                  shift=trainer.shift_for(latent_shape),
-                  text_scale=s.cfg_scale, action_scale=s.action_cfg_scale, generator=g)
-    z = torch.cat([prefix, gen], 2)
-    ae = trainer.autoencoder
-    return ae.decode(ae.denormalize(z)).clamp(-1, 1)

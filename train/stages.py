@@ -1,8 +1,8 @@
 """What a stage builds and trains on top of the previous stage's weights.
 
-* ``stage_dit_args``: the DiT's conditioning modules follow ``stage.conditions``; a pretrain
-  stage without actions has no action/camera/reference modules at all, and the
-  controllability stage that lists them *adds* them.
+* the DiT's conditioning modules follow ``stage.conditions``
+  (:func:`worldline.train.pipeline_io.stage_dit_args`); a pretrain stage without actions has
+  no action/camera/reference modules at all, and the controllability stage adds them.
 * ``load_init_weights``: the previous stage's weights (EMA when saved), returning the names
   of parameters the source did not have (the new modules).
 * ``zero_init_new_controls``: zero the output side of new action/camera modules (and their
@@ -11,57 +11,18 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
-from worldline.models.dit import DiTArgs
-from worldline.train import checkpoint as ckpt_lib
+from worldline.train.weights import load_module_weights, saved_param_names
 
 log = logging.getLogger(__name__)
 
-__all__ = ["stage_dit_args", "saved_param_names", "load_init_weights", "zero_init_new_controls",
-           "FreezePolicy"]
-
-
-def stage_dit_args(dit_cfg: Any, conditions: list[str]) -> DiTArgs:
-    """DiTArgs of ``model.dit`` with the conditioning modules this stage does not use removed
-    (the model config gives capacity, e.g. the synthetic world's 3 action slots; the stage
-    decides which modules exist)."""
-    args = OmegaConf.to_object(dit_cfg) if not isinstance(dit_cfg, DiTArgs) else dit_cfg
-    active = set(conditions)
-    changes: dict[str, Any] = {}
-    if "actions" not in active:
-        changes.update(num_action_slots=0, action_dim=0)
-    if "camera" not in active:
-        changes["camera_dim"] = 0
-    if "refs" not in active:
-        changes["max_refs"] = 0
-    return dataclasses.replace(args, **changes)
-
-
-def saved_param_names(path: Path, key: str = "model") -> set[str]:
-    """Names of the tensors a checkpoint (DCP, DeepSpeed or export folder) holds under key."""
-    path = Path(path)
-    if ckpt_lib.is_export(path):
-        from safetensors import safe_open
-
-        with safe_open(str(path / f"{key}.safetensors"), framework="pt") as f:
-            return set(f.keys())
-    if ckpt_lib.is_deepspeed(path):
-        from worldline.scripts.export import consolidated_state
-
-        return set(consolidated_state(path)[key])
-    from torch.distributed.checkpoint import FileSystemReader
-
-    md = FileSystemReader(str(path)).read_metadata()
-    prefix = f"{key}."
-    return {k[len(prefix):] for k in md.state_dict_metadata if k.startswith(prefix)}
+__all__ = ["load_init_weights", "zero_init_new_controls", "FreezePolicy"]
 
 
 def load_init_weights(model: nn.Module, path: Path) -> set[str]:
@@ -79,7 +40,7 @@ def load_init_weights(model: nn.Module, path: Path) -> set[str]:
         # checkpoint is of another model size or layout, and partial loading would hide it.
         raise ValueError(f"stage.init_from: {path} lacks {len(body)} core weights of this model "
                          f"(e.g. {body[:3]}): does model=... match the run it came from?")
-    used_ema = ckpt_lib.load_module_weights(model, path, "model", prefer_ema=True,
+    used_ema = load_module_weights(model, path, "model", prefer_ema=True,
                                             allow_partial=True)
     log.info("initialised from %s (%s); %d new parameter tensors: %s", path,
              "EMA" if used_ema else "raw", len(new), sorted(new)[:8])

@@ -64,18 +64,18 @@ class Watchdog:
         self._thread: Optional[threading.Thread] = None
 
     @classmethod
-    def for_trainer(cls, trainer: Any) -> "Watchdog":
-        """A started watchdog for ``trainer`` (a no-op object when ``dist.heartbeat_s=0``)."""
-        d = trainer.cfg.dist
+    def start_for(cls, rank: int, world_size: int, d: Any, step: int) -> "Watchdog":
+        """A started watchdog for this rank at optimizer step ``step`` (``d``: ``dist.*``;
+        an inert object when ``dist.heartbeat_s=0``)."""
         store = None
-        if d.heartbeat_s > 0 and trainer.world_size > 1:
+        if d.heartbeat_s > 0 and world_size > 1:
             try:
                 store = _store_client(max(d.heartbeat_s, 10.0))
             except Exception as e:  # noqa: BLE001 - heartbeats still get logged
                 log.warning("watchdog: rendezvous store unreachable (%s); stall detection off",
                             e)
-        dog = cls(trainer.rank, trainer.world_size, d.heartbeat_s, d.stall_timeout_s, store)
-        dog.step = trainer.state.step + 1
+        dog = cls(rank, world_size, d.heartbeat_s, d.stall_timeout_s, store)
+        dog.step = step
         if d.heartbeat_s > 0:
             dog.start()
         return dog

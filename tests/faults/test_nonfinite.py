@@ -93,7 +93,7 @@ def test_no_host_sync_between_check_steps(tmp_path: Path, fault_datasets: Path,
                                           reference_run: Path, monkeypatch) -> None:
     from faults._helpers import RECIPE
     from _runs import compose_cfg
-    from worldline.train.objectives import make_trainer
+    from worldline.train.build import build_trainer as make_trainer
 
     monkeypatch.setenv("WORLDLINE_FAILPOINTS", "nan_loss:steps=3")
     cfg = compose_cfg([*RECIPE, f"run.root={tmp_path}", "run.name=h",

@@ -120,7 +120,7 @@ def test_deepspeed_checkpoint_pickles_are_scanned_before_deepspeed_loads(tmp_pat
     the classes DeepSpeed really pickles pass."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
 
-    from worldline.scripts.export import consolidated_state
+    from worldline.train.weights import consolidated_state
     from worldline.train.checkpoint import verify_deepspeed_files
 
     ckpt = tmp_path / "step_4"

@@ -1,12 +1,14 @@
-"""Parallelism backends: a pure model in, a wrapped model out (torchtitan's ``parallelize``).
+"""Parallelism from outside the model (torchtitan's ``parallelize``): a pure model in, a
+wrapped model out, and the optimizer-step interface the Trainer drives.
 
-Each backend module applies, in this fixed order,
+:func:`parallelize` applies, in this fixed order, and never sees a Trainer::
 
-    activation checkpointing (full, or every k-th block)  ->  per-block torch.compile  ->  wrapping
+    activation checkpointing (full, or every k-th block)  ->  per-block torch.compile
+        ->  context parallelism (once, for every backend)  ->  DDP | FSDP2 wrapping
 
-and gives the Trainer the few step hooks that differ between backends (``micro_step`` context
-for gradient sync during accumulation, ``backward``, ``clip``, ``step``). The Trainer never forks
-its loop per backend.
+:func:`make_step_engine` gives the :class:`~worldline.train.parallel.base.StepEngine` of the
+backend: gradient sync during accumulation, backward, clip + guarded update. DeepSpeed's engine
+takes the model and optimizer there (it wraps both).
 
 =====================  ==========================================================
 ``dist.backend``       module
@@ -20,29 +22,79 @@ deepspeed_zero{1,2,3}  :mod:`worldline.train.parallel.deepspeed`
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
+from typing import Any, Optional
 
-from worldline.train.parallel.base import Backend, block_modules
+import torch
+from torch import nn
 
-if TYPE_CHECKING:  # pragma: no cover
-    from worldline.train.trainer import Trainer
+from worldline.train.parallel.base import (
+    StepEngine,
+    apply_activation_checkpointing,
+    block_modules,
+    compile_blocks,
+)
+from worldline.train.parallel.mesh import ParallelDims, cp_group
+from worldline.train.precision import PrecisionPolicy
 
-__all__ = ["Backend", "block_modules", "make_backend"]
+log = logging.getLogger(__name__)
+
+__all__ = ["ParallelDims", "StepEngine", "block_modules", "make_step_engine", "parallelize",
+           "deepspeed_stage"]
 
 
-def make_backend(trainer: "Trainer") -> Backend:
-    """The backend object for ``trainer.cfg.dist.backend``."""
-    name = trainer.cfg.dist.backend
-    if name in ("single", "ddp"):
-        from worldline.train.parallel.ddp import DDPBackend, SingleBackend
+def deepspeed_stage(backend: str) -> Optional[int]:
+    """The ZeRO stage of a ``deepspeed_zero<N>`` backend name, else None."""
+    return int(backend[-1]) if str(backend).startswith("deepspeed_zero") else None
 
-        return (SingleBackend if name == "single" else DDPBackend)(trainer)
-    if name == "fsdp":
-        from worldline.train.parallel.fsdp import FSDPBackend
 
-        return FSDPBackend(trainer)
-    if name.startswith("deepspeed_zero"):
-        from worldline.train.parallel.deepspeed import DeepSpeedBackend
+def parallelize(module: nn.Module, mesh: Optional[Any], dist_cfg: Any,
+                precision: PrecisionPolicy, device: torch.device) -> nn.Module:
+    """AC -> compile -> CP -> wrap ``module`` for ``dist_cfg.backend``; returns the model
+    forward/backward run on (``module`` itself when nothing wraps it)."""
+    backend = str(dist_cfg.backend)
+    world = 1 if mesh is None else mesh.size()
+    if backend == "single" and world > 1 and dist_cfg.cp != world:
+        raise RuntimeError(f"dist.backend=single launched on {world} ranks: choose dist=ddp, "
+                           "fsdp or deepspeed_zero*")
+    n_ac = apply_activation_checkpointing(module, dist_cfg.activation_checkpointing,
+                                          dist_cfg.ac_every)
+    n_c = compile_blocks(module) if dist_cfg.compile_blocks else 0
+    if n_ac or n_c:
+        log.info("activation checkpointing on %d blocks, compiled %d blocks", n_ac, n_c)
+    group = cp_group(mesh)
+    if group is not None:
+        from worldline.train.parallel.context import apply_context_parallel
 
-        return DeepSpeedBackend(trainer, stage=int(name[-1]))
-    raise ValueError(f"unknown dist.backend {name!r}")
+        apply_context_parallel(module, group)
+    if backend == "ddp":
+        from worldline.train.parallel.ddp import wrap_ddp
+
+        return wrap_ddp(module, mesh, dist_cfg, device)
+    if backend == "fsdp":
+        from worldline.train.parallel.fsdp import wrap_fsdp
+
+        return wrap_fsdp(module, mesh, dist_cfg, precision)
+    if backend == "single" or deepspeed_stage(backend) is not None:
+        return module  # DeepSpeed wraps model + optimizer in make_step_engine
+    raise ValueError(f"unknown dist.backend {backend!r}")
+
+
+def make_step_engine(model: nn.Module, module: nn.Module, optimizer: torch.optim.Optimizer,
+                     dist_cfg: Any, dims: ParallelDims, *, micro_batch: int, grad_accum: int,
+                     grad_clip: float, precision: PrecisionPolicy) -> StepEngine:
+    """The backend's :class:`StepEngine` over the parallelized ``model`` (``module`` inside)."""
+    stage = deepspeed_stage(dist_cfg.backend)
+    if stage is not None:
+        from worldline.train.parallel.deepspeed import DeepSpeedStep, ds_config
+
+        conf = ds_config(dist_cfg, stage, dims.dp_world, micro_batch, grad_accum, grad_clip,
+                         precision)
+        return DeepSpeedStep(model, optimizer, conf, stage, dims.rank)
+    if dist_cfg.backend == "fsdp":
+        from worldline.train.parallel.fsdp import FSDPStep
+
+        return FSDPStep(model, module, optimizer, grad_accum, grad_clip)
+    from worldline.train.parallel.ddp import DDPStep
+
+    return DDPStep(model, module, optimizer, grad_accum, grad_clip)

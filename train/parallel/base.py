@@ -1,17 +1,18 @@
-"""What every backend shares: the hook interface, block discovery, AC and per-block compile."""
+"""What every backend shares: block discovery, activation checkpointing, per-block compile,
+and the optimizer-step interface (:class:`StepEngine`) the Trainer drives."""
 from __future__ import annotations
 
 import contextlib
 import functools
 import logging
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-if TYPE_CHECKING:  # pragma: no cover
-    from worldline.train.trainer import Trainer
+from worldline.train.ema import EMA
+from worldline.train.guard import NonFiniteGuard
 
 log = logging.getLogger(__name__)
 
@@ -72,57 +73,62 @@ def compile_blocks(module: nn.Module) -> int:
     return len(blocks)
 
 
-class Backend:
-    """Single-process defaults of every hook. Subclasses override what differs."""
+class StepEngine:
+    """One optimizer step over accumulated micro-batches, the same interface for every
+    backend: ``zero_grad`` → per micro-batch ``micro_step(last)`` + ``backward`` → ``step``.
 
-    #: Whether checkpoints go through torch.distributed.checkpoint (False: DeepSpeed's own).
+    This class is the plain-torch version (single process, DDP): gradients accumulate in
+    ``.grad``, ``step`` clips by the global norm and runs the optimizer masked on the device
+    by the non-finite guard (train/guard.py)."""
+
+    #: Checkpoints through torch.distributed.checkpoint (False: the engine writes its own).
     uses_dcp = True
-    #: Whether a forward needs every rank (sharded params / CP): sampling runs on all ranks.
-    collective_forward = False
 
-    def __init__(self, trainer: "Trainer") -> None:
-        self.trainer = trainer
-        self.cfg = trainer.cfg
-        self.dist = trainer.cfg.dist
+    def __init__(self, model: nn.Module, module: nn.Module, optimizer: torch.optim.Optimizer,
+                 grad_accum: int, grad_clip: float) -> None:
+        #: What forward/backward run on (a DDP/FSDP wrapper or DeepSpeed's engine).
+        self.model = model
+        #: The pure module inside it (names, EMA, weight I/O).
+        self.module = module
+        self.optimizer = optimizer
+        self.grad_accum = grad_accum
+        self.grad_clip = grad_clip
 
-    # --------------------------------------------------------------------- building
-    def parallelize(self, module: nn.Module) -> nn.Module:
-        """AC -> compile -> wrap (``wrap``). Returns the model used for forward/backward."""
-        n_ac = apply_activation_checkpointing(module, self.dist.activation_checkpointing,
-                                              self.dist.ac_every)
-        n_c = compile_blocks(module) if self.dist.compile_blocks else 0
-        if n_ac or n_c:
-            log.info("activation checkpointing on %d blocks, compiled %d blocks", n_ac, n_c)
-        return self.wrap(module)
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """The trainable parameters (under FSDP: the local DTensor shards)."""
+        return [p for p in self.module.parameters() if p.requires_grad]
 
-    def wrap(self, module: nn.Module) -> nn.Module:
-        return module
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
 
-    def finalize(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
-        """Called once the optimizer exists (DeepSpeed builds its engine here)."""
-        return model
-
-    # --------------------------------------------------------------------- step hooks
     @contextlib.contextmanager
-    def micro_step(self, model: nn.Module, last: bool) -> Iterator[None]:
+    def micro_step(self, last: bool) -> Iterator[None]:
         """Context of one micro-batch's forward+backward; ``last`` is the accumulation's
         final micro-batch, the only one whose backward may communicate gradients."""
         yield
 
-    def backward(self, loss: torch.Tensor, grad_accum: int) -> None:
-        (loss / grad_accum).backward()
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
 
-    def clip(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-        """Clip to ``max_norm`` (<= 0: no clipping); returns the global grad norm."""
-        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"),
-                                              foreach=True)
+    def grad_norm(self) -> torch.Tensor:
+        """Clip to ``grad_clip`` (<= 0: no clipping); returns the global gradient norm."""
+        clip = self.grad_clip if self.grad_clip > 0 else float("inf")
+        return torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        optimizer.step()
+    def step(self, guard: NonFiniteGuard) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip, flag a non-finite step and update (masked on the device when flagged).
+        Returns (gradient norm, ok) as device tensors: no host sync."""
+        norm = self.grad_norm()
+        ok = guard.flag(norm)
+        guard.step(self.optimizer, self.optimizer.step)
+        return norm, ok
 
-    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
-        optimizer.zero_grad(set_to_none=True)
+    def make_ema(self, decay: float) -> EMA:
+        return EMA(self.module, decay)
 
-    def reduce_group(self) -> Optional[Any]:
-        """Process group over which logged metrics are averaged (None: the default group)."""
-        return None
+    def eval(self) -> None:
+        self.model.eval()
+
+    def train(self) -> None:
+        self.model.train()

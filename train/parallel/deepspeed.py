@@ -9,9 +9,12 @@ ZeRO-3). ``dist.ds_config=<file.json>`` is merged over it (the user's keys win).
 The optimizer is the Trainer's own AdamW (same param groups, same LambdaLR schedule acting on
 its param groups), handed to ``deepspeed.initialize`` as a client optimizer.
 
-Step protocol: every micro-batch calls ``engine.backward(loss)`` then ``engine.step()``; the
-engine scales the loss by 1/accumulation and only updates at the accumulation boundary, where
-it also clips by the global norm (``engine.get_global_grad_norm()`` is logged).
+Step protocol (the Trainer's :class:`~worldline.train.parallel.base.StepEngine`): each
+micro-batch sets the engine's accumulation boundary explicitly
+(``set_gradient_accumulation_boundary(last)``, so ZeRO reduces gradients on the last one only)
+and calls ``engine.backward(loss)``, which scales by 1/accumulation; ``step`` is one
+``engine.step()`` per optimizer step, which clips by the global norm
+(``engine.get_global_grad_norm()`` is logged) and updates.
 
 Checkpoints: ``engine.save_checkpoint(<step dir>, tag="ds")`` inside the atomic step dir (so
 still complete-or-absent, with our ``latest``), plus ``extra.pt`` (EMA, frozen modules) from
@@ -36,7 +39,9 @@ from torch import nn
 
 from worldline.train.checkpoint import DS_TAG, verify_deepspeed_files
 from worldline.train.ema import EMA
-from worldline.train.parallel.base import Backend
+from worldline.train.guard import NonFiniteGuard
+from worldline.train.parallel.base import StepEngine
+from worldline.train.precision import PrecisionPolicy
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +53,11 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def ds_config(cfg: Any, stage: int, dp_world: int) -> dict[str, Any]:
-    """The DeepSpeed config for this Hydra config (see the module docstring)."""
-    d, t = cfg.dist, cfg.train
+def ds_config(dist_cfg: Any, stage: int, dp_world: int, micro_batch: int, grad_accum: int,
+              grad_clip: float, precision: PrecisionPolicy) -> dict[str, Any]:
+    """The DeepSpeed config for ``dist.*`` and the run's batch/clip/precision (see the module
+    docstring)."""
+    d = dist_cfg
     # DeepSpeed's default 5e8-element buckets cost ~2 GB per rank before the first step and
     # made ZeRO-2 ~10x slower than ZeRO-3 on the CPU smoke run; 5e7 keeps buckets large on
     # GPU-sized models without that fixed cost (ds_config can override).
@@ -64,11 +71,11 @@ def ds_config(cfg: Any, stage: int, dp_world: int) -> dict[str, Any]:
         # Gather full weights on save only when asked (export uses zero_to_fp32 instead).
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     conf = {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": cfg.data.batch_size * t.grad_accum * dp_world,
-        "gradient_clipping": float(t.grad_clip) if t.grad_clip > 0 else 0.0,
-        "bf16": {"enabled": t.precision == "bf16"},
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * dp_world,
+        "gradient_clipping": float(grad_clip) if grad_clip > 0 else 0.0,
+        **precision.deepspeed_config(),
         "zero_optimization": zero,
         # Our AdamW (torch) as a client optimizer, also with offload.
         "zero_allow_untested_optimizer": True,
@@ -165,67 +172,70 @@ class DeepSpeedEMA(EMA):
             for p, b in zip(self._params, backup):
                 p.ds_tensor.copy_(b)
 
-class DeepSpeedBackend(Backend):
+
+def ensure_process_group() -> None:
+    """DeepSpeed needs a process group even for one rank (e.g. 1 -> N resharding tests)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                 ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(k, v)
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0,
+                            world_size=1)
+
+
+class DeepSpeedStep(StepEngine):
+    """DeepSpeed's engine behind the Trainer's step interface (see the module docstring)."""
+
     uses_dcp = False
 
-    def __init__(self, trainer: Any, stage: int) -> None:
-        super().__init__(trainer)
-        self.stage = stage
-        self.collective_forward = stage == 3
-        self.engine = None
-        # DeepSpeed JIT-builds ops (on CPU: its shared-memory comm op, ~1 min) into
-        # TORCH_EXTENSIONS_DIR: keep that cache under the run root, shared by its runs.
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR",
-                              str(Path(trainer.cfg.run.root).resolve() / ".torch_extensions"))
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            # DeepSpeed needs a process group even for one rank (e.g. 1 -> N resharding tests).
-            for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                         ("MASTER_ADDR", "127.0.0.1")):
-                os.environ.setdefault(k, v)
-            if "MASTER_PORT" not in os.environ:
-                import socket
-
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", 0))
-                    os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0,
-                                    world_size=1)
-
-    def finalize(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, conf: dict[str, Any],
+                 stage: int, rank: int) -> None:
         import deepspeed
 
-        t = self.trainer
-        conf = ds_config(self.cfg, self.stage, t.dp_world)
+        ensure_process_group()
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=conf,
                                                dist_init_required=False)
-        self.engine = engine
-        log.info("DeepSpeed ZeRO-%d engine: %s", self.stage, json.dumps(conf))
-        return engine
+        log.info("DeepSpeed ZeRO-%d engine: %s", stage, json.dumps(conf))
+        super().__init__(engine, model, optimizer, conf["gradient_accumulation_steps"],
+                         conf["gradient_clipping"])
+        self.engine, self.stage, self.rank = engine, stage, rank
 
-    def make_ema(self, module: nn.Module, decay: float) -> EMA:
-        return DeepSpeedEMA(module, decay, self.stage)
+    def make_ema(self, decay: float) -> EMA:
+        return DeepSpeedEMA(self.module, decay, self.stage)
 
-    # ------------------------------------------------------------------ step hooks
-    def backward(self, loss: torch.Tensor, grad_accum: int) -> None:
+    # ------------------------------------------------------------------ step
+    def zero_grad(self) -> None:
+        # The engine zeroes its gradients (and ZeRO's partitioned buffers) after each update;
+        # the wrapped optimizer's own zero_grad would not reach ZeRO's buffers.
+        pass
+
+    @contextlib.contextmanager
+    def micro_step(self, last: bool) -> Iterator[None]:
+        self.engine.set_gradient_accumulation_boundary(last)
+        yield
+
+    def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)  # scales by 1/gradient_accumulation_steps itself
-        self.engine.step()  # a no-op except at the accumulation boundary
 
-    def clip(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    def step(self, guard: NonFiniteGuard) -> tuple[torch.Tensor, torch.Tensor]:
+        self.engine.step()  # clips by the global norm, then updates
         norm = self.engine.get_global_grad_norm()
-        return torch.as_tensor(float(norm) if norm is not None else float("nan"))
-
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        pass  # done by engine.step() at the boundary
-
-    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
-        pass  # the engine zeroes gradients after its step
+        norm = torch.as_tensor(float(norm) if norm is not None else float("nan"))
+        return norm, guard.flag(norm)
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, partial: Path) -> None:
-        """Every rank: the engine's sharded checkpoint; rank 0: EMA and frozen modules."""
-        t = self.trainer
+    def save_checkpoint(self, partial: Path, extra: dict[str, Any]) -> None:
+        """Every rank: the engine's sharded checkpoint; rank 0: ``extra`` (EMA, frozen
+        modules) as extra.pt."""
         from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO,
                                                     UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                                     UNIVERSAL_CHECKPOINT_VERSION_VALUE)
@@ -236,15 +246,11 @@ class DeepSpeedBackend(Backend):
             UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
         self.engine.save_checkpoint(str(partial), tag=DS_TAG, save_latest=False,
                                     client_state=info)
-        ema = t.ema.state_dict() if t.ema is not None else None  # ZeRO-3: a collective
-        if t.rank == 0:
-            extra = {key: m.state_dict() for key, m in t.frozen.items()}
-            if ema is not None:
-                extra["ema"] = ema
+        if self.rank == 0:
             torch.save(extra, partial / "extra.pt")
 
-    def load_checkpoint(self, path: Path, same_layout: bool) -> None:
-        t = self.trainer
+    def load_checkpoint(self, path: Path, same_layout: bool) -> dict[str, Any]:
+        """Restore the engine (weights + optimizer); returns extra.pt's tensors."""
         # DeepSpeed's loaders unpickle without weights_only: scan the files first.
         verify_deepspeed_files(path)
         if same_layout:
@@ -252,11 +258,7 @@ class DeepSpeedBackend(Backend):
                                         load_lr_scheduler_states=False)
         else:
             self.load_resharded(path)
-        extra = torch.load(path / "extra.pt", weights_only=True)
-        for key, m in t.frozen.items():
-            m.load_state_dict(extra[key])
-        if t.ema is not None and "ema" in extra:
-            t.ema.load_state_dict(extra["ema"])
+        return torch.load(path / "extra.pt", weights_only=True)
 
     def load_resharded(self, path: Path) -> None:
         """Another world size: DeepSpeed's universal checkpoint keeps the optimizer state.
@@ -273,7 +275,7 @@ class DeepSpeedBackend(Backend):
 
         uni = path / f"{DS_TAG}_universal"
         ok = torch.tensor([1])
-        if self.trainer.rank == 0 and not uni.is_dir():
+        if self.rank == 0 and not uni.is_dir():
             tmp = path / f".{uni.name}.partial"
             cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
                    "--input_folder", str(path / DS_TAG), "--output_folder", str(tmp),

@@ -1,0 +1,88 @@
+"""What ``worldline-eval`` and ``worldline-sample`` work with: a loaded
+:class:`~worldline.train.pipeline.WorldPipeline`, its objective (for evaluation losses) and
+loaders for the data spec given on the command line. No Trainer, no optimizer, no training
+loader; a process group only when launched on several ranks (evaluation shares the data)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from worldline.train.build import pick_device
+from worldline.train.config import ConfigError
+from worldline.train.dist import init_distributed
+from worldline.train.loaders import LoaderFactory
+from worldline.train.objectives import AutoencoderObjective, FlowObjective
+from worldline.train.pipeline import WorldPipeline
+from worldline.train.validate import validate
+
+log = logging.getLogger(__name__)
+
+__all__ = ["InferenceRun", "load_for_inference"]
+
+
+@dataclass
+class InferenceRun:
+    """A checkpoint opened for evaluation or sampling."""
+
+    pipeline: WorldPipeline
+    objective: Any
+    loaders: LoaderFactory
+    cfg: DictConfig  # the command line's config with the checkpoint's model and stage
+    path: Path  # the checkpoint (or folder) loaded
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipeline.device
+
+
+def load_for_inference(cfg: DictConfig, checkpoint: str, use_ema: bool) -> InferenceRun:
+    """Open ``checkpoint`` (run, checkpoint, export or pipeline folder): its weights, model and
+    stage config; everything else (data, sampling and eval settings) from ``cfg``."""
+    from worldline.train import checkpoint as ckpt_lib
+
+    if not checkpoint:
+        raise ConfigError("invalid config: checkpoint: required (a run or checkpoint dir)")
+    pipe = WorldPipeline.from_pretrained(checkpoint, use_ema=use_ema)
+    path = Path(getattr(pipe, "source", checkpoint))
+    saved = None
+    if (path / "meta.json").is_file() or (path / "config.json").is_file():
+        saved = ckpt_lib.read_meta(path).get("config")
+    if saved is not None:
+        # The checkpoint carries its frozen autoencoder; never chase the training paths, and
+        # nothing that only shapes training (schedule, freezing, GAN, early stopping) runs.
+        stage = {**saved["stage"], "init_from": None, "autoencoder_from": None, "schedule": [],
+                 "epochs": None}
+        for key, off in (("freeze_policy", {"steps": 0}), ("prior", {"ratio": 0.0}),
+                         ("validation", {"every": 0, "patience": 0}),
+                         ("ae", {"gan_start": -1, "perceptual_path": None})):
+            if key in stage:
+                stage[key] = {**stage[key], **off}
+        cfg = OmegaConf.merge(cfg, {"model": saved["model"], "stage": stage})
+    else:  # a pipeline folder: its settings are all there is
+        cfg = OmegaConf.merge(cfg, {"stage": {"conditions": pipe.settings.conditions}})
+    validate(cfg)
+    info = init_distributed(cfg.dist.timeout_s)  # no-op for one process
+    pipe.to(pick_device())
+    pipe.eval()
+    if pipe.world_model is not None:
+        objective: Any = FlowObjective(cfg.stage, cfg.run.seed)
+    else:
+        objective = AutoencoderObjective(cfg.stage.ae, pipe.device, distributed=False)
+    dp = info.world_size // max(1, cfg.dist.cp)
+    loaders = LoaderFactory(cfg, info.rank // max(1, cfg.dist.cp), dp)
+    log.info("loaded %s for inference", path)
+    return InferenceRun(pipe, objective, loaders, cfg, path, info.rank, info.world_size)
+
+
+def probe_batch(run: InferenceRun, n: int) -> dict[str, Any]:
+    """The first ``n`` clips of the data spec in fixed order, on the pipeline's device."""
+    from worldline.train.hooks import head
+
+    return head(next(iter(run.loaders.probe())), n, run.device)

@@ -1,0 +1,136 @@
+"""``data.*`` config → data loaders: the one recipe for every loader a run builds (training,
+its resolution phases and prior-preservation mix, validation, probe clips for samples,
+evaluation), so a new data option reaches all of them at once."""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from worldline.data.loader import ShardLoader
+
+__all__ = ["LoaderFactory"]
+
+
+class LoaderFactory:
+    """Builds ShardLoaders from ``cfg.data`` (+ overrides) for one data-parallel rank.
+
+    Args:
+        cfg: the composed run config (data.*, stage.* for schedule/prior/validation).
+        dp_rank, dp_world: this rank's data-parallel coordinates (CP ranks share data).
+        pin_memory: pin batches for a CUDA device.
+    """
+
+    def __init__(self, cfg: DictConfig, dp_rank: int = 0, dp_world: int = 1,
+                 pin_memory: bool = False) -> None:
+        self.cfg, self.dp_rank, self.dp_world, self.pin_memory = cfg, dp_rank, dp_world, \
+            pin_memory
+        d = cfg.data
+        #: (num_frames, height, width) of the current resolution phase.
+        self.clip_shape: tuple[int, int, int] = (d.num_frames, *d.resolution)
+
+    def data(self, over: Optional[dict] = None) -> DictConfig:
+        """``data.*`` with ``over`` merged in (phase sizes, validation or prior shards)."""
+        return OmegaConf.merge(self.cfg.data, over or {}) if over else self.cfg.data
+
+    def shards(self, d: DictConfig) -> str:
+        """Shard spec for ``d`` (generates the synthetic world on first use)."""
+        if d.kind == "synthetic":
+            from worldline.data.shards import ensure_synthetic_dataset
+            from worldline.data.synthetic import SyntheticWorldConfig
+
+            syn = SyntheticWorldConfig(**OmegaConf.to_container(d.synthetic, resolve=True))
+            return ensure_synthetic_dataset(d.root, syn)
+        return d.shards
+
+    def make(self, over: Optional[dict] = None, shuffle: Optional[bool] = None,
+             seed_offset: int = 0) -> ShardLoader:
+        """A loader for ``data.*`` + ``over``; ``shuffle=False``: every sample once, in order
+        (evaluation passes)."""
+        d = self.data(over)
+        with_refs = ("refs" in self.cfg.stage.conditions) if d.with_refs is None else d.with_refs
+        return ShardLoader(
+            self.shards(d),
+            batch_size=d.batch_size,
+            num_frames=d.num_frames,
+            frame_stride=d.frame_stride,
+            resolution=tuple(d.resolution),
+            rank=self.dp_rank,
+            world_size=self.dp_world,
+            num_workers=d.num_workers,
+            seed=self.cfg.run.seed + seed_offset,
+            position=d.position,
+            shuffle_shards=d.shuffle_shards if shuffle is None else shuffle,
+            shuffle_buffer=d.shuffle_buffer if shuffle is None else 0,
+            resample=d.resample if shuffle is None else False,
+            input=d.input,
+            fps=d.fps,
+            crop=d.crop,
+            buckets=[OmegaConf.to_container(b) for b in d.buckets] or None,
+            upscale=d.upscale,
+            max_skip_fraction=d.max_skip_fraction,
+            skip_check_after=d.skip_check_after,
+            decode_threads=d.decode_threads,
+            channels_last=d.channels_last,
+            with_refs=with_refs,
+            pin_memory=self.pin_memory,
+        )
+
+    def phases(self) -> list[tuple[int, dict]]:
+        """(start step, data overrides) of ``stage.schedule``; phase 0 is data.* unless the
+        schedule starts at step 0."""
+        d = self.cfg.data
+        out = [(0, {"num_frames": d.num_frames, "resolution": list(d.resolution)})]
+        for ph in self.cfg.stage.get("schedule") or []:
+            o = {"num_frames": ph.num_frames, "resolution": list(ph.resolution)}
+            if ph.batch_size is not None:
+                o["batch_size"] = ph.batch_size
+            if ph.step == 0:
+                out[0] = (0, o)
+            else:
+                out.append((ph.step, o))
+        return out
+
+    def _set_phase(self, over: dict) -> None:
+        self.clip_shape = (over["num_frames"], *over["resolution"])
+
+    def training(self, step: Callable[[], int]) -> Any:
+        """The training loader: one ShardLoader, or a StageLoader over the resolution
+        schedule and the prior-preservation mix. ``step`` returns the optimizer step."""
+        st = self.cfg.stage
+        prior_ratio = st.prior.ratio if "prior" in st else 0.0
+        if not st.get("schedule") and prior_ratio <= 0:
+            return self.make()
+        from worldline.train.stage_loader import StageLoader
+
+        prior = None
+        if prior_ratio > 0:
+            prior = self.make({"kind": "webdataset", "shards": st.prior.shards}, seed_offset=17)
+        phases = self.phases()
+        return StageLoader(lambda i: self.make(phases[i][1]), [s for s, _ in phases], step,
+                           prior=prior, ratio=prior_ratio,
+                           on_phase=lambda i: self._set_phase(phases[i][1]))
+
+    def current_shape(self) -> dict:
+        """Overrides giving the current phase's clip size."""
+        t, h, w = self.clip_shape
+        return {"num_frames": t, "resolution": [h, w]}
+
+    def validation(self) -> ShardLoader:
+        """Held-out data: stage.validation.shards, else for the synthetic world a differently
+        seeded world (unseen clips), else data.shards; at the current phase's size."""
+        v, d = self.cfg.stage.validation, self.cfg.data
+        if v.shards:
+            over: dict = {"kind": "webdataset", "shards": v.shards}
+        elif d.kind == "synthetic":
+            syn = d.synthetic
+            over = {"synthetic": {"seed": syn.seed + 1000,
+                                  "num_clips": max(syn.clips_per_shard,
+                                                   d.batch_size * v.num_batches)}}
+        else:
+            over = {}
+        return self.make({**over, **self.current_shape()}, shuffle=False)
+
+    def probe(self) -> ShardLoader:
+        """The data in fixed order at the current phase's size (the same clips every time)."""
+        return self.make(self.current_shape(), shuffle=False)

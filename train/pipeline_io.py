@@ -1,0 +1,218 @@
+"""Building a :class:`~worldline.train.pipeline.WorldPipeline` from a run config, and reading
+and writing it as one folder.
+
+A pipeline folder (the layout diffusers users know)::
+
+    model_index.json            {"_class_name": "WorldPipeline", "settings": {...},
+                                 "vae": [module, class], "text_encoder": [...], ...}
+    vae/config.json             AutoencoderArgs     + model.safetensors (latent stats incl.)
+    text_encoder/config.json    TextEncoderArgs     + model.safetensors
+    transformer/config.json     DiTArgs             + model.safetensors (+ null_text)
+
+Models are built on the meta device and materialised by loading, so a 7B pipeline never
+holds a randomly initialised copy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+
+from worldline.models.autoencoder import AutoencoderArgs, VideoAutoencoder
+from worldline.models.dit import DiTArgs, VideoDiT
+from worldline.models.text import TextEncoder, TextEncoderArgs
+from worldline.models.world_model import WorldModel
+from worldline.train import checkpoint as ckpt_lib
+from worldline.train.materialize import build_on_meta
+from worldline.train.pipeline import PipelineSettings, WorldPipeline
+from worldline.train.weights import load_module_weights
+
+log = logging.getLogger(__name__)
+
+__all__ = ["autoencoder_args", "world_model_args", "pipeline_settings", "build_models",
+           "load_autoencoder", "load_pipeline", "save_pipeline", "MODEL_INDEX"]
+
+MODEL_INDEX = "model_index.json"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+
+
+def _plain(node: Any) -> Any:
+    """A DictConfig or a plain mapping as plain containers."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+    return node
+
+
+def _args(cls: type, values: Mapping[str, Any]) -> Any:
+    """``cls(**values)`` with only the fields ``cls`` has (configs carry comments-as-keys such
+    as ``name``), enum values as their plain values."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: getattr(v, "value", v) for k, v in values.items() if k in names})
+
+
+def stage_dit_args(args: DiTArgs, conditions: list[str]) -> DiTArgs:
+    """DiTArgs with the conditioning modules a stage does not use removed (the model config
+    gives capacity, e.g. the synthetic world's 3 action slots; the stage decides which modules
+    exist, and the controllability stage that lists them *adds* them)."""
+    active = set(conditions)
+    changes: dict[str, Any] = {}
+    if "actions" not in active:
+        changes.update(num_action_slots=0, action_dim=0)
+    if "camera" not in active:
+        changes["camera_dim"] = 0
+    if "refs" not in active:
+        changes["max_refs"] = 0
+    return dataclasses.replace(args, **changes)
+
+
+def autoencoder_args(cfg: Any) -> AutoencoderArgs:
+    """AutoencoderArgs of a run config (``model.autoencoder``)."""
+    return _args(AutoencoderArgs, _plain(cfg["model"]["autoencoder"]))
+
+
+def world_model_args(cfg: Any) -> tuple[DiTArgs, TextEncoderArgs]:
+    """(DiTArgs, TextEncoderArgs) of a run config, conditioning modules per its stage."""
+    model = _plain(cfg["model"])
+    conditions = list(_plain(cfg["stage"]["conditions"]))
+    return (stage_dit_args(_args(DiTArgs, model["dit"]), conditions),
+            _args(TextEncoderArgs, model["text"]))
+
+
+def pipeline_settings(cfg: Any) -> PipelineSettings:
+    """PipelineSettings of a run config (conditions, flow shift, text length, clip size)."""
+    st, data = _plain(cfg["stage"]), _plain(cfg["data"])
+    return PipelineSettings(conditions=list(st["conditions"]),
+                            shift=(st.get("flow") or {}).get("shift"),
+                            text_max_len=int(_plain(cfg["model"])["text"]["max_len"]),
+                            sample_size=(int(data["num_frames"]), *map(int, data["resolution"])))
+
+
+def build_models(cfg: Any) -> tuple[VideoAutoencoder, Optional[WorldModel]]:
+    """The autoencoder and (flow stages) the world model of a run config, on the meta device
+    (LoRA adapters injected when the stage trains them)."""
+    ae = build_on_meta(lambda: VideoAutoencoder(autoencoder_args(cfg)))
+    if _plain(cfg["stage"])["objective"] != "flow":
+        return ae, None
+    dit_args, text_args = world_model_args(cfg)
+    wm = build_on_meta(lambda: WorldModel(dit_args, text_args))
+    lora = _plain(cfg["stage"]).get("lora") or {}
+    if lora.get("enabled"):
+        from omegaconf import OmegaConf
+
+        from worldline.train.lora import inject_lora
+
+        with torch.device("meta"):
+            inject_lora(wm, OmegaConf.create(lora))
+    return ae, wm
+
+
+def _materialized(module: nn.Module) -> nn.Module:
+    return module.to_empty(device="cpu")
+
+
+def load_autoencoder(path: str | Path) -> tuple[VideoAutoencoder, Path]:
+    """The frozen autoencoder of a run, checkpoint or export (EMA weights when saved):
+    an autoencoder run stores it as its trained ``model``, later stages as ``autoencoder``.
+    Returns it (eval mode, no gradients, on the CPU) and the resolved checkpoint."""
+    ckpt = ckpt_lib.resolve_checkpoint(path)
+    cfg = ckpt_lib.read_meta(ckpt)["config"]
+    ae = _materialized(build_on_meta(lambda: VideoAutoencoder(autoencoder_args(cfg))))
+    key = "autoencoder" if "autoencoder" in ckpt_lib.checkpoint_keys(ckpt) else "model"
+    used = load_module_weights(ae, ckpt, key, prefer_ema=True)
+    log.info("autoencoder from %s[%s]%s", ckpt, key, " (EMA)" if used else "")
+    return ae.requires_grad_(False).eval(), ckpt
+
+
+def load_pipeline(path: Path, use_ema: bool = True) -> WorldPipeline:
+    """See :meth:`WorldPipeline.from_pretrained`."""
+    if (path / MODEL_INDEX).is_file():
+        return _load_folder(path)
+    ckpt = ckpt_lib.resolve_checkpoint(path)
+    cfg = ckpt_lib.read_meta(ckpt)["config"]
+    ae, wm = build_models(cfg)
+    ae, settings = _materialized(ae), pipeline_settings(cfg)
+    if wm is None:  # an autoencoder run: the trained model is the autoencoder
+        used = load_module_weights(ae, ckpt, "model", prefer_ema=use_ema)
+    else:
+        load_module_weights(ae, ckpt, "autoencoder", prefer_ema=False)
+        used = load_module_weights(_materialized(wm), ckpt, "model", prefer_ema=use_ema)
+    log.info("pipeline from %s (%s weights)", ckpt, "EMA" if used else "raw")
+    pipe = WorldPipeline(ae, wm, settings)
+    pipe.source = ckpt  # type: ignore[attr-defined]
+    return pipe
+
+
+def _read_component(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    for f in (folder / "config.json", folder / WEIGHTS):
+        if not f.is_file():
+            raise FileNotFoundError(f"pipeline component incomplete: no {f}")
+    return json.loads((folder / "config.json").read_text()), load_file(str(folder / WEIGHTS))
+
+
+def _load_folder(path: Path) -> WorldPipeline:
+    index = json.loads((path / MODEL_INDEX).read_text())
+    if index.get("_class_name") != "WorldPipeline":
+        raise ValueError(f"{path / MODEL_INDEX}: not a WorldPipeline folder "
+                         f"(_class_name={index.get('_class_name')!r})")
+    settings = PipelineSettings(**index.get("settings", {}))
+    ae_cfg, ae_sd = _read_component(path / "vae")
+    ae = _materialized(build_on_meta(lambda: VideoAutoencoder(_args(AutoencoderArgs, ae_cfg))))
+    ae.load_state_dict(ae_sd)
+    wm = None
+    if "transformer" in index:
+        dit_cfg, dit_sd = _read_component(path / "transformer")
+        text_cfg, text_sd = _read_component(path / "text_encoder")
+        dit_args, text_args = _args(DiTArgs, dit_cfg), _args(TextEncoderArgs, text_cfg)
+        wm = _materialized(build_on_meta(lambda: WorldModel(dit_args, text_args)))
+        null = dit_sd.pop("null_text")
+        sd = {**{f"dit.{k}": v for k, v in dit_sd.items()},
+              **{f"text_encoder.{k}": v for k, v in text_sd.items()}, "null_text": null}
+        wm.load_state_dict(sd)
+    pipe = WorldPipeline(ae, wm, settings)
+    pipe.source = path  # type: ignore[attr-defined]
+    return pipe
+
+
+def _write_component(folder: Path, args: Any, state: dict[str, torch.Tensor],
+                     cls: type) -> list[str]:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"_class_name": cls.__name__, **_plain(dataclasses.asdict(args))}
+    (folder / "config.json").write_text(json.dumps(config, indent=1, default=str))
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
+              str(folder / WEIGHTS))
+    return [cls.__module__, cls.__name__]
+
+
+def save_pipeline(pipe: WorldPipeline, path: Path) -> Path:
+    """See :meth:`WorldPipeline.save_pretrained`."""
+    path.mkdir(parents=True, exist_ok=True)
+    index: dict[str, Any] = {"_class_name": "WorldPipeline", "_format_version": FORMAT_VERSION,
+                             "settings": dataclasses.asdict(pipe.settings)}
+    ae = pipe.autoencoder
+    index["vae"] = _write_component(path / "vae", ae.args, ae.state_dict(), type(ae))
+    if pipe.world_model is not None:
+        from worldline.train.lora import has_lora, merged_state_dict
+
+        wm = pipe.world_model
+        sd = merged_state_dict(wm) if has_lora(wm) else wm.state_dict()
+        dit = {k[len("dit."):]: v for k, v in sd.items() if k.startswith("dit.")}
+        text = {k[len("text_encoder."):]: v for k, v in sd.items()
+                if k.startswith("text_encoder.")}
+        dit["null_text"] = sd["null_text"]
+        index["transformer"] = _write_component(path / "transformer", wm.dit.args, dit, VideoDiT)
+        index["text_encoder"] = _write_component(path / "text_encoder", wm.text_encoder.args,
+                                                 text, TextEncoder)
+    (path / MODEL_INDEX).write_text(json.dumps(index, indent=1))
+    return path
