@@ -12,6 +12,7 @@ from omegaconf.errors import OmegaConfBaseException
 from _runs import cli, compose_cfg
 from worldline.train.config import (ConfigError, Precision, load_model_config,
                                     model_config_names, to_container)
+from worldline.train.precision import PrecisionPolicy
 from worldline.train.validate import validate
 
 
@@ -141,3 +142,42 @@ def test_model_sizes_come_from_conf_model() -> None:
         assert m.name == name and m.dit.hidden_size % m.dit.num_heads == 0
         # The same file through Hydra (model=<name>) gives the same model config.
         assert compose_cfg(["stage=autoencoder", f"model={name}"]).model == m
+
+
+# --- train/precision.py: one PrecisionPolicy from train.precision ---------------------------
+def test_fp32_is_a_no_op_policy() -> None:
+    p = PrecisionPolicy.from_config(compose_cfg(["stage=autoencoder"]))
+    assert p.precision is Precision.fp32 and p.autocast_dtype is None
+    assert p.peak_dtype is torch.float32
+    assert p.fsdp_mixed_precision() is None
+    assert p.deepspeed_config() == {"bf16": {"enabled": False}}
+    a = torch.randn(4, 4)
+    with p.autocast("cpu"):
+        assert (a @ a).dtype is torch.float32 and not torch.is_autocast_enabled("cpu")
+
+
+def test_bf16_policy_from_each_kind_of_input() -> None:
+    cfg = compose_cfg(["stage=autoencoder", "train.precision=bf16"])
+    policies = [PrecisionPolicy.from_config(x)
+                for x in (cfg, cfg.train, cfg.train.precision, "bf16", Precision.bf16)]
+    assert all(p == policies[0] for p in policies)
+    p = policies[0]
+    assert p.autocast_dtype is torch.bfloat16 and p.peak_dtype is torch.bfloat16
+    assert p.deepspeed_config() == {"bf16": {"enabled": True}}
+    a = torch.randn(4, 4)
+    with p.autocast("cpu"):
+        assert (a @ a).dtype is torch.bfloat16
+    assert (a @ a).dtype is torch.float32
+
+
+def test_bf16_fsdp_policy_gathers_bf16_and_reduces_fp32() -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    mp = PrecisionPolicy("bf16").fsdp_mixed_precision()
+    assert isinstance(mp, MixedPrecisionPolicy)
+    assert mp.param_dtype is torch.bfloat16 and mp.reduce_dtype is torch.float32
+
+
+def test_unknown_precision_names_the_key() -> None:
+    with pytest.raises(ValueError, match=r"train\.precision: 'fp8'"):
+        PrecisionPolicy.from_config("fp8")
