@@ -97,6 +97,16 @@ def _matmul_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None)
     return torch.matmul(s.softmax(dim=-1), v)
 
 
+def _fold_mask(attn_mask: Tensor | None, keep: Tensor) -> Tensor:
+    """Combine an optional mask (bool, True = attend, or additive float) with a bool mask
+    ``keep`` broadcastable to it: the result attends only where both allow."""
+    if attn_mask is None:
+        return keep
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & keep
+    return attn_mask.masked_fill(~keep, float("-inf"))
+
+
 def _flash_varlen_keys(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor) -> Tensor:
     """flash-attn with padded keys: queries stay dense, keys/values are unpadded.
 
@@ -150,25 +160,14 @@ def attention(
             return _flash_varlen_keys(q, k, v, key_padding_mask)
 
     if key_padding_mask is not None:
-        kpm = key_padding_mask.bool()[:, None, None, :]  # [B, 1, 1, Nk]
-        if attn_mask is None:
-            attn_mask = kpm
-        elif attn_mask.dtype == torch.bool:
-            attn_mask = attn_mask & kpm
-        else:
-            attn_mask = attn_mask.masked_fill(~kpm, float("-inf"))
+        attn_mask = _fold_mask(attn_mask, key_padding_mask.bool()[:, None, None, :])
     use_matmul = _use_cpu_matmul(q, k, v)
     if is_causal and (attn_mask is not None or use_matmul):
         # SDPA rejects mask + is_causal together, and the matmul path takes masks only: fold
         # causality (top-left aligned, as SDPA's is_causal) into the mask.
         nq, nk = q.shape[-2], k.shape[-2]
-        causal = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril()
-        if attn_mask is None:
-            attn_mask = causal
-        elif attn_mask.dtype == torch.bool:
-            attn_mask = attn_mask & causal
-        else:
-            attn_mask = attn_mask.masked_fill(~causal, float("-inf"))
+        attn_mask = _fold_mask(attn_mask, torch.ones(nq, nk, dtype=torch.bool,
+                                                     device=q.device).tril())
         is_causal = False
     if use_matmul:
         return _matmul_attention(q, k, v, attn_mask)

@@ -34,6 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from worldline.models.init import reset_default_parameters
+
 __all__ = ["AutoencoderArgs", "VideoAutoencoder", "autoencoder_loss"]
 
 
@@ -91,7 +93,12 @@ class ChannelRMSNorm(nn.Module):
     def __init__(self, channels: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(channels))
+        self.weight = nn.Parameter(torch.empty(channels))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Unit gain (what init replay calls too, see models/init.py; draws no randomness)."""
+        nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         rms = torch.rsqrt(x.float().pow(2).mean(dim=1, keepdim=True) + self.eps).to(x.dtype)
@@ -383,8 +390,22 @@ class VideoAutoencoder(nn.Module):
         self.decoder = Decoder(args)
         # Per-channel latent statistics, measured after AE training and used by the diffusion
         # stage so its inputs are ~unit variance. Persistent: they travel with checkpoints.
-        self.register_buffer("latent_mean", torch.zeros(args.latent_channels))
-        self.register_buffer("latent_std", torch.ones(args.latent_channels))
+        self.register_buffer("latent_mean", torch.empty(args.latent_channels))
+        self.register_buffer("latent_std", torch.empty(args.latent_channels))
+        # The convolutions' constructors already drew torch's default init; only ours is left.
+        self._init_custom()
+
+    def init_weights(self) -> None:
+        """Re-initialize every parameter and buffer from scratch, drawing from the RNG exactly
+        as construction did (torch's default conv init); see models/init.py."""
+        reset_default_parameters(self)
+        self._init_custom()
+
+    @torch.no_grad()
+    def _init_custom(self) -> None:
+        """Identity latent statistics (mean 0, std 1) until measured; no RNG draws."""
+        self.latent_mean.zero_()
+        self.latent_std.fill_(1.0)
 
     # --- shapes -------------------------------------------------------------------------
     def latent_shape(self, T: int, H: int, W: int) -> tuple[int, int, int, int]:
@@ -557,8 +578,8 @@ def autoencoder_loss(
 
     perceptual: a models.losses.PerceptualLoss (or any (recon, x) -> scalar module), weighted
         by args.perceptual_weight. disc_logits: discriminator logits on `recon` (gradients
-        must flow to recon), hinge generator loss weighted by adv_weight (use
-        losses.adversarial_weight for the warm-up switch).
+        must flow to recon), hinge generator loss weighted by adv_weight (0 before the
+        discriminator's warm-up ends).
     """
     diff = recon.float() - x.float()
     l1 = diff.abs().mean()
@@ -572,7 +593,7 @@ def autoencoder_loss(
         loss = loss + args.perceptual_weight * p
         parts["perceptual"] = p.detach()
     if disc_logits is not None:
-        g = -disc_logits.float().mean()  # hinge generator loss (losses.hinge_g_loss)
+        g = -disc_logits.float().mean()  # hinge GAN, generator side: -mean D(G(z))
         loss = loss + adv_weight * g
         parts["g_adv"] = g.detach()
     return loss, {"loss": loss.detach(), **parts}

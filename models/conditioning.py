@@ -1,33 +1,27 @@
 """Conditioning for the latent DiT: per-frame timestep/action/camera embeddings, and the
-input builders for image-to-video (mask channel) and reference images.
+reference-image input builder (image-to-video's clean prefix is train/tasks.py's
+``clean_prefix_inputs``).
 
 Everything here is per *latent frame*: the causal autoencoder maps pixel frame 0 to latent
 frame 0 and pixel frames (i-1)*tf+1 .. i*tf to latent frame i, and controls follow that
 grouping (see `pool_to_latent_frames`).
 
-    >>> x_in, t_f, loss_mask = i2v_inputs(x0, x_t, t)        # first latent frame given clean
     >>> refs = draw_references(x0_latents, k=2, generator=g)  # [B, 2, C, h, w]
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-
-if TYPE_CHECKING:  # runtime import would be circular (dit imports this module)
-    from worldline.models.dit import DiTArgs
 
 __all__ = [
     "timestep_embedding",
     "pool_to_latent_frames",
     "frame_phase",
     "ConditionEmbedder",
-    "i2v_inputs",
     "draw_references",
 ]
 
@@ -81,32 +75,53 @@ class ConditionEmbedder(nn.Module):
     then mean-pooled causally into latent frames. Missing or dropped (classifier-free
     guidance) actions/camera are replaced by learned null vectors, so "no control" is its own
     input rather than a particular action or a zero camera.
+
+    Args (the DiT passes its DiTArgs fields): hidden_size D; freq_dim of the sinusoidal
+    timestep features; temporal_downsample tf (pixel frames per latent frame);
+    num_action_slots S and num_actions (discrete actions, S = 0 disables) or action_dim
+    (continuous, 0 disables); camera_dim (0 disables).
     """
 
-    def __init__(self, args: DiTArgs) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        *,
+        freq_dim: int = 256,
+        temporal_downsample: int = 4,
+        num_action_slots: int = 0,
+        num_actions: int = 5,
+        action_dim: int = 0,
+        camera_dim: int = 0,
+    ) -> None:
         super().__init__()
-        d, tf = args.hidden_size, args.temporal_downsample
-        self.args = args
-        self.t_mlp = nn.Sequential(nn.Linear(args.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
-        if args.num_action_slots > 0:
+        if num_action_slots > 0 and action_dim > 0:
+            raise ValueError("choose discrete (num_action_slots) or continuous (action_dim)")
+        d, tf = hidden_size, temporal_downsample
+        self.freq_dim, self.temporal_downsample = freq_dim, tf
+        self.num_action_slots, self.num_actions = num_action_slots, num_actions
+        self.action_dim, self.camera_dim = action_dim, camera_dim
+        # Attribute order is construction order, which init replay relies on (models/init.py).
+        self.t_mlp = nn.Sequential(nn.Linear(freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        if num_action_slots > 0:
             # One row per (slot, action): the sum over slots is a linear map of the
             # concatenated one-hots, so which sprite did what is kept.
-            self.action_emb = nn.Embedding(args.num_action_slots * args.num_actions, d)
+            self.action_emb = nn.Embedding(num_action_slots * num_actions, d)
+        if action_dim > 0:
+            self.action_in = nn.Linear(action_dim, d)
+        if self.has_actions:
             self.action_phase = nn.Parameter(torch.zeros(tf, d))
             self.action_mlp = nn.Sequential(nn.SiLU(), nn.Linear(d, d))
             self.null_action = nn.Parameter(torch.zeros(d))
-        if args.action_dim > 0:
-            if args.num_action_slots > 0:
-                raise ValueError("choose discrete (num_action_slots) or continuous (action_dim)")
-            self.action_in = nn.Linear(args.action_dim, d)
-            self.action_phase = nn.Parameter(torch.zeros(tf, d))
-            self.action_mlp = nn.Sequential(nn.SiLU(), nn.Linear(d, d))
-            self.null_action = nn.Parameter(torch.zeros(d))
-        if args.camera_dim > 0:
-            self.camera_in = nn.Linear(args.camera_dim, d)
+        if camera_dim > 0:
+            self.camera_in = nn.Linear(camera_dim, d)
             self.camera_phase = nn.Parameter(torch.zeros(tf, d))
             self.camera_mlp = nn.Sequential(nn.SiLU(), nn.Linear(d, d))
             self.null_camera = nn.Parameter(torch.zeros(d))
+
+    @property
+    def has_actions(self) -> bool:
+        """Whether this embedder takes actions (discrete or continuous)."""
+        return self.num_action_slots > 0 or self.action_dim > 0
 
     def forward(
         self,
@@ -123,31 +138,18 @@ class ConditionEmbedder(nn.Module):
 
         frame_start > 0 (rollout): the frames are latent frames frame_start.. of a longer video,
         so T_pix = num_frames * tf (no lone first frame)."""
-        a = self.args
         fs = frame_start
         if t.dim() == 1:
             t = t[:, None].expand(-1, num_frames)
-        c = self.t_mlp(timestep_embedding(t, a.freq_dim).to(self.t_mlp[0].weight.dtype))
+        c = self.t_mlp(timestep_embedding(t, self.freq_dim).to(self.t_mlp[0].weight.dtype))
         keep = None if drop is None else (~drop.bool()).view(-1, 1, 1)
-        if a.num_action_slots > 0:
+        if self.has_actions:
             e = None
             if actions is not None:
-                if actions.shape[-1] != a.num_action_slots:
-                    raise ValueError(
-                        f"actions have {actions.shape[-1]} slots, "
-                        f"model expects {a.num_action_slots}"
-                    )
-                offsets = torch.arange(a.num_action_slots, device=actions.device) * a.num_actions
-                e = self.action_emb(actions.long() + offsets).sum(dim=2)  # [B, T_pix, D]
-                e = self._embed(e, self.action_phase, self.action_mlp, num_frames, fs)
+                e = self._embed(self._action_features(actions, c.dtype), self.action_phase,
+                                self.action_mlp, num_frames, fs)
             c = c + self._or_null(e, self.null_action, keep)
-        if a.action_dim > 0:
-            e = None
-            if actions is not None:
-                e = self.action_in(actions.to(c.dtype))
-                e = self._embed(e, self.action_phase, self.action_mlp, num_frames, fs)
-            c = c + self._or_null(e, self.null_action, keep)
-        if a.camera_dim > 0:
+        if self.camera_dim > 0:
             e = None
             if camera is not None:
                 e = self.camera_in(camera.to(c.dtype))
@@ -155,18 +157,30 @@ class ConditionEmbedder(nn.Module):
             c = c + self._or_null(e, self.null_camera, keep)
         return c
 
+    def _action_features(self, actions: Tensor, dtype: torch.dtype) -> Tensor:
+        """Per-pixel-frame action features [B, T_pix, D]: the summed per-slot embeddings of
+        discrete actions [B, T_pix, S], or a linear map of continuous ones."""
+        if self.num_action_slots == 0:
+            return self.action_in(actions.to(dtype))
+        if actions.shape[-1] != self.num_action_slots:
+            raise ValueError(
+                f"actions have {actions.shape[-1]} slots, model expects {self.num_action_slots}"
+            )
+        offsets = torch.arange(self.num_action_slots, device=actions.device) * self.num_actions
+        return self.action_emb(actions.long() + offsets).sum(dim=2)
+
     def _embed(self, e: Tensor, phase: Tensor, mlp: nn.Module, num_frames: int, start: int):
         """Per-pixel-frame features e [B, T_pix, D] -> per-latent-frame [B, num_frames, D]."""
         return self._pool(mlp(e + self._phase(phase, e, start)), num_frames, start)
 
     def _phase(self, table: Tensor, e: Tensor, start: int) -> Tensor:
-        tf = self.args.temporal_downsample
+        tf = self.temporal_downsample
         if start > 0:  # groups of tf frames only: phase = position in the group
             return table[torch.arange(e.shape[1], device=e.device) % tf]
         return table[frame_phase(e.shape[1], tf, e.device)]
 
     def _pool(self, e: Tensor, num_frames: int, start: int) -> Tensor:
-        tf = self.args.temporal_downsample
+        tf = self.temporal_downsample
         if start > 0:
             if e.shape[1] != num_frames * tf:
                 raise ValueError(f"rollout frames need {num_frames} x {tf} pixel-frame controls")
@@ -181,39 +195,8 @@ class ConditionEmbedder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Image-to-video and references: input builders (pure tensor math, used by trainer and sampler)
+# References: input builder (pure tensor math, used by trainer and sampler)
 # ---------------------------------------------------------------------------------------------
-def i2v_inputs(
-    x0: Tensor, x_t: Tensor, t: Tensor, num_cond_frames: int = 1, keep: Tensor | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Image(s)-to-video conditioning with a mask channel.
-
-    The first `num_cond_frames` latent frames are replaced by the clean latents, get flow time
-    0 and a mask channel of 1; the rest stay noisy (mask 0) with their time t.
-
-    Args:
-        x0: clean latents [B, C, t, h, w]; x_t: noisy latents, same shape.
-        t: [B] or [B, t] flow times.
-        keep: optional [B] bool; False turns conditioning off for that sample (plain t2v, the
-            mask channel all 0), so one model learns both and the condition can be dropped
-            for classifier-free guidance.
-    Returns:
-        x_in [B, C + 1, t, h, w] (DiTArgs.mask_channel=True), t_frames [B, t] and loss_mask
-        [B, 1, t, 1, 1] (1 where the loss applies: the generated frames).
-    """
-    b, _, n = x0.shape[:3]
-    cond = torch.zeros(b, n, dtype=torch.bool, device=x0.device)
-    cond[:, :num_cond_frames] = True
-    if keep is not None:
-        cond &= keep.bool().view(b, 1)
-    m = cond.view(b, 1, n, 1, 1)
-    x = torch.where(m, x0, x_t)
-    t_frames = t[:, None].expand(b, n) if t.dim() == 1 else t
-    t_frames = torch.where(cond, torch.zeros_like(t_frames), t_frames)
-    mask_ch = m.to(x.dtype).expand(b, 1, *x.shape[2:])
-    return torch.cat([x, mask_ch], dim=1), t_frames, (~m).to(x.dtype)
-
-
 def draw_references(
     latents: Tensor,
     k: int,

@@ -34,21 +34,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from worldline.models.attention import attention
+from worldline.models.conditioning import ConditionEmbedder
+from worldline.models.init import reset_default_parameters
 from worldline.models.kv_cache import KVBlock, kv_length
-from worldline.models.conditioning import (  # noqa: F401 - re-exported, historical home
-    ConditionEmbedder,
-    frame_phase,
-    pool_to_latent_frames,
-    timestep_embedding,
-)
 
 __all__ = [
     "DiTArgs",
-    "DIT_SIZES",
-    "dit_args",
     "VideoDiT",
-    "timestep_embedding",
-    "pool_to_latent_frames",
     "rope_3d",
     "apply_rope",
     "frame_causal_mask",
@@ -58,6 +50,9 @@ __all__ = [
 
 @dataclass
 class DiTArgs:
+    """VideoDiT hyper-parameters. Named sizes (hidden/depth/heads of tiny ... 7B) are defined
+    once, in conf/model/<size>.yaml (``worldline.train.config.load_model_config``)."""
+
     in_channels: int = 4  # latent channels
     patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])  # [p_t, p_h, p_w]
     hidden_size: int = 384
@@ -79,25 +74,6 @@ class DiTArgs:
     # (diffusion forcing / rollout). forward(frame_causal=...) overrides per call.
     frame_causal: bool = False
     max_refs: int = 0  # reference-image slots (learned ref embeddings); 0 disables refs
-
-
-# hidden/depth/heads per named size; head dim 128 from 1B up (flash-attn's sweet spot).
-# Parameter counts (text_dim 1024 for 1B+) are checked by tests/test_models_dit.py on meta.
-DIT_SIZES: dict[str, dict] = {
-    "tiny": dict(hidden_size=128, depth=4, num_heads=4),  # ~1.3M
-    "small": dict(hidden_size=384, depth=12, num_heads=6),  # ~30M
-    "base": dict(hidden_size=768, depth=12, num_heads=12),  # ~121M
-    "1B": dict(hidden_size=2048, depth=16, num_heads=16),  # ~1.13B
-    "3B": dict(hidden_size=2560, depth=28, num_heads=20),  # ~3.0B
-    "7B": dict(hidden_size=4096, depth=26, num_heads=32),  # ~7.2B
-}
-
-
-def dit_args(size: str, **overrides) -> DiTArgs:
-    """DiTArgs for a named size from DIT_SIZES, with field overrides."""
-    if size not in DIT_SIZES:
-        raise KeyError(f"unknown DiT size {size!r}; choose from {sorted(DIT_SIZES)}")
-    return DiTArgs(**{**DIT_SIZES[size], **overrides})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,7 +327,10 @@ class VideoDiT(nn.Module):
             # frame) and carry a learned per-slot embedding: together these tell the model
             # "this is a reference, not frame k" without giving it a place on the timeline.
             self.ref_embed = nn.Parameter(torch.zeros(args.max_refs, d))
-        self.cond_embed = ConditionEmbedder(args)
+        self.cond_embed = ConditionEmbedder(
+            d, freq_dim=args.freq_dim, temporal_downsample=args.temporal_downsample,
+            num_action_slots=args.num_action_slots, num_actions=args.num_actions,
+            action_dim=args.action_dim, camera_dim=args.camera_dim)
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         if args.text_dim > 0:
             self.context_proj = nn.Sequential(
@@ -359,11 +338,20 @@ class VideoDiT(nn.Module):
             )
         self.blocks = nn.ModuleList(DiTBlock(args) for _ in range(args.depth))
         self.final = FinalLayer(d, self.patch_dim)
-        self.init_weights()
+        # The layers' constructors already drew torch's default init; only ours is left.
+        self._init_custom()
+
+    def init_weights(self) -> None:
+        """Re-initialize every parameter from scratch, drawing from the RNG exactly as
+        construction did (torch's default layer init, then ours): after the same seed, a model
+        built on the meta device, ``to_empty``'d and ``init_weights``'d equals an eager one."""
+        reset_default_parameters(self)
+        self._init_custom()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """(Re)initialize every parameter; also used after materializing from the meta device."""
+    def _init_custom(self) -> None:
+        """Our init on top of torch's defaults: xavier linears, small normal embeddings,
+        adaLN-zero (identity blocks, zero output)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)

@@ -31,7 +31,6 @@ __all__ = [
     "sampling_schedule",
     "euler_sample",
     "heun_sample",
-    "cfg_velocity",
     "guided_velocity",
     "multi_cfg_velocity",
     "sample_frame_timesteps",
@@ -197,22 +196,6 @@ def heun_sample(
             v_next = velocity_fn(x_euler, t_next.expand(b))
             x = x + dt * 0.5 * (v + v_next)
     return x
-
-
-def cfg_velocity(cond_fn: VelocityFn, uncond_fn: VelocityFn, scale: float) -> VelocityFn:
-    """Classifier-free guidance: v = v_uncond + scale * (v_cond - v_uncond).
-
-    Returns a velocity function for the samplers; scale 1 skips the unconditional call.
-    """
-
-    def fn(x: Tensor, t: Tensor) -> Tensor:
-        v_cond = cond_fn(x, t)
-        if scale == 1.0:
-            return v_cond
-        v_uncond = uncond_fn(x, t)
-        return v_uncond + scale * (v_cond - v_uncond)
-
-    return fn
 
 
 def guided_velocity(

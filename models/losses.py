@@ -6,7 +6,8 @@ networks and loss functions.
 
     >>> perc = PerceptualLoss.from_path("/models/lpips_vgg.pt")    # TorchScript or nn.Module
     >>> disc = PatchDiscriminator3D(in_channels=3)
-    >>> g_loss = adversarial_weight(step, start=5000) * hinge_g_loss(disc(recon))
+    >>> loss, parts = autoencoder_loss(x, recon, mean, logvar, args, perceptual=perc,
+    ...                                disc_logits=disc(recon), adv_weight=0.1)
     >>> d_loss = hinge_d_loss(disc(x), disc(recon.detach()))
 """
 
@@ -18,12 +19,12 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from worldline.models.init import reset_default_parameters
+
 __all__ = [
     "PerceptualLoss",
     "PatchDiscriminator3D",
     "hinge_d_loss",
-    "hinge_g_loss",
-    "adversarial_weight",
 ]
 
 
@@ -113,11 +114,17 @@ class PatchDiscriminator3D(nn.Module):
         layers += [nn.Conv3d(ch, 1, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 
+    def init_weights(self) -> None:
+        """Re-initialize every parameter from scratch, drawing from the RNG exactly as
+        construction did (torch's default conv/norm init); see models/init.py."""
+        reset_default_parameters(self)
+
     def forward(self, x: Tensor) -> Tensor:
         """x [B, C, T, H, W] in [-1, 1] -> patch logits [B, 1, T', H', W']."""
         return self.net(x)
 
     def num_params(self) -> int:
+        """Number of parameters."""
         return sum(p.numel() for p in self.parameters())
 
 
@@ -125,16 +132,3 @@ def hinge_d_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
     """Discriminator hinge loss: mean relu(1 - D(x)) + mean relu(1 + D(G(z))), halved."""
     return 0.5 * (torch.relu(1.0 - real_logits.float()).mean()
                   + torch.relu(1.0 + fake_logits.float()).mean())
-
-
-def hinge_g_loss(fake_logits: Tensor) -> Tensor:
-    """Generator (autoencoder) side of the hinge GAN: -mean D(G(z))."""
-    return -fake_logits.float().mean()
-
-
-def adversarial_weight(step: int | Tensor, start: int, weight: float = 0.1) -> float | Tensor:
-    """GAN loss weight: 0 before `start` (reconstructions must be decent before a
-    discriminator helps), `weight` after. Works on an int or an on-device step tensor."""
-    if isinstance(step, Tensor):
-        return (step >= start).float() * weight
-    return weight if step >= start else 0.0

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from worldline.models.attention import attention
+from worldline.models.init import reset_default_parameters
 
 __all__ = ["ByteTokenizer", "TextEncoderArgs", "TextEncoder"]
 
@@ -112,11 +113,18 @@ class TextEncoder(nn.Module):
             _EncoderBlock(args.dim, args.num_heads, args.mlp_ratio) for _ in range(args.depth)
         )
         self.norm = nn.LayerNorm(args.dim)
-        self.init_weights()
+        # The layers' constructors already drew torch's default init; only ours is left.
+        self._init_custom()
+
+    def init_weights(self) -> None:
+        """Re-initialize every parameter from scratch, drawing from the RNG exactly as
+        construction did (torch's default layer init, then ours); see models/init.py."""
+        reset_default_parameters(self)
+        self._init_custom()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """(Re)initialize every parameter; also used after materializing from the meta device."""
+    def _init_custom(self) -> None:
+        """Our init on top of torch's defaults: small normal embeddings, xavier linears."""
         nn.init.normal_(self.tok_emb.weight, std=0.02)
         nn.init.normal_(self.pos_emb, std=0.02)
         for m in self.modules():

@@ -25,6 +25,8 @@ __all__ = ["WorldModel"]
 
 
 class WorldModel(nn.Module):
+    """Text encoder + latent video DiT: velocity of noisy latents given text and controls."""
+
     def __init__(self, dit_args: DiTArgs, text_args: TextEncoderArgs) -> None:
         super().__init__()
         if dit_args.text_dim != text_args.dim:
@@ -34,13 +36,19 @@ class WorldModel(nn.Module):
         self.tokenizer = ByteTokenizer()  # plain attribute: no state, nothing to checkpoint
         self.text_encoder = TextEncoder(text_args)
         self.dit = VideoDiT(dit_args)
-        self.null_text = nn.Parameter(torch.zeros(text_args.dim))
-        nn.init.normal_(self.null_text, std=0.02)
+        self.null_text = nn.Parameter(torch.empty(text_args.dim))
+        self._init_custom()
 
     def init_weights(self) -> None:
-        """Re-initialize everything (after materializing from the meta device)."""
+        """Re-initialize every parameter from scratch in construction order (text encoder,
+        DiT, then the null text embedding), so the RNG draws match eager construction."""
         self.text_encoder.init_weights()
         self.dit.init_weights()
+        self._init_custom()
+
+    @torch.no_grad()
+    def _init_custom(self) -> None:
+        """What this module adds on top of its two submodels: the null text embedding."""
         nn.init.normal_(self.null_text, std=0.02)
 
     def encode_text(self, text_ids: Tensor, text_mask: Tensor) -> Tensor:

@@ -14,9 +14,7 @@ from worldline.models.autoencoder import (
 from worldline.models.losses import (
     PatchDiscriminator3D,
     PerceptualLoss,
-    adversarial_weight,
     hinge_d_loss,
-    hinge_g_loss,
 )
 from worldline.models.metrics import psnr, ssim
 
@@ -94,9 +92,6 @@ def test_patch_discriminator_and_hinge_losses():
     assert logits.dim() == 5 and logits.shape[:2] == (2, 1)
     assert hinge_d_loss(torch.full((4,), 2.0), torch.full((4,), -2.0)).item() == 0.0
     assert hinge_d_loss(torch.zeros(4), torch.zeros(4)).item() == 1.0
-    assert hinge_g_loss(torch.full((4,), 3.0)).item() == -3.0
-    assert adversarial_weight(10, 100) == 0.0 and adversarial_weight(100, 100) == 0.1
-    assert adversarial_weight(torch.tensor(200), 100, 0.5).item() == 0.5
     # one D step then one G step (what the trainer does after the warm-up)
     opt = torch.optim.SGD(disc.parameters(), lr=0.1)
     fake = (x + 0.5).clamp(-1, 1).requires_grad_(True)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from worldline.models.conditioning import draw_references, i2v_inputs
+from worldline.models.conditioning import draw_references
 from worldline.models.dit import DiTArgs, VideoDiT, frame_causal_mask
 from worldline.models.flow import (
     flow_loss,
@@ -14,6 +14,7 @@ from worldline.models.flow import (
     velocity_target,
 )
 from worldline.models.rollout import KVCache, rollout
+from worldline.train.tasks import clean_prefix_inputs
 
 # Zero-init nets produce denormals on CPU: flushing them avoids a ~20x slowdown.
 torch.set_flush_denormal(True)
@@ -139,8 +140,9 @@ def test_i2v_inputs_and_masked_loss():
     dit = _dit(mask_channel=True)
     x0, noise = torch.randn(2, 4, 3, 8, 8), torch.randn(2, 4, 3, 8, 8)
     t = torch.tensor([0.3, 0.8])
-    x_in, t_f, lm = i2v_inputs(x0, interpolate(x0, noise, t), t,
-                               keep=torch.tensor([True, False]))
+    # Sample 0 is image-to-video (frame 0 clean), sample 1 plain text-to-video.
+    x_in, t_f, lm = clean_prefix_inputs(x0, interpolate(x0, noise, t), t,
+                                        torch.tensor([1, 0]), mask_channel=True)
     assert x_in.shape == (2, 5, 3, 8, 8)
     torch.testing.assert_close(x_in[0, :4, 0], x0[0, :, 0])
     assert x_in[0, 4, 0].eq(1).all() and x_in[0, 4, 1:].eq(0).all() and x_in[1, 4].eq(0).all()

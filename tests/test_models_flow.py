@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from worldline.models.flow import (
-    cfg_velocity,
     euler_sample,
     flow_loss,
     heun_sample,
@@ -82,12 +81,3 @@ def test_samplers_recover_x0_of_a_linear_path(sampler, shift):
 def test_sampling_schedule_is_decreasing_from_one_to_zero():
     ts = sampling_schedule(10, shift=2.0)
     assert ts[0] == 1 and ts[-1] == 0 and (ts[1:] < ts[:-1]).all()
-
-
-def test_cfg_velocity():
-    x, t = torch.randn(2, 3), torch.rand(2)
-    cond = lambda x, t: x + 1  # noqa: E731
-    uncond = lambda x, t: x - 1  # noqa: E731
-    torch.testing.assert_close(cfg_velocity(cond, uncond, 1.0)(x, t), x + 1)
-    torch.testing.assert_close(cfg_velocity(cond, uncond, 0.0)(x, t), x - 1)
-    torch.testing.assert_close(cfg_velocity(cond, uncond, 3.0)(x, t), x - 1 + 3 * 2)

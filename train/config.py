@@ -4,6 +4,11 @@ Hydra composes ``conf/`` on top of :class:`WorldlineConfig`; because the root is
 config, an unknown key or a value of the wrong type fails during composition, before any model,
 data or worker exists, and the error names the full key (e.g. ``train.stepz``).
 
+Every field with a fixed set of values is an :class:`enum.Enum` (``ConfigEnum``: a ``str``
+subclass, so ``cfg.train.precision == "bf16"`` and JSON dumps keep working); OmegaConf itself
+rejects any other value during composition, naming the key (``full_key: train.precision``).
+Member names equal their values because OmegaConf converts a YAML string by member *name*.
+
 Cross-field rules that a type system cannot express (frame counts that the autoencoder cannot
 compress, resolutions the patch size does not divide, ...) live in
 :func:`worldline.train.validate.validate`, which every entry point calls right after
@@ -12,6 +17,9 @@ composition.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
+from importlib import resources
+from pathlib import Path
 from typing import Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -21,9 +29,40 @@ from worldline.models.autoencoder import AutoencoderArgs
 from worldline.models.dit import DiTArgs
 from worldline.models.text import TextEncoderArgs
 
-STAGES = ("autoencoder", "pretrain", "controllability", "finetune")
-OBJECTIVES = ("autoencoder", "flow")
-CONDITIONS = ("text", "actions", "camera", "refs")
+class ConfigEnum(str, Enum):
+    """Base of the config enums: a ``str`` that prints, formats and JSON-encodes as its value
+    (so f-strings, log lines, ``==`` against literals and ``json.dumps`` see plain strings)."""
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    __format__ = str.__format__
+
+
+def _enum(name: str, *values: str) -> type[ConfigEnum]:
+    """A ConfigEnum whose member names are its values (functional form: ``continue`` and other
+    keywords are valid values but not valid class-attribute names)."""
+    return ConfigEnum(name, [(v, v) for v in values], module=__name__, qualname=name)  # type: ignore[return-value]
+
+
+StageName = _enum("StageName", "autoencoder", "pretrain", "controllability", "finetune")
+Objective = _enum("Objective", "autoencoder", "flow")
+Condition = _enum("Condition", "text", "actions", "camera", "refs")
+DistBackend = _enum("DistBackend", "single", "ddp", "fsdp", "deepspeed_zero1", "deepspeed_zero2",
+                    "deepspeed_zero3")
+ActivationCheckpointing = _enum("ActivationCheckpointing", "none", "full", "every_k")
+LoggerKind = _enum("LoggerKind", "wandb", "none")
+LoggerMode = _enum("LoggerMode", "offline", "online", "disabled")
+Precision = _enum("Precision", "fp32", "bf16")
+LRSchedule = _enum("LRSchedule", "cosine", "constant")
+OnSaveError = _enum("OnSaveError", "continue", "exit")
+DataKind = _enum("DataKind", "synthetic", "webdataset")
+ClipPosition = _enum("ClipPosition", "start", "center", "random")
+Crop = _enum("Crop", "center", "random")
+DataInput = _enum("DataInput", "pixel", "latent")
+SampleMode = _enum("SampleMode", "full", "rollout")
+Solver = _enum("Solver", "euler", "heun")
+SlurmMode = _enum("SlurmMode", "torchrun", "srun")
 
 
 @dataclass
@@ -147,14 +186,15 @@ class AutoencoderLossConfig:
 class StageConfig:
     """What a stage trains: objective, conditionings, and where its weights start from."""
 
-    name: str = "pretrain"
-    objective: str = "flow"
+    name: StageName = StageName.pretrain
+    objective: Objective = Objective.flow
     # A run dir or checkpoint dir whose weights initialise the trained model (not a resume:
     # optimizer, step and data position start fresh).
     init_from: Optional[str] = None
     # Latent stages: the run dir or checkpoint dir of the trained (frozen) autoencoder.
     autoencoder_from: Optional[str] = None
-    conditions: list[str] = field(default_factory=lambda: ["text", "actions", "camera"])
+    conditions: list[Condition] = field(default_factory=lambda: [
+        Condition.text, Condition.actions, Condition.camera])
     # Parameter-name prefixes kept frozen during this stage (e.g. ["text_encoder."]).
     freeze: list[str] = field(default_factory=list)
     flow: FlowConfig = field(default_factory=FlowConfig)
@@ -201,7 +241,7 @@ class BucketConfig:
 class DataConfig:
     """Video shards and clip sampling. ``kind=synthetic`` generates the embedded world first."""
 
-    kind: str = "synthetic"
+    kind: DataKind = DataKind.synthetic
     # A directory holding manifest.json, a brace pattern (shard-{000000..000009}.tar) or a
     # comma-separated list. Unused for kind=synthetic (the generated dir is used).
     shards: Optional[str] = None
@@ -212,17 +252,17 @@ class DataConfig:
     resolution: list[int] = field(default_factory=lambda: [64, 64])
     batch_size: int = 4
     num_workers: int = 1
-    position: str = "start"
+    position: ClipPosition = ClipPosition.start
     shuffle_shards: bool = True
     # Samples held back and drawn at random (across shards); 0 = stream order.
     shuffle_buffer: int = 0
     # Infinite resampled streaming (pretraining): shards drawn with replacement, no epochs.
     resample: bool = False
     # pixel: decode mp4s; latent: stream shards written by encode_latents (frozen AE skipped).
-    input: str = "pixel"
+    input: DataInput = DataInput.pixel
     # Target fps resampled from the source timestamps (instead of frame_stride).
     fps: Optional[float] = None
-    crop: str = "center"
+    crop: Crop = Crop.center
     # Resolution x length buckets, each with its own batch size ({height, width, num_frames,
     # batch_size}); empty = one bucket (resolution, num_frames, batch_size).
     buckets: list[BucketConfig] = field(default_factory=list)
@@ -244,18 +284,16 @@ class DataConfig:
     synthetic: SyntheticWorldConfig = field(default_factory=SyntheticWorldConfig)
 
 
-DIST_BACKENDS = ("single", "ddp", "fsdp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3")
-
-
 @dataclass
 class DistConfig:
     """Parallelism backend and its knobs (``conf/dist/*.yaml``; see train/parallel/)."""
 
-    backend: str = "single"
+    backend: DistBackend = DistBackend.single
     # Collective timeout: a dead or stalled rank fails the others instead of hanging them.
     timeout_s: float = 600.0
-    # Activation checkpointing of transformer blocks / autoencoder stages: none | full | every_k
-    activation_checkpointing: str = "none"
+    # Activation checkpointing of transformer blocks / autoencoder stages (every_k: every
+    # ac_every-th block).
+    activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.none
     ac_every: int = 2
     # torch.compile each block separately (after AC, before wrapping).
     compile_blocks: bool = False
@@ -290,10 +328,10 @@ class DistConfig:
 class LoggerConfig:
     """Experiment tracking. W&B runs offline unless ``mode=online`` is asked for."""
 
-    kind: str = "wandb"
+    kind: LoggerKind = LoggerKind.wandb
     project: str = "worldline"
     entity: Optional[str] = None
-    mode: str = "offline"
+    mode: LoggerMode = LoggerMode.offline
     group: Optional[str] = None
     tags: list[str] = field(default_factory=list)
     notes: Optional[str] = None
@@ -308,7 +346,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     warmup_steps: int = 50
-    schedule: str = "cosine"
+    schedule: LRSchedule = LRSchedule.cosine
     min_lr_ratio: float = 0.1
 
 
@@ -321,7 +359,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     # 0 disables EMA.
     ema_decay: float = 0.999
-    precision: str = "fp32"
+    # bf16: autocast + bf16 collectives where the backend has them (train/precision.py).
+    precision: Precision = Precision.fp32
     log_every: int = 10
     ckpt_every: int = 100
     keep_last: int = 3
@@ -336,7 +375,7 @@ class TrainConfig:
     sync_nonfinite_check: bool = False
     # A checkpoint write that fails (full or read-only disk): "continue" training (the next
     # save retries; the previous checkpoint stays the latest) or "exit" cleanly.
-    on_save_error: str = "exit"
+    on_save_error: OnSaveError = OnSaveError["exit"]
 
 
 @dataclass
@@ -359,14 +398,14 @@ class SampleConfig:
     use_ema: bool = True
     # Separate guidance on actions/camera (1 = none); cfg_scale guides the text.
     action_cfg_scale: float = 1.0
-    solver: str = "euler"
+    solver: Solver = Solver.euler
     # worldline-sample inputs (None: taken from the first clips of the data spec).
     first_image: Optional[str] = None
     refs: list[str] = field(default_factory=list)
     # JSON {"actions": [[...] per frame], "camera": [[dx, dy] per frame]} or .npy actions.
     actions: Optional[str] = None
     # full: whole clip at once; rollout: KV-cached autoregressive world-model rollout.
-    mode: str = "full"
+    mode: SampleMode = SampleMode.full
     # rollout: latent frames to generate after the first image, and the KV-cache window.
     rollout_frames: int = 4
     window: Optional[int] = None
@@ -410,16 +449,13 @@ class PreemptConfig:
     check_every: int = 1
 
 
-SLURM_MODES = ("torchrun", "srun")
-
-
 @dataclass
 class SlurmConfig:
     """What ``worldline-submit`` renders into the sbatch script (slurm/templates/)."""
 
     # torchrun: one task per node running torchrun (c10d rendezvous on the first node);
     # srun: one task per GPU started by srun (rank/world from SLURM_PROCID/SLURM_NTASKS).
-    mode: str = "torchrun"
+    mode: SlurmMode = SlurmMode.torchrun
     nodes: int = 1
     # 0: CPU-only ranks (one per node, gloo), as on the local test cluster.
     gpus_per_node: int = 8
@@ -470,5 +506,32 @@ class ConfigError(ValueError):
 
 
 def to_container(cfg: DictConfig) -> dict:
-    """Resolved plain-dict view of a config (for config.yaml, W&B and checkpoints)."""
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+    """Resolved plain-dict view of a config (for config.yaml, W&B and checkpoints).
+
+    Enum values become their strings: the dict holds only builtins, so YAML safe_dump, JSON and
+    ``torch.load(weights_only=True)`` take it, and it never refers to this module's classes.
+    """
+    return OmegaConf.to_container(  # type: ignore[return-value]
+        cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
+
+
+def model_config_names() -> list[str]:
+    """The named model sizes: the files of conf/model/ (tiny, small, base, 1B, 3B, 7B)."""
+    return sorted(p.stem for p in _model_conf_dir().glob("*.yaml"))
+
+
+def load_model_config(name: str) -> DictConfig:
+    """conf/model/<name>.yaml on the :class:`ModelConfig` schema (typed and checked), without
+    composing a whole run config: the one definition of each model size.
+
+    ``OmegaConf.to_object(load_model_config("7B").dit)`` is that size's ``DiTArgs``.
+    """
+    path = _model_conf_dir() / f"{name}.yaml"
+    if not path.is_file():
+        raise KeyError(f"unknown model size {name!r}; choose from {model_config_names()}")
+    return OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path))  # type: ignore[return-value]
+
+
+def _model_conf_dir() -> Path:
+    # conf/ installs as the worldline.conf package; its model group holds one file per size.
+    return Path(str(resources.files("worldline.conf"))) / "model"

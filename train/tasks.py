@@ -18,9 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["TaskProbs", "TASKS", "sample_prefix_lengths", "clean_prefix_inputs"]
-
-TASKS = ("t2v", "i2v", "continuation")
+__all__ = ["TaskProbs", "sample_prefix_lengths", "clean_prefix_inputs"]
 
 
 @dataclass
@@ -40,7 +38,8 @@ def sample_prefix_lengths(b: int, frames: int, probs: TaskProbs, generator: torc
                           device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
     """Draw a task per sample and its clean-prefix length in latent frames.
 
-    Returns (prefix [B] long, task [B] long index into TASKS). Continuation gives 2..frames-1
+    Returns (prefix [B] long, task [B] long: 0 t2v, 1 i2v, 2 continuation, the order of
+    TaskProbs' fields). Continuation gives 2..frames-1
     frames (1 when the clip has only 2 latent frames); a 1-frame latent can only be t2v.
     """
     gen_dev = generator.device
@@ -67,8 +66,7 @@ def clean_prefix_inputs(x0: Tensor, x_t: Tensor, t: Tensor, prefix: Tensor,
         mask_channel: append the conditioning mask channel (DiTArgs.mask_channel).
     Returns:
         x_in [B, C(+1), t, h, w], per-frame times [B, t] (0 on clean frames) and the loss mask
-        [B, 1, t, 1, 1] (1 on generated frames). Generalises models.conditioning.i2v_inputs
-        (a fixed number of frames) to a per-sample prefix.
+        [B, 1, t, 1, 1] (1 on generated frames).
     """
     b, _, n = x0.shape[:3]
     cond = torch.arange(n, device=x0.device)[None, :] < prefix.to(x0.device)[:, None]  # [B, t]
