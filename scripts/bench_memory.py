@@ -1,7 +1,8 @@
 """Per-rank parameter + gradient + optimizer-state bytes under FSDP2 and DeepSpeed ZeRO-3.
 
 Builds the configured world model (``model=tiny`` by default), wraps it with the real backend
-code from train/parallel, runs one optimizer step on random latents, and counts the bytes each
+code from train/parallel (built on the meta device, materialised after sharding), runs one
+optimizer step on random latents, and counts the bytes each
 rank holds: parameters (local shards), gradients, optimizer state (Adam moments, and
 DeepSpeed's fp32 master partition). Run once with 1 process and once with N; the report line
 gives per-rank ÷ (1-rank total / N) — 1.0 is perfect sharding.
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from types import SimpleNamespace
 
 
 def _bytes(t) -> int:
@@ -43,42 +43,42 @@ def measure(backend: str, model: str) -> dict:
     with initialize_config_module(config_module="worldline.conf", version_base=None):
         cfg = compose("config", overrides=[f"model={model}", f"dist={backend}",
                                            "stage.autoencoder_from=x", "logger=none"])
-    torch.manual_seed(0)
     m = cfg.model
-    module = WorldModel(OmegaConf.to_object(m.dit), OmegaConf.to_object(m.text))
+    from worldline.models.init import build_on_meta
+    from worldline.train.guard import NonFiniteGuard
+    from worldline.train.materialize import materialize
+    from worldline.train.parallel import ParallelDims, make_step_engine, parallelize
+    from worldline.train.precision import PrecisionPolicy
+
+    dims = ParallelDims(info.world_size, info.rank)
+    mesh = dims.build_mesh("cpu")
+    precision = PrecisionPolicy.from_config(cfg)
+    # Built on the meta device and materialised after sharding, as the Trainer does.
+    module = build_on_meta(lambda: WorldModel(OmegaConf.to_object(m.dit),
+                                              OmegaConf.to_object(m.text)))
     params_total = sum(p.numel() for p in module.parameters())
-    fake = SimpleNamespace(cfg=cfg, world_size=info.world_size, rank=info.rank, dp_rank=info.rank,
-                           dp_world=info.world_size, device=torch.device("cpu"),
-                           run_dir=__import__("pathlib").Path(os.environ.get("TMPDIR", "/tmp")))
-    mesh = None
-    if info.world_size > 1 and backend == "fsdp":
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh("cpu", (info.world_size,), mesh_dim_names=("dp",))
-    fake.fsdp_mesh = lambda: mesh
+    device = torch.device("cpu")
+    torch.manual_seed(0)
     if backend == "fsdp":
-        from worldline.train.parallel.fsdp import FSDPBackend
-
-        be = FSDPBackend(fake)
-        model_ = be.parallelize(module) if info.world_size > 1 else module
+        model_ = parallelize(module, mesh, cfg.dist, precision, device)
+        materialize(module, device)
     else:
-        from worldline.train.parallel.deepspeed import DeepSpeedBackend
-
-        be = DeepSpeedBackend(fake, stage=3)
-        model_ = module
+        model_ = parallelize(materialize(module, device), mesh, cfg.dist, precision, device)
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4, foreach=False)
-    model_ = be.finalize(model_, opt)
+    engine = make_step_engine(model_, module, opt, cfg.dist, dims, micro_batch=2, grad_accum=1,
+                              grad_clip=1.0, precision=precision)
+    model_ = engine.model
     dit = m.dit
     b, t, hw = 2, 5, 8
-    x = torch.randn(b, dit.in_channels, t, hw, hw)
+    x = torch.randn(b, dit.in_channels + int(dit.mask_channel), t, hw, hw)
     tt = torch.rand(b)
     ids = torch.randint(0, m.text.vocab_size, (b, 16))
     mask = torch.ones(b, 16, dtype=torch.bool)
-    out = model_(x, tt, ids, mask)
-    loss = out.float().pow(2).mean()
-    be.backward(loss, 1)
-    be.clip(list(module.parameters()), 1.0)
-    be.step(opt)
+    engine.zero_grad()
+    with engine.micro_step(True):
+        out = model_(x, tt, ids, mask)
+        engine.backward(out.float().pow(2).mean())
+    engine.step(NonFiniteGuard(device, 3, False))
     if backend == "fsdp":
         p_bytes = sum(_bytes(p) for p in module.parameters())
         g_bytes = sum(_bytes(p.grad) for p in module.parameters())

@@ -1,5 +1,5 @@
 """``worldline-export`` and ``worldline-lora``: command lines over
-:mod:`worldline.train.weights` and :mod:`worldline.train.lora`.
+:mod:`worldline.train.weights` and :mod:`worldline.train.pipeline_io`.
 
 ``worldline-export`` turns any backend's checkpoint into consolidated safetensors +
 config.json (one process, no process group; DeepSpeed through ``zero_to_fp32``), or with
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def lora_main(argv: list[str] | None = None) -> None:
     """``worldline-lora <run or checkpoint> --out DIR``."""
-    from worldline.train.lora import export_lora
+    from worldline.train.pipeline_io import export_lora
 
     ap = argparse.ArgumentParser(prog="worldline-lora",
                                  description="export a LoRA run: adapters + merged weights")

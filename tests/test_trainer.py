@@ -148,11 +148,11 @@ def test_metrics_and_run_dir_layout(tmp_path, datasets) -> None:
     assert len(wandb_files) == 1 and wandb_files[0].stat().st_size > 0
 
 
-def test_bucketed_webdataset_training(tmp_path, data_mixed_dir) -> None:
-    """data.buckets reaches the loader through the config: every batch is one bucket's shape
-    and batch size, and samples are counted per real batch, not per configured batch size."""
+def _bucketed_run(tmp_path: Path, data_mixed_dir: Path, name: str):
+    """6 autoencoder steps over two buckets (9 frames x 2 clips, 5 frames x 4 clips); returns
+    the final state and the video shape of every batch the loop drew."""
     cfg = compose_cfg(smoke_overrides(
-        tmp_path, "bk", tmp_path, "stage=autoencoder", "train.steps=6", "train.log_every=1",
+        tmp_path, name, tmp_path, "stage=autoencoder", "train.steps=6", "train.log_every=1",
         "data=webdataset", f"data.shards={data_mixed_dir}", "data.num_workers=0",
         "data.upscale=true", "data.shuffle_buffer=4",
         "data.buckets=[{height:32,width:32,num_frames:9,batch_size:2},"
@@ -167,10 +167,29 @@ def test_bucketed_webdataset_training(tmp_path, data_mixed_dir) -> None:
         return batch
 
     trainer.next_batch = spy
-    state = trainer.train()
+    return trainer.train(), shapes
+
+
+def test_bucketed_webdataset_training(tmp_path, data_mixed_dir) -> None:
+    """data.buckets reaches the loader through the config: every batch is one bucket's shape
+    and batch size, and samples are counted per real batch, not per configured batch size."""
+    state, shapes = _bucketed_run(tmp_path, data_mixed_dir, "bk")
     assert set(shapes) <= {(2, 3, 9, 32, 32), (4, 3, 5, 32, 32)}, shapes
     assert len(set(shapes)) == 2, shapes  # both buckets were used
     assert state.samples_seen == sum(s[0] for s in shapes)
+
+
+def test_tokens_per_s_follows_the_batches_run(tmp_path, data_mixed_dir) -> None:
+    """Two buckets of different token counts (9 and 5 frames): every logged row's tokens per
+    sample is that step's bucket's (T x H x W for the autoencoder), and the run's token count
+    is the sum over the batches actually drawn, not a configured shape times the samples."""
+    state, shapes = _bucketed_run(tmp_path, data_mixed_dir, "tok")
+    assert len({s[2] for s in shapes}) == 2, shapes  # both buckets ran
+    rows = [r for r in read_metrics(tmp_path / "tok") if "loss" in r]
+    assert len(rows) == len(shapes) == 6
+    for row, (b, _, t, h, w) in zip(rows, shapes):
+        assert row["tokens_per_s"] / row["samples_per_s"] == pytest.approx(t * h * w, rel=1e-9)
+    assert state.tokens_seen == sum(b * t * h * w for b, _, t, h, w in shapes)
 
 
 def test_latent_shards_train_like_pixels(tmp_path, datasets, ae_run) -> None:

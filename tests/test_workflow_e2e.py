@@ -287,3 +287,28 @@ def test_sample_from_first_image_references_and_action_file(workflow: Path,
     bad = cli("worldline-sample", f"sample.checkpoint={workflow / 'world'}", "experiment=smoke",
               f"run.root={workflow}", f"sample.refs=[{tmp_path / 'ref.png'}]", timeout=300)
     assert bad.returncode == 2 and "sample.refs" in bad.stderr  # pretrain has no references
+
+
+def test_readme_python_lines_roll_out_a_trained_run(workflow: Path, tmp_path: Path,
+                                                    monkeypatch) -> None:
+    """The README's Python lines ("Use a trained model in Python"), exactly, on the trained
+    control run: WorldPipeline.from_pretrained + a KV-cached rollout under actions."""
+    import torch
+
+    text = README.read_text()
+    m = re.search(r"^## Use a trained model in Python\n(.*?)(?=^## )", text, re.S | re.M)
+    assert m, "README.md has no section '## Use a trained model in Python'"
+    code = re.findall(r"```python\n(.*?)```", m.group(1), re.S)[0]
+    assert len(code.strip().splitlines()) <= 6
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").symlink_to(workflow)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    video = scope["video"]
+    assert video.shape == (1, 3, 17, 32, 32) and torch.isfinite(video).all()
+    assert (tmp_path / "rollout.mp4").stat().st_size > 0
+    # Another action sequence changes the rollout (the actions reach the model).
+    pipe = scope["pipe"]
+    other = pipe.rollout(["a red circle in a meadow"], num_frames=4,
+                         actions=(scope["actions"] + 1) % 5)
+    assert (other - video).abs().mean() > 1e-4

@@ -29,7 +29,8 @@ from worldline.train.config import to_container
 from worldline.train.dist import init_distributed
 from worldline.train.guard import NonFiniteGuard
 from worldline.train.loaders import LoaderFactory
-from worldline.train.materialize import build_on_meta, materialize
+from worldline.models.init import build_on_meta
+from worldline.train.materialize import materialize
 from worldline.train.objectives import AutoencoderObjective, FlowObjective
 from worldline.train.parallel import (
     ParallelDims,
@@ -38,7 +39,12 @@ from worldline.train.parallel import (
     parallelize,
 )
 from worldline.train.pipeline import WorldPipeline
-from worldline.train.pipeline_io import autoencoder_args, build_models, pipeline_settings
+from worldline.train.pipeline_io import (
+    autoencoder_args,
+    build_models,
+    load_autoencoder,
+    pipeline_settings,
+)
 from worldline.train.precision import PrecisionPolicy
 from worldline.train.preempt import slurm_restart_count
 from worldline.train.resume import Generators, RunCheckpoint
@@ -172,11 +178,7 @@ def _frozen_autoencoder(cfg: DictConfig, device: torch.device,
     ae = materialize(build_on_meta(lambda: _ae_of(cfg)), device).requires_grad_(False).eval()
     src = st.autoencoder_from or st.init_from
     if src:
-        ckpt = ckpt_lib.resolve_checkpoint(src)
-        # An autoencoder run stores it as the trained "model"; later stages as frozen.
-        key = "autoencoder" if "autoencoder" in ckpt_lib.checkpoint_keys(ckpt) else "model"
-        used = load_module_weights(ae, ckpt, key, prefer_ema=True)
-        log.info("autoencoder from %s[%s]%s", ckpt, key, " (EMA)" if used else "")
+        _, _, key = load_autoencoder(src, into=ae)
         if key == "model":  # straight from an autoencoder run: no statistics yet
             measure_latent_stats(WorldPipeline(ae), loaders.make(shuffle=False))
     return ae

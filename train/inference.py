@@ -55,10 +55,11 @@ def load_for_inference(cfg: DictConfig, checkpoint: str, use_ema: bool) -> Infer
     if (path / "meta.json").is_file() or (path / "config.json").is_file():
         saved = ckpt_lib.read_meta(path).get("config")
     if saved is not None:
-        # The checkpoint carries its frozen autoencoder; never chase the training paths, and
+        # The checkpoint carries its frozen autoencoder (the pipeline loaded it from there);
         # nothing that only shapes training (schedule, freezing, GAN, early stopping) runs.
-        stage = {**saved["stage"], "init_from": None, "autoencoder_from": None, "schedule": [],
-                 "epochs": None}
+        flow = pipe.world_model is not None
+        stage = {**saved["stage"], "init_from": None, "schedule": [], "epochs": None,
+                 "autoencoder_from": str(path) if flow else None}
         for key, off in (("freeze_policy", {"steps": 0}), ("prior", {"ratio": 0.0}),
                          ("validation", {"every": 0, "patience": 0}),
                          ("ae", {"gan_start": -1, "perceptual_path": None})):

@@ -2,8 +2,8 @@
 
 ``inject_lora`` puts PEFT LoRA layers on the chosen projections of every DiT block
 (``stage.lora.targets``, e.g. ``attn.qkv``, ``mlp.w_down``) and leaves only the adapters
-trainable. A LoRA run's checkpoints hold the frozen base and the adapters; ``export_lora``
-turns one into
+trainable. A LoRA run's checkpoints hold the frozen base and the adapters;
+:func:`worldline.train.pipeline_io.export_lora` turns one into
 
     <out>/lora.safetensors        adapter weights only (PEFT names, e.g. ...lora_A.weight)
     <out>/adapter_config.json     the PEFT LoraConfig
@@ -17,7 +17,6 @@ Example (CLI in scripts/export.py)::
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -28,8 +27,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["lora_config", "inject_lora", "lora_state_dict", "merged_state_dict", "has_lora",
-           "export_lora"]
+__all__ = ["lora_config", "inject_lora", "lora_state_dict", "merged_state_dict", "has_lora"]
 
 
 def lora_config(cfg: Any):
@@ -92,44 +90,3 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def has_lora(model: nn.Module) -> bool:
     """Whether PEFT LoRA layers were injected into ``model``."""
     return any("lora_" in n for n, _ in model.named_parameters())
-
-
-def export_lora(checkpoint: str | Path, out: str | Path, use_ema: bool = True) -> Path:
-    """Write lora.safetensors, adapter_config.json and merged/ for a LoRA run's checkpoint."""
-    from omegaconf import OmegaConf
-    from safetensors.torch import save_file
-
-    from worldline.train import checkpoint as ckpt_lib
-    from worldline.train.pipeline_io import build_models
-    from worldline.train.weights import consolidated_state, load_module_weights
-
-    path = ckpt_lib.resolve_checkpoint(checkpoint)
-    meta = ckpt_lib.read_meta(path)
-    cfg = meta["config"]
-    st = cfg["stage"]
-    if not st.get("lora", {}).get("enabled"):
-        raise ValueError(f"{path} is not a LoRA run (stage.lora.enabled is false)")
-    _, model = build_models(cfg)  # on meta, adapters injected
-    model.to_empty(device="cpu")
-    lcfg = OmegaConf.create(st["lora"])
-    load_module_weights(model, path, "model", prefer_ema=use_ema)
-    out = Path(out)
-    (out / "merged").mkdir(parents=True, exist_ok=True)
-    save_file(lora_state_dict(model), str(out / "lora.safetensors"),
-              metadata={"source": str(path), "rank": str(lcfg.rank), "alpha": str(lcfg.alpha)})
-    pc = lora_config(lcfg).to_dict()
-    (out / "adapter_config.json").write_text(json.dumps(
-        {k: (sorted(v) if isinstance(v, set) else v) for k, v in pc.items()}, indent=1,
-        default=str))
-    save_file(merged_state_dict(model), str(out / "merged" / "model.safetensors"),
-              metadata={"source": str(path)})
-    ae = consolidated_state(path).get("autoencoder")
-    if ae is not None:
-        save_file(ae, str(out / "merged" / "autoencoder.safetensors"))
-    merged_cfg = json.loads(json.dumps(cfg))
-    merged_cfg["stage"]["lora"]["enabled"] = False
-    (out / "merged" / "config.json").write_text(json.dumps({
-        "format": "worldline-export", "config": merged_cfg, "step": meta.get("step"),
-        "source": str(path), "lora_merged": True,
-        "files": sorted(f.name for f in (out / "merged").glob("*.safetensors"))}, indent=1))
-    return out

@@ -15,21 +15,16 @@ largest single tensor — never the whole model.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["ShardedInit", "build_on_meta", "materialize", "local_parameter_bytes"]
+from worldline.models import init
 
-
-def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
-    """``factory()`` with every parameter and buffer on the meta device (seconds and no
-    memory even for a 7B model)."""
-    with torch.device("meta"):
-        return factory()
+__all__ = ["ShardedInit", "materialize", "local_parameter_bytes"]
 
 
 def _local_slices(dt: DTensor) -> tuple[slice, ...]:
@@ -89,18 +84,15 @@ class ShardedInit(TorchDispatchMode):
 
 
 @torch.no_grad()
-def materialize(module: nn.Module, device: torch.device | str,
-                init: Optional[Callable[[], None]] = None) -> nn.Module:
+def materialize(module: nn.Module, device: torch.device | str) -> nn.Module:
     """Allocate ``module``'s meta tensors on ``device`` (only the local shards of sharded
-    parameters) and initialise them as eager construction would (``init``, default
-    ``module.init_weights``). Returns ``module``."""
+    parameters) and initialise them as eager construction on one process would
+    (``init_weights``, models/init.py). Returns ``module``."""
+    if not any(isinstance(p, DTensor) for p in module.parameters()):
+        return init.materialize(module, device)
     module.to_empty(device=device)
-    init = init or module.init_weights
-    if any(isinstance(p, DTensor) for p in module.parameters()):
-        with ShardedInit():
-            init()
-    else:
-        init()
+    with ShardedInit():
+        module.init_weights()
     return module
 
 

@@ -21,7 +21,6 @@ Load a trained run, a checkpoint, an export or a pipeline folder and roll out (C
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -34,40 +33,17 @@ from worldline.models.flow import (
     multi_cfg_velocity,
     resolution_shift,
 )
+from worldline.train.pipeline_io import PipelineSettings
 from worldline.train.tasks import clean_prefix_inputs
 
 log = logging.getLogger(__name__)
 
 __all__ = ["WorldPipeline", "PipelineSettings", "to_unit_range"]
 
-CONDITIONS = ("text", "actions", "camera", "refs")
-
-
 def to_unit_range(video_u8: Tensor) -> Tensor:
     """uint8 [B, 3, T, H, W] → float [-1, 1]. Done on the device, after the transfer, so the
     host→device copy moves 1 byte per value instead of 4."""
     return video_u8.float().div_(127.5).sub_(1.0)
-
-
-@dataclass
-class PipelineSettings:
-    """What belongs to a trained world model besides its weights (saved in model_index.json).
-
-    ``conditions``: the inputs it was trained with (text, actions, camera, refs);
-    ``shift``: the flow time shift (None: from the token count, SD3's rule);
-    ``text_max_len``: tokens per prompt; ``sample_size``: its (frames, height, width)."""
-
-    conditions: list[str] = field(default_factory=lambda: ["text"])
-    shift: Optional[float] = None
-    text_max_len: int = 256
-    sample_size: tuple[int, int, int] = (17, 64, 64)
-
-    def __post_init__(self) -> None:
-        bad = set(self.conditions) - set(CONDITIONS)
-        if bad:
-            raise ValueError(f"unknown conditions {sorted(bad)}; choose from {CONDITIONS}")
-        self.conditions = list(self.conditions)
-        self.sample_size = tuple(int(v) for v in self.sample_size)  # type: ignore[assignment]
 
 
 class WorldPipeline:
@@ -83,6 +59,8 @@ class WorldPipeline:
         #: The module forward passes of the world model go through: the world model itself,
         #: or the DDP/FSDP/DeepSpeed wrapper the Trainer trains it in (set by the Trainer).
         self.forward_model: Optional[Callable[..., Tensor]] = world_model
+        #: Where from_pretrained read it (a checkpoint or folder), if anywhere.
+        self.source: Optional[Path] = None
 
     # ------------------------------------------------------------------ components
     @property
@@ -381,7 +359,9 @@ class WorldPipeline:
         group."""
         from worldline.train.pipeline_io import load_pipeline
 
-        pipe = load_pipeline(Path(path), use_ema=use_ema)
+        ae, wm, settings, source = load_pipeline(Path(path), use_ema=use_ema)
+        pipe = cls(ae, wm, settings)
+        pipe.source = source
         pipe.eval()
         if device is not None or dtype is not None:
             pipe.to(device, dtype)
@@ -392,4 +372,4 @@ class WorldPipeline:
         ``model.safetensors``); LoRA adapters are merged into the saved weights."""
         from worldline.train.pipeline_io import save_pipeline
 
-        return save_pipeline(self, Path(path))
+        return save_pipeline(self.autoencoder, self.world_model, self.settings, Path(path))

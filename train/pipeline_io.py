@@ -15,6 +15,7 @@ holds a randomly initialised copy.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 import json
 import logging
 from pathlib import Path
@@ -28,18 +29,40 @@ from worldline.models.dit import DiTArgs, VideoDiT
 from worldline.models.text import TextEncoder, TextEncoderArgs
 from worldline.models.world_model import WorldModel
 from worldline.train import checkpoint as ckpt_lib
-from worldline.train.materialize import build_on_meta
-from worldline.train.pipeline import PipelineSettings, WorldPipeline
+from worldline.models.init import build_on_meta
 from worldline.train.weights import load_module_weights
 
 log = logging.getLogger(__name__)
 
-__all__ = ["autoencoder_args", "world_model_args", "pipeline_settings", "build_models",
-           "load_autoencoder", "load_pipeline", "save_pipeline", "MODEL_INDEX"]
+__all__ = ["PipelineSettings", "autoencoder_args", "world_model_args", "pipeline_settings",
+           "build_models", "load_autoencoder", "load_pipeline", "save_pipeline", "export_lora",
+           "MODEL_INDEX"]
 
+CONDITIONS = ("text", "actions", "camera", "refs")
 MODEL_INDEX = "model_index.json"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
+
+
+@dataclass
+class PipelineSettings:
+    """What belongs to a trained world model besides its weights (saved in model_index.json).
+
+    ``conditions``: the inputs it was trained with (text, actions, camera, refs);
+    ``shift``: the flow time shift (None: from the token count, SD3's rule);
+    ``text_max_len``: tokens per prompt; ``sample_size``: its (frames, height, width)."""
+
+    conditions: list[str] = field(default_factory=lambda: ["text"])
+    shift: Optional[float] = None
+    text_max_len: int = 256
+    sample_size: tuple[int, int, int] = (17, 64, 64)
+
+    def __post_init__(self) -> None:
+        bad = set(self.conditions) - set(CONDITIONS)
+        if bad:
+            raise ValueError(f"unknown conditions {sorted(bad)}; choose from {CONDITIONS}")
+        self.conditions = list(self.conditions)
+        self.sample_size = tuple(int(v) for v in self.sample_size)  # type: ignore[assignment]
 
 
 def _plain(node: Any) -> Any:
@@ -118,21 +141,28 @@ def _materialized(module: nn.Module) -> nn.Module:
     return module.to_empty(device="cpu")
 
 
-def load_autoencoder(path: str | Path) -> tuple[VideoAutoencoder, Path]:
+def load_autoencoder(path: str | Path, into: Optional[VideoAutoencoder] = None
+                     ) -> tuple[VideoAutoencoder, Path, str]:
     """The frozen autoencoder of a run, checkpoint or export (EMA weights when saved):
     an autoencoder run stores it as its trained ``model``, later stages as ``autoencoder``.
-    Returns it (eval mode, no gradients, on the CPU) and the resolved checkpoint."""
+    Loads into ``into`` when given (else a new one, built on meta). Returns it (eval mode,
+    no gradients), the resolved checkpoint and the key it was stored under."""
     ckpt = ckpt_lib.resolve_checkpoint(path)
-    cfg = ckpt_lib.read_meta(ckpt)["config"]
-    ae = _materialized(build_on_meta(lambda: VideoAutoencoder(autoencoder_args(cfg))))
+    if into is None:
+        cfg = ckpt_lib.read_meta(ckpt)["config"]
+        into = _materialized(build_on_meta(lambda: VideoAutoencoder(autoencoder_args(cfg))))
     key = "autoencoder" if "autoencoder" in ckpt_lib.checkpoint_keys(ckpt) else "model"
-    used = load_module_weights(ae, ckpt, key, prefer_ema=True)
+    used = load_module_weights(into, ckpt, key, prefer_ema=True)
     log.info("autoencoder from %s[%s]%s", ckpt, key, " (EMA)" if used else "")
-    return ae.requires_grad_(False).eval(), ckpt
+    return into.requires_grad_(False).eval(), ckpt, key
 
 
-def load_pipeline(path: Path, use_ema: bool = True) -> WorldPipeline:
-    """See :meth:`WorldPipeline.from_pretrained`."""
+Parts = tuple[VideoAutoencoder, Optional[WorldModel], PipelineSettings, Path]
+
+
+def load_pipeline(path: Path, use_ema: bool = True) -> Parts:
+    """(autoencoder, world model or None, settings, source) of a pipeline folder, export,
+    checkpoint or run dir; see :meth:`WorldPipeline.from_pretrained`."""
     if (path / MODEL_INDEX).is_file():
         return _load_folder(path)
     ckpt = ckpt_lib.resolve_checkpoint(path)
@@ -145,9 +175,7 @@ def load_pipeline(path: Path, use_ema: bool = True) -> WorldPipeline:
         load_module_weights(ae, ckpt, "autoencoder", prefer_ema=False)
         used = load_module_weights(_materialized(wm), ckpt, "model", prefer_ema=use_ema)
     log.info("pipeline from %s (%s weights)", ckpt, "EMA" if used else "raw")
-    pipe = WorldPipeline(ae, wm, settings)
-    pipe.source = ckpt  # type: ignore[attr-defined]
-    return pipe
+    return ae, wm, settings, ckpt
 
 
 def _read_component(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -159,7 +187,7 @@ def _read_component(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     return json.loads((folder / "config.json").read_text()), load_file(str(folder / WEIGHTS))
 
 
-def _load_folder(path: Path) -> WorldPipeline:
+def _load_folder(path: Path) -> Parts:
     index = json.loads((path / MODEL_INDEX).read_text())
     if index.get("_class_name") != "WorldPipeline":
         raise ValueError(f"{path / MODEL_INDEX}: not a WorldPipeline folder "
@@ -178,9 +206,7 @@ def _load_folder(path: Path) -> WorldPipeline:
         sd = {**{f"dit.{k}": v for k, v in dit_sd.items()},
               **{f"text_encoder.{k}": v for k, v in text_sd.items()}, "null_text": null}
         wm.load_state_dict(sd)
-    pipe = WorldPipeline(ae, wm, settings)
-    pipe.source = path  # type: ignore[attr-defined]
-    return pipe
+    return ae, wm, settings, path
 
 
 def _write_component(folder: Path, args: Any, state: dict[str, torch.Tensor],
@@ -195,17 +221,16 @@ def _write_component(folder: Path, args: Any, state: dict[str, torch.Tensor],
     return [cls.__module__, cls.__name__]
 
 
-def save_pipeline(pipe: WorldPipeline, path: Path) -> Path:
+def save_pipeline(ae: nn.Module, wm: Optional[nn.Module], settings: PipelineSettings,
+                  path: Path) -> Path:
     """See :meth:`WorldPipeline.save_pretrained`."""
     path.mkdir(parents=True, exist_ok=True)
     index: dict[str, Any] = {"_class_name": "WorldPipeline", "_format_version": FORMAT_VERSION,
-                             "settings": dataclasses.asdict(pipe.settings)}
-    ae = pipe.autoencoder
+                             "settings": dataclasses.asdict(settings)}
     index["vae"] = _write_component(path / "vae", ae.args, ae.state_dict(), type(ae))
-    if pipe.world_model is not None:
+    if wm is not None:
         from worldline.train.lora import has_lora, merged_state_dict
 
-        wm = pipe.world_model
         sd = merged_state_dict(wm) if has_lora(wm) else wm.state_dict()
         dit = {k[len("dit."):]: v for k, v in sd.items() if k.startswith("dit.")}
         text = {k[len("text_encoder."):]: v for k, v in sd.items()
@@ -216,3 +241,43 @@ def save_pipeline(pipe: WorldPipeline, path: Path) -> Path:
                                                  text, TextEncoder)
     (path / MODEL_INDEX).write_text(json.dumps(index, indent=1))
     return path
+
+
+def export_lora(checkpoint: str | Path, out: str | Path, use_ema: bool = True) -> Path:
+    """Write lora.safetensors, adapter_config.json and merged/ for a LoRA run's checkpoint."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    from worldline.train.lora import lora_config, lora_state_dict, merged_state_dict
+    from worldline.train.weights import consolidated_state
+
+    path = ckpt_lib.resolve_checkpoint(checkpoint)
+    meta = ckpt_lib.read_meta(path)
+    cfg = meta["config"]
+    st = cfg["stage"]
+    if not st.get("lora", {}).get("enabled"):
+        raise ValueError(f"{path} is not a LoRA run (stage.lora.enabled is false)")
+    _, model = build_models(cfg)  # on meta, adapters injected
+    model.to_empty(device="cpu")
+    lcfg = OmegaConf.create(st["lora"])
+    load_module_weights(model, path, "model", prefer_ema=use_ema)
+    out = Path(out)
+    (out / "merged").mkdir(parents=True, exist_ok=True)
+    save_file(lora_state_dict(model), str(out / "lora.safetensors"),
+              metadata={"source": str(path), "rank": str(lcfg.rank), "alpha": str(lcfg.alpha)})
+    pc = lora_config(lcfg).to_dict()
+    (out / "adapter_config.json").write_text(json.dumps(
+        {k: (sorted(v) if isinstance(v, set) else v) for k, v in pc.items()}, indent=1,
+        default=str))
+    save_file(merged_state_dict(model), str(out / "merged" / "model.safetensors"),
+              metadata={"source": str(path)})
+    ae = consolidated_state(path).get("autoencoder")
+    if ae is not None:
+        save_file(ae, str(out / "merged" / "autoencoder.safetensors"))
+    merged_cfg = json.loads(json.dumps(cfg))
+    merged_cfg["stage"]["lora"]["enabled"] = False
+    (out / "merged" / "config.json").write_text(json.dumps({
+        "format": "worldline-export", "config": merged_cfg, "step": meta.get("step"),
+        "source": str(path), "lora_merged": True,
+        "files": sorted(f.name for f in (out / "merged").glob("*.safetensors"))}, indent=1))
+    return out
