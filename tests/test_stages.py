@@ -15,7 +15,7 @@ from worldline.models.text import TextEncoderArgs
 from worldline.models.world_model import WorldModel
 from worldline.train.config import ConfigError, FreezePolicyConfig
 from worldline.train.validate import validate
-from worldline.train.stage_loader import is_prior_batch
+from worldline.data.stage_loader import is_prior_batch
 from worldline.train.stages import (
     FreezePolicy,
     load_init_weights,

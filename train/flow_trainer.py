@@ -45,7 +45,7 @@ from worldline.models.world_model import WorldModel
 from worldline.train import checkpoint as ckpt_lib
 from worldline.train.dist import all_reduce_scalars
 from worldline.train.media import save_samples
-from worldline.train.stage_loader import StageLoader
+from worldline.data.stage_loader import StageLoader
 from worldline.train.stages import (
     FreezePolicy,
     load_init_weights,
