@@ -27,6 +27,7 @@ import re
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -69,6 +70,7 @@ class RawSample:
 
 
 def is_unsafe(ext: str) -> bool:
+    """Whether a member extension (any dotted part of it) is one that is never read."""
     return any(part in UNSAFE_EXTENSIONS for part in ext.lower().split("."))
 
 
@@ -204,6 +206,41 @@ def shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     numel = int(np.prod(shape))
     storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+class Codec(Protocol):
+    """How one kind of shard (pixel or latent) becomes batches; ``streams.Stream`` drives it."""
+
+    input: str
+
+    def signature(self) -> list:
+        """JSON-safe sampling settings: a resumed run with another signature cannot be exact."""
+        ...
+
+    def wanted(self, ext: str) -> bool:
+        """Whether tar members with extension ``ext`` are read at all."""
+        ...
+
+    def batch_size(self, bucket: str) -> int:
+        """Samples per batch of ``bucket``."""
+        ...
+
+    def inspect(self, raw: RawSample) -> Candidate:
+        """Cheap checks and bucket choice, before the shuffle buffer; raises ``Skip``."""
+        ...
+
+    def decode(self, cand: Candidate, rng: np.random.Generator, tag: int) -> dict:
+        """The sample's tensors (clip window and crop drawn from ``rng``); raises ``Skip``."""
+        ...
+
+    def place(self, acc: torch.Tensor | None, bucket: str, i: int, item: dict,
+              alloc: Callable | None = None) -> torch.Tensor | None:
+        """Copy ``item``'s bulk data into slot ``i`` of the bucket's batch buffer ``acc``."""
+        ...
+
+    def collate(self, items: list[dict], bucket: str, acc: torch.Tensor | None) -> Batch:
+        """A full bucket's decoded samples -> one ``Batch``."""
+        ...
 
 
 class PixelCodec:
@@ -411,7 +448,8 @@ class LatentCodec:
         return item
 
     def place(self, acc, bucket: str, i: int, item: dict, alloc: Callable | None = None) -> None:
-        return None  # latents are small: stacked at collate time
+        """Nothing: latents are small, stacked at collate time."""
+        return None
 
     def collate(self, items: list[dict], bucket: str, acc=None) -> Batch:
         """Decoded samples of one latent shape -> a ``Batch`` (latents stacked here)."""

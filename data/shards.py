@@ -132,6 +132,7 @@ class TarShard:
 
     @property
     def name(self) -> str:
+        """The shard's final file name."""
         return self._file.path.name
 
     def write(self, sample: dict) -> None:

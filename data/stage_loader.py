@@ -35,13 +35,19 @@ class BatchSource(Protocol):
     ``StageLoader`` itself)."""
 
     @property
-    def stats(self) -> dict: ...
+    def stats(self) -> dict:
+        """Counters (batches, samples, skipped, ...)."""
+        ...
 
     def __iter__(self) -> Iterator[Batch]: ...
 
-    def state_dict(self) -> dict: ...
+    def state_dict(self) -> dict:
+        """JSON-safe position."""
+        ...
 
-    def load_state_dict(self, state: dict | list[dict]) -> None: ...
+    def load_state_dict(self, state: dict | list[dict]) -> None:
+        """Resume from one rank's state or the list of all old ranks' states."""
+        ...
 
 
 def is_prior_batch(n: int, ratio: float) -> bool:
@@ -85,6 +91,7 @@ class StageLoader:
 
     @property
     def stats(self) -> dict:
+        """The current phase loader's counters."""
         return self.main.stats
 
     @property

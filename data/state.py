@@ -50,6 +50,7 @@ class _DictState:
     REQUIRED: ClassVar[tuple[str, ...]] = ()
 
     def to_dict(self) -> dict:
+        """The JSON-safe dict checkpoints store (a deep copy)."""
         names = [f.name for f in dataclasses.fields(self)]  # type: ignore[arg-type]
         # "version" and "format" lead, as in the dicts earlier versions wrote.
         lead = [n for n in ("version", "format") if n in names]
@@ -60,6 +61,8 @@ class _DictState:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]):
+        """Parse a ``to_dict()`` result (or an older checkpoint's dict); ``ValueError`` if
+        it is not a dict, has unknown keys or misses required ones."""
         if not isinstance(data, Mapping):
             raise ValueError(f"malformed {cls.__name__}: {type(data).__name__}, not a dict")
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
@@ -71,6 +74,7 @@ class _DictState:
         return cls(**{k: copy.deepcopy(v) for k, v in data.items()})
 
     def copy(self):
+        """A deep copy (states cross processes and are kept per batch)."""
         return copy.deepcopy(self)
 
 
@@ -131,6 +135,7 @@ class LoaderState(_DictState):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LoaderState:
+        """As ``_DictState.from_dict``; keys added after the first v2 states get defaults."""
         data = dict(data) if isinstance(data, Mapping) else data
         if isinstance(data, dict):
             data.setdefault("sampling_digest", None)

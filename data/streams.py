@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from worldline.data.batch import Batch
-from worldline.data.samples import Candidate, LatentCodec, PixelCodec, Skip, iter_tar_samples, shared_empty
+from worldline.data.samples import Candidate, Codec, Skip, iter_tar_samples, shared_empty
 from worldline.data.state import StreamState, epoch_share
 
 Ref = list  # [tag, shard, index]
@@ -74,7 +74,7 @@ class StreamPlan:
     """
 
     shards: tuple[str, ...]
-    codec: PixelCodec | LatentCodec
+    codec: Codec
     seed: int
     rank: int
     world_size: int
