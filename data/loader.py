@@ -389,8 +389,8 @@ class ShardLoader:
             shards_digest=self._shards_digest, sampling_digest=self._sampling_digest,
             generation=self.generation, consumed_batches=self._consumed,
             crashed=sorted(list(r) for r in self.crashed), epoch=self.epoch,
-            streams=[s.copy() for s in self._streams], stats=copy.deepcopy(self.stats),
-        ).to_dict()
+            streams=self._streams, stats=self.stats,
+        ).to_dict()  # to_dict deep-copies: the returned dict shares nothing with the loader
 
     def _check_same_data(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
