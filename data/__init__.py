@@ -4,10 +4,14 @@
 - ``probe``: decode-free container-header facts and sanity limits;
 - ``synthetic``: the procedural world used as the embedded default dataset;
 - ``sources`` + ``ingest``: folder / CSV / JSONL of videos -> validated shards (``worldline-shards``);
-- ``shards``: WebDataset shard + manifest writing, ``ensure_synthetic_dataset``;
+- ``shards``: the one shard writer (rolling tar shards, resume journal, manifest),
+  ``write_shards``, ``ensure_synthetic_dataset``; ``atomic``: temp file + fsync + rename;
 - ``samples``: tar members -> validated samples -> decoded clips -> batches (safe by design);
 - ``buckets``: resolution x frame-count buckets with per-bucket batch sizes;
-- ``streams`` + ``loader``: ``ShardLoader``, streaming batches with exact resume;
+- ``batch``: ``Batch``, the typed batch (readable as a mapping);
+- ``state`` + ``streams`` + ``loader``: ``ShardLoader``, streaming batches with exact resume
+  (``streams`` runs one sub-stream from a ``StreamPlan``; it never sees the loader);
+- ``stage_loader``: ``StageLoader``, phase schedules and prior-preservation mixing of loaders;
 - ``latents``: encode shards once into latent shards, stream them back.
 
 Importing this package is cheap: names below resolve lazily (PEP 562), so ``import
@@ -36,6 +40,8 @@ _EXPORTS = {
     "IngestOptions": "ingest",
     "Bucket": "buckets",
     "buckets_for_budget": "buckets",
+    "Batch": "batch",
+    "StageLoader": "stage_loader",
     "ShardLoader": "loader",
     "resolve_shards": "loader",
     "encode_latent_shards": "latents",

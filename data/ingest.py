@@ -47,11 +47,10 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
 from worldline.data.probe import ProbeError, VideoLimits, is_iso_bmff, probe_video
 from worldline.data.samples import parse_actions
-from worldline.data.shards import MANIFEST, MANIFEST_VERSION, _atomic_write_json, _encode_sample, brace_pattern
+from worldline.data.shards import MANIFEST, ClosedShard, Journal, ShardWriter, remove_partial_shards, write_manifest
 from worldline.data.sources import IMAGE_SUFFIXES, SourceItem, discover
 from worldline.data.video import read_frames
 
@@ -264,15 +263,6 @@ def _pattern_regex(pattern: str) -> re.Pattern:
     return re.compile("".join(parts))
 
 
-def _tar_bytes(sample: dict) -> int:
-    """Bytes a sample adds to a tar: a 512-byte header per member plus padded data."""
-    total = 0
-    for k, v in _encode_sample(sample).items():
-        if not k.startswith("__"):
-            total += 512 + (len(v) + 511) // 512 * 512
-    return total
-
-
 def _ordered_results(fn: Callable, items: list, processes: int, window: int,
                      on_crash: Callable[[object], dict]) -> Iterator[dict]:
     """``fn(item)`` for every item in worker processes, results in input order, at most
@@ -364,18 +354,15 @@ def make_shards(
         raise ValueError("max_count and max_bytes must be >= 1")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    header = {"header": {"source": str(Path(source).resolve()), "pattern": pattern, "max_count": max_count,
-                         "max_bytes": max_bytes, "options": {**asdict(options), "limits": asdict(options.limits)}}}
-    journal = out / JOURNAL
+    journal = Journal(out / JOURNAL, {"source": str(Path(source).resolve()), "pattern": pattern,
+                                      "max_count": max_count, "max_bytes": max_bytes,
+                                      "options": {**asdict(options), "limits": asdict(options.limits)}})
     records: list[dict] = []
-    if journal.exists() and resume:
-        lines = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
-        if not lines or lines[0] != json.loads(json.dumps(header)):
-            raise ValueError(f"{out} was written with other settings ({journal}); use another "
-                             f"output folder or resume=False to start over")
+    previous = journal.records() if resume else None
+    if previous is not None:
         if (out / MANIFEST).exists():
             return json.loads((out / MANIFEST).read_text())
-        for r in lines[1:]:  # keep journaled shards up to the first one that went missing
+        for r in previous:  # keep journaled shards up to the first one that went missing
             if r.get("shard") is not None and not (out / r["shard"]).is_file():
                 break
             records.append(r)
@@ -388,82 +375,44 @@ def make_shards(
         for name in os.listdir(out):
             if name in (MANIFEST, JOURNAL) or ours.fullmatch(name):
                 (out / name).unlink()
-        journal.write_text(json.dumps(header) + "\n")
-    for name in os.listdir(out):  # partial shards of an interrupted run
-        if ".tar.tmp-" in name:
-            (out / name).unlink()
+        journal.start()
+    remove_partial_shards(out)  # of an interrupted run
     records = [r for r in records if r.get("shard") is not None]  # trailing bad ones are redone
     done = {e["key"] for r in records for e in r["entries"]} | {b["key"] for r in records for b in r["bad"]}
     items = [it for it in discover(source, options.source_root)
              if it.key not in done]
     log.info("make_shards: %d inputs to do, %d shards kept from a previous run", len(items), len(records))
 
-    state = {"writer": None, "file": None, "tmp": None, "name": None, "count": 0, "bytes": 0,
-             "entries": [], "bad": []}
+    # What the open shard holds, and the inputs reported bad since the last journal record.
+    entries: list[dict] = []
+    bad: list[dict] = []
 
     def append_record(record: dict) -> None:
-        with open(journal, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        journal.append(record)
         records.append(record)
+        entries.clear()
+        bad.clear()
 
-    def close_shard() -> None:
-        state["writer"].close()
-        state["file"].flush()
-        os.fsync(state["file"].fileno())
-        state["file"].close()
-        os.replace(state["tmp"], out / state["name"])
-        append_record({"shard": state["name"], "count": state["count"], "bytes": os.path.getsize(out / state["name"]),
-                       "entries": state["entries"], "bad": state["bad"]})
-        state.update(writer=None, count=0, bytes=0, entries=[], bad=[])
+    def closed(shard: ClosedShard) -> None:
+        append_record({"shard": shard.name, "count": shard.count, "bytes": shard.bytes,
+                       "entries": list(entries), "bad": list(bad)})
 
-    try:
-        results = _ordered_results(_Prepare(options), items, processes, 4 * max(1, processes), _crashed)
+    results = _ordered_results(_Prepare(options), items, processes, 4 * max(1, processes), _crashed)
+    with ShardWriter(out, pattern, max_count=max_count, max_bytes=max_bytes, start=len(records),
+                     on_close=closed) as writer:
         for result in results:
             if not result["ok"]:
                 log.warning("make_shards: skipping %s: %s %s", result["path"], result["reason"], result["message"])
-                state["bad"].append({k: result[k] for k in ("key", "path", "reason", "message")})
+                bad.append({k: result[k] for k in ("key", "path", "reason", "message")})
                 continue
-            size = _tar_bytes(result["sample"])
-            if state["writer"] is not None and (
-                (max_count is not None and state["count"] >= max_count)
-                or (max_bytes is not None and state["bytes"] + size > max_bytes)
-            ):
-                close_shard()
-            if state["writer"] is None:
-                name = pattern.format(sum(1 for r in records if r.get("shard")))
-                state.update(name=name, tmp=out / f".{name}.tmp-{os.getpid()}")
-                state["file"] = open(state["tmp"], "wb")
-                # Our encoder, never webdataset's default (which pickles unknown objects).
-                state["writer"] = wds.TarWriter(state["file"], encoder=_encode_sample, mtime=0)
-            state["writer"].write(result["sample"])
-            state["count"] += 1
-            state["bytes"] += size
-            state["entries"].append({**result["entry"], "shard": state["name"]})
-        if state["writer"] is not None:
-            close_shard()
-        if state["bad"]:
-            append_record({"shard": None, "count": 0, "bytes": 0, "entries": [], "bad": state["bad"]})
-    finally:
-        if state["writer"] is not None:  # failed mid-shard: drop the partial file
-            try:
-                state["writer"].close()  # else its tarfile writes on the closed file when collected
-            except Exception:  # noqa: BLE001 - best effort on the way out
-                pass
-            state["file"].close()
-            Path(state["tmp"]).unlink(missing_ok=True)
+            shard = writer.write(result["sample"])
+            entries.append({**result["entry"], "shard": shard})
+    if bad:
+        append_record({"shard": None, "count": 0, "bytes": 0, "entries": [], "bad": list(bad)})
 
     shards = [r for r in records if r.get("shard")]
-    manifest = {
-        "version": MANIFEST_VERSION,
-        "pattern": brace_pattern(pattern, len(shards)),
-        "shards": [r["shard"] for r in shards],
-        "shard_counts": [r["count"] for r in shards],
-        "shard_bytes": [r["bytes"] for r in shards],
-        "num_samples": sum(r["count"] for r in shards),
-        "samples": [e for r in shards for e in r["entries"]],
-        "skipped": [b for r in records for b in r["bad"]],
-    }
-    _atomic_write_json(out / MANIFEST, manifest)
-    return manifest
+    return write_manifest(
+        out, [r["shard"] for r in shards], [r["count"] for r in shards],
+        [e for r in shards for e in r["entries"]], pattern=pattern,
+        shard_bytes=[r["bytes"] for r in shards], skipped=[b for r in records for b in r["bad"]],
+    )

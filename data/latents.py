@@ -36,13 +36,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from worldline.data.buckets import Bucket, BucketSet
 from worldline.data.loader import _identity, resolve_shards
 from worldline.data.samples import PixelCodec, Skip, iter_tar_samples
-from worldline.data.shards import MANIFEST, MANIFEST_VERSION, _atomic_write_json
+from worldline.data.shards import Journal, TarShard, remove_partial_shards, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -111,33 +110,26 @@ def encode_latent_shards(
     out.mkdir(parents=True, exist_ok=True)
     clip = {"num_frames": num_frames, "frame_stride": frame_stride, "fps": fps,
             "resolution": list(resolution), "position": position, "crop": crop, "seed": seed}
-    header = {"header": {"shards": names, "clip": clip, "dtype": dtype, "text": text_encode is not None}}
-    journal = out / JOURNAL
-    records: list[dict] = []
-    if resume and journal.exists():
-        lines = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
-        if not lines or lines[0] != json.loads(json.dumps(header)):
-            raise ValueError(f"{out} holds latents made with other settings ({journal})")
-        records = [r for r in lines[1:] if (out / r["shard"]).is_file()]
-    else:
-        journal.write_text(json.dumps(header) + "\n")
-    for name in os.listdir(out):
-        if ".tar.tmp-" in name:
-            (out / name).unlink()
+    journal = Journal(out / JOURNAL, {"shards": names, "clip": clip, "dtype": dtype,
+                                      "text": text_encode is not None})
+    previous = journal.records() if resume else None
+    if previous is None:
+        journal.start()
+    records = [r for r in previous or [] if (out / r["shard"]).is_file()]
+    remove_partial_shards(out)  # of an interrupted run
     done = {r["shard"] for r in records}
     todo = [i for i, n in enumerate(names) if n not in done]
 
     bucket = Bucket(resolution[0], resolution[1], num_frames, batch_size)
     codec = PixelCodec(BucketSet([bucket], upscale=True, frame_stride=frame_stride, fps=fps), position, crop)
-    writers: dict[int, dict] = {}
+    # Open latent shards by input shard index (workers interleave shards), with their entries.
+    writers: dict[int, tuple[TarShard, list[dict]]] = {}
     pending: list[tuple[int, dict]] = []
     np_dtype = DTYPES[dtype]
 
-    def writer_for(i: int) -> dict:
+    def writer_for(i: int) -> tuple[TarShard, list[dict]]:
         if i not in writers:
-            tmp = out / f".{names[i]}.tmp-{os.getpid()}"
-            f = open(tmp, "wb")
-            writers[i] = {"tmp": tmp, "file": f, "tar": wds.TarWriter(f, encoder=False, mtime=0), "samples": []}
+            writers[i] = (TarShard(out / names[i]), [])
         return writers[i]
 
     @torch.no_grad()
@@ -158,22 +150,17 @@ def encode_latent_shards(
             if emb is not None:
                 tensors.update(text_emb=emb[j].astype(np_dtype), text_mask=mask[j])
             meta = {"caption": it["caption"], "style": it["style"], "source_shard": names[i], "clip": clip}
-            w = writer_for(i)
-            w["tar"].write({"__key__": it["key"], "safetensors": save(tensors),
-                            "json": json.dumps(meta).encode(), "txt": it["caption"].encode()})
-            w["samples"].append({"key": it["key"], "latent_shape": list(lat[j].shape)})
+            shard, entries = writer_for(i)
+            shard.write({"__key__": it["key"], "safetensors": save(tensors),
+                         "json": json.dumps(meta).encode(), "txt": it["caption"].encode()})
+            entries.append({"key": it["key"], "latent_shape": list(lat[j].shape)})
         pending.clear()
 
     def close(i: int, skips: list) -> None:
-        w = writer_for(i)
-        w["tar"].close()
-        w["file"].flush()
-        os.fsync(w["file"].fileno())
-        w["file"].close()
-        os.replace(w["tmp"], out / names[i])
-        record = {"shard": names[i], "count": len(w["samples"]), "samples": w["samples"], "skips": skips}
-        with open(journal, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        shard, entries = writer_for(i)
+        shard.close()
+        record = {"shard": names[i], "count": len(entries), "samples": entries, "skips": skips}
+        journal.append(record)
         records.append(record)
         del writers[i]
         for key, reason, message in skips:
@@ -191,13 +178,8 @@ def encode_latent_shards(
             if len(pending) >= batch_size:
                 flush()
     finally:
-        for w in writers.values():  # interrupted: drop partial shards
-            try:
-                w["tar"].close()  # else its tarfile writes on the closed file when collected
-            except Exception:  # noqa: BLE001 - best effort on the way out
-                pass
-            w["file"].close()
-            Path(w["tmp"]).unlink(missing_ok=True)
+        for shard, _ in writers.values():  # interrupted: drop partial shards
+            shard.abort()
 
     by_name = {r["shard"]: r for r in records}
     kept = [by_name[n] for n in names if n in by_name and by_name[n]["count"] > 0]
@@ -206,18 +188,9 @@ def encode_latent_shards(
     for r in records:
         for _, reason, _ in r["skips"]:
             reasons[reason] = reasons.get(reason, 0) + 1
-    manifest = {
-        "version": MANIFEST_VERSION,
-        "input": "latent",
-        "shards": [r["shard"] for r in kept],
-        "shard_counts": [r["count"] for r in kept],
-        "num_samples": sum(r["count"] for r in kept),
-        "latent_shape": list(shapes.pop()) if len(shapes) == 1 else None,
-        "dtype": dtype,
-        "clip": clip,
-        "samples": [{**s, "shard": r["shard"]} for r in kept for s in r["samples"]],
-        "skipped_reasons": reasons,
-        "skipped": [[r["shard"], *s] for r in records for s in r["skips"]],
-    }
-    _atomic_write_json(out / MANIFEST, manifest)
-    return manifest
+    return write_manifest(
+        out, [r["shard"] for r in kept], [r["count"] for r in kept],
+        [{**s, "shard": r["shard"]} for r in kept for s in r["samples"]],
+        input="latent", latent_shape=list(shapes.pop()) if len(shapes) == 1 else None, dtype=dtype,
+        clip=clip, skipped_reasons=reasons, skipped=[[r["shard"], *s] for r in records for s in r["skips"]],
+    )

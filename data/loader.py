@@ -8,7 +8,9 @@ samples (JSON, container headers, bucket) before an optional shuffle buffer, dec
 after it, and fills per-bucket batches; every batch is homogeneous. Epochs are per
 sub-stream; a sub-stream empties its shuffle buffer before it reads the next epoch, so only a
 partly filled bucket carries samples over an epoch boundary (``batch["epoch"]`` tags each
-sample). Sub-streams with fewer shards run through epochs faster.
+sample). Sub-streams with fewer shards run through epochs faster. Batches are
+``batch.Batch`` objects (typed, and readable like the dicts they replace); positions are the
+dataclasses of ``state`` (``state_dict()`` stays a JSON-safe dict).
 Without resampling every sample is delivered exactly once per epoch across all ranks x
 workers (skipped samples aside); fewer shards than ``world_size x num_streams`` is an error,
 never a silently empty rank. ``resample=True`` is the infinite pretraining mode: each
@@ -44,7 +46,7 @@ Tiny CPU example::
     from worldline.data.synthetic import SyntheticWorldConfig
     root = ensure_synthetic_dataset("/tmp/wl-data", SyntheticWorldConfig(num_clips=16, clips_per_shard=4))
     loader = ShardLoader(root, batch_size=2, num_frames=8, resolution=(64, 64), shuffle_buffer=8)
-    batch = next(iter(loader))      # batch["video"]: uint8 [2, 3, 8, 64, 64]
+    batch = next(iter(loader))      # batch["video"]: uint8 [2, 3, 8, 64, 64]; batch.clip_shape (8, 64, 64)
     state = loader.state_dict()     # JSON-safe; ShardLoader(...).load_state_dict(state) resumes
 """
 
@@ -66,15 +68,16 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 
+from worldline.data.batch import Batch
 from worldline.data.buckets import Bucket, BucketSet
 from worldline.data.probe import VideoLimits
 from worldline.data.samples import LatentCodec, PixelCodec
-from worldline.data.streams import POOL_SLOTS, Stream, epoch_share, fresh_stream
+from worldline.data.state import STATE_VERSION, GlobalState, LoaderState, StreamState, empty_stats, merge_states
+from worldline.data.streams import POOL_SLOTS, Delivery, Stream, StreamPlan
 from worldline.data.video import CROPS, POSITIONS, resize_crop
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 2
 _MSG_CHARS = 200
 _MAX_CRASH_RESTARTS = 64  # decoder crashes survived per iteration before giving up
 INPUTS = ("pixel", "latent")
@@ -136,25 +139,22 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def _empty_stats() -> dict:
-    return {"batches": 0, "samples": 0, "skipped": 0, "shard_errors": 0, "skipped_reasons": {}}
-
-
 class _StreamDataset(IterableDataset):
-    """Runs in each DataLoader worker (or in-process when ``num_workers == 0``)."""
+    """Runs in each DataLoader worker (or in-process when ``num_workers == 0``): worker ``w``
+    plays sub-stream ``(w + offset) % num_streams`` (see "Resume" in the module docstring)."""
 
-    def __init__(self, loader: "ShardLoader", streams: list[dict], offset: int):
-        self.loader, self.streams, self.offset = loader, streams, offset
+    def __init__(self, plan: StreamPlan, streams: list[StreamState], offset: int):
+        self.plan, self.streams, self.offset = plan, streams, offset
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Delivery]:
         info = get_worker_info()
         worker = 0 if info is None else info.id
-        local = (worker + self.offset) % self.loader.num_streams
-        yield from Stream(self.loader, local, self.streams[local]).batches()
+        local = (worker + self.offset) % self.plan.num_streams
+        yield from Stream(self.plan, local, self.streams[local]).batches()
 
 
 class ShardLoader:
-    """Infinite iterator of homogeneous batches from WebDataset shards, with exact resume.
+    """Infinite iterator of homogeneous ``Batch``es from WebDataset shards, with exact resume.
 
     Pixel batch (``input="pixel"``): ``video`` uint8 ``[B, 3, T, H, W]``; ``actions`` int64
     ``[B, T, S]`` (action taken at each sampled frame, zero-padded to the largest S in the
@@ -163,7 +163,9 @@ class ShardLoader:
     factor), ``camera[:, 0] = 0``; ``caption`` list[str]; ``key`` list[str]; ``style``
     list[list[str]]; ``epoch`` list[int] (-1 when resampling); ``refs`` (``with_refs``) list of
     uint8 ``[R, 3, H, W]``. Latent batch (``input="latent"``): ``latents`` float ``[B, C, t, h,
-    w]`` instead of ``video`` (plus ``text_emb``/``text_mask`` when the cache has them).
+    w]`` instead of ``video`` (plus ``text_emb``/``text_mask`` when the cache has them). Every
+    batch also carries ``clip_shape`` (T, H, W) of its pixel clip (latents: the clip recorded
+    when they were encoded, else ``(num_frames, *resolution)``) and ``num_samples``.
 
     Clip sampling: ``num_frames`` frames ``frame_stride`` apart, or at ``fps`` (resampled from
     timestamps); temporal ``position`` start/center/random; aspect-preserving resize then
@@ -232,8 +234,9 @@ class ShardLoader:
         self.shuffle_buffer, self.resample, self.input = shuffle_buffer, resample, input
         self.max_skip_fraction, self.skip_check_after = max_skip_fraction, skip_check_after
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
+        self.codec: PixelCodec | LatentCodec
         if input == "latent":
-            self.codec = LatentCodec(batch_size)
+            self.codec = LatentCodec(batch_size, (num_frames, *self.resolution))
         else:
             explicit = buckets is not None
             bucket_list = list(buckets) if explicit else [Bucket(*self.resolution, num_frames, batch_size)]
@@ -257,29 +260,30 @@ class ShardLoader:
         # (shard, index) of samples that crashed a decoder process (native segfault): skipped
         # as decoder_crash from then on, in every epoch.
         self.crashed: set[tuple[int, int]] = set()
+        # Shared with the workers (see StreamPlan): decoding marks and released pool buffers.
         self._marks: torch.Tensor | None = None
-        self._free: torch.Tensor | None = None  # see streams.POOL_SLOTS
+        self._free: torch.Tensor | None = None
         self._outstanding: list = []
-        self._streams = [fresh_stream() for _ in range(self.num_streams)]
+        self._streams = [StreamState() for _ in range(self.num_streams)]
         self._consumed = 0
         self._warned: set[tuple[str, str]] = set()
-        self.stats: dict = _empty_stats()
+        self.stats: dict = empty_stats()
 
     # ---------------------------------------------------------------- main process
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Batch]:
         for restart in itertools.count():
-            batches = self._batches()
+            deliveries = self._batches()
             try:
-                for batch in batches:
-                    stream, state, skips = batch.pop("_stream"), batch.pop("_state"), batch.pop("_skips")
-                    self._track(stream, batch.pop("_buf"), batch)
+                for delivery in deliveries:
+                    stream, batch = delivery.stream, delivery.batch
+                    self._track(stream, delivery.slot, batch)
                     expected = self._consumed % self.num_streams
                     if stream != expected:  # guards the round-robin assumption resume relies on
                         raise RuntimeError(f"batch from sub-stream {stream}, expected {expected}")
                     # Book-keeping happens as the consumer receives the batch, never earlier.
-                    self._streams[stream] = state
+                    self._streams[stream] = delivery.state
                     self._consumed += 1
-                    self._record(skips, len(batch["key"]))
+                    self._record(delivery.skips, batch.num_samples)
                     yield batch
             except RuntimeError as exc:
                 culprits = self._crash_culprits(exc)
@@ -294,21 +298,31 @@ class ShardLoader:
             finally:
                 # Stop workers now: left to garbage collection after an error (the traceback
                 # keeps this frame alive), torch's worker shutdown waits out a 5 s join timeout.
-                shutdown = getattr(batches, "_shutdown_workers", None)
+                shutdown = getattr(deliveries, "_shutdown_workers", None)
                 if shutdown is not None:
                     shutdown()
 
-    def _batches(self):
+    def _plan(self) -> StreamPlan:
+        """What the sub-streams need for this run of the workers (crashes and the layout
+        generation are read now; they change only between runs)."""
+        return StreamPlan(
+            shards=tuple(self.shards), codec=self.codec, seed=self.seed, rank=self.rank,
+            world_size=self.world_size, num_streams=self.num_streams,
+            shuffle_shards=self.shuffle_shards, resample=self.resample, generation=self.generation,
+            shuffle_buffer=self.shuffle_buffer, max_skip_fraction=self.max_skip_fraction,
+            skip_check_after=self.skip_check_after, crashed=frozenset(self.crashed),
+            marks=self._marks, free=self._free,
+        )
+
+    def _batches(self) -> Iterator[Delivery]:
         """A fresh DataLoader iterator over the sub-streams, from the consumed position."""
-        dataset = _StreamDataset(self, copy.deepcopy(self._streams), self._consumed)
         kwargs = {}
         if self.num_workers > 0:
             kwargs.update(prefetch_factor=self.prefetch_factor, worker_init_fn=_worker_init)
-            # Per sub-stream: [tag, shard, index, pid] of the sample being decoded, pid -1 if none.
             self._marks = torch.full((self.num_streams, 4), -1, dtype=torch.int64).share_memory_()
-            # Per sub-stream and pool slot: 1 = the main process released that batch buffer.
             self._free = torch.zeros((self.num_streams, POOL_SLOTS), dtype=torch.uint8).share_memory_()
             self._outstanding = []
+        dataset = _StreamDataset(self._plan(), [s.copy() for s in self._streams], self._consumed)
         loader = DataLoader(
             dataset,
             batch_size=None,  # batches are formed inside the workers
@@ -319,7 +333,7 @@ class ShardLoader:
         )
         return iter(loader)
 
-    def _track(self, stream: int, slot: int, batch: dict) -> None:
+    def _track(self, stream: int, slot: int, batch: Batch) -> None:
         """Flag the worker's pooled batch buffers whose batches nobody holds any more (every
         view gone) as free, and start watching this batch's buffer."""
         still = []
@@ -330,7 +344,7 @@ class ShardLoader:
                 still.append((s, k, ref))
         self._outstanding = still
         if slot >= 0:
-            tensor = batch["video"] if "video" in batch else batch["latents"]
+            tensor = batch.video if batch.video is not None else batch.latents
             self._outstanding.append((stream, slot, StorageWeakRef(tensor.untyped_storage())))
 
     def _crash_culprits(self, exc: RuntimeError) -> list[list[int]]:
@@ -360,39 +374,23 @@ class ShardLoader:
         every sub-stream); 0 in resampled mode."""
         if self.resample:
             return 0
-        tags = [s["epoch"] for s in self._streams]
-        for s in self._streams:
-            tags += [it[0] for it in s["todo"]] + [r[0] for r in s["buffer"]]
-            tags += [r[0] for _, refs in s["buckets"] for r in refs]
-        return min(tags)
+        return min(tag for s in self._streams for tag in s.open_tags())
 
     def stream_shards(self, epoch: int, stream: int) -> list[int]:
         """Shard ids (indices into ``self.shards``) sub-stream ``stream`` reads in ``epoch``."""
-        return epoch_share(len(self.shards), self.seed, self.shuffle_shards, epoch, self.rank,
-                           self.world_size, self.num_streams, stream)
+        return self._plan().stream_shards(epoch, stream)
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        """JSON-safe position after the batches the consumer has received."""
-        return {
-            "version": STATE_VERSION,
-            "format": "rank",
-            "seed": self.seed,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "num_streams": self.num_streams,
-            "shuffle_shards": self.shuffle_shards,
-            "resample": self.resample,
-            "num_shards": len(self.shards),
-            "shards_digest": self._shards_digest,
-            "sampling_digest": self._sampling_digest,
-            "generation": self.generation,
-            "consumed_batches": self._consumed,
-            "crashed": sorted(list(r) for r in self.crashed),
-            "epoch": self.epoch,
-            "streams": copy.deepcopy(self._streams),
-            "stats": copy.deepcopy(self.stats),
-        }
+        """JSON-safe position after the batches the consumer has received (``LoaderState``)."""
+        return LoaderState(
+            seed=self.seed, rank=self.rank, world_size=self.world_size, num_streams=self.num_streams,
+            shuffle_shards=self.shuffle_shards, resample=self.resample, num_shards=len(self.shards),
+            shards_digest=self._shards_digest, sampling_digest=self._sampling_digest,
+            generation=self.generation, consumed_batches=self._consumed,
+            crashed=sorted(list(r) for r in self.crashed), epoch=self.epoch,
+            streams=self._streams, stats=self.stats,
+        ).to_dict()  # to_dict deep-copies: the returned dict shares nothing with the loader
 
     def _check_same_data(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
@@ -420,95 +418,42 @@ class ShardLoader:
         for s in states:
             self._check_same_data(s)
         if len(states) == 1 and states[0].get("format") == "global":
-            self._load_global(states[0])
+            self._load_global(GlobalState.from_dict(states[0]))
             return
         mine = [s for s in states if s.get("rank") == self.rank]
         same = (states[0]["world_size"] == self.world_size and states[0]["num_streams"] == self.num_streams
                 and states[0].get("sampling_digest") == self._sampling_digest)
         if same and mine:
-            s = mine[0]
-            if len(s["streams"]) != self.num_streams:
-                raise ValueError(f"malformed stream positions in state: {s['streams']!r}")
-            self._streams = copy.deepcopy(s["streams"])
-            self._consumed = int(s["consumed_batches"])
-            self.generation = int(s.get("generation", 0))
-            self.crashed = {tuple(r) for r in s.get("crashed", [])}
-            self.stats = copy.deepcopy(s.get("stats", _empty_stats()))
+            s = LoaderState.from_dict(mine[0])
+            if len(s.streams) != self.num_streams:
+                raise ValueError(f"malformed stream positions in state: {mine[0]['streams']!r}")
+            self._streams = s.streams
+            self._consumed = int(s.consumed_batches)
+            self.generation = int(s.generation)
+            self.crashed = {tuple(r) for r in s.crashed}
+            self.stats = s.stats
             return
-        self._load_global(self.merge_states(states))
+        self._load_global(merge_states(states))
 
-    def _load_global(self, state: dict) -> None:
+    def _load_global(self, state: GlobalState) -> None:
         total = self.world_size * self.num_streams
-        work = state["work"]
+        work = state.work
         self._streams = [
-            fresh_stream(state["next_epoch"], [list(w) for w in work[self.rank * self.num_streams + i :: total]])
+            StreamState(epoch=state.next_epoch, todo=[list(w) for w in work[self.rank * self.num_streams + i :: total]])
             for i in range(self.num_streams)
         ]
         self._consumed = 0
-        self.generation = int(state["generation"])
-        self.crashed = {tuple(r) for r in state.get("crashed", [])}
+        self.generation = int(state.generation)
+        self.crashed = {tuple(r) for r in state.crashed}
         # Old counters go to rank 0 only, so summing the new ranks' stats keeps the totals.
-        self.stats = copy.deepcopy(state["stats"]) if self.rank == 0 else _empty_stats()
+        self.stats = copy.deepcopy(state.stats) if self.rank == 0 else empty_stats()
         log.info("data loader: resumed from a %s-rank state with a new layout; %d carried-over "
-                 "work items, regular schedule from epoch %d", state.get("from_world_size"),
-                 len(work), state["next_epoch"])
+                 "work items, regular schedule from epoch %d", state.from_world_size,
+                 len(work), state.next_epoch)
 
     @staticmethod
     def merge_states(states: Sequence[dict]) -> dict:
         """All old ranks' ``state_dict()``s -> one rank-independent ("global") state: the
         explicit list of work left in every open epoch plus where the regular schedule
         resumes. ``load_state_dict`` of any layout takes its share of it."""
-        states = list(states)
-        if len(states) == 1 and states[0].get("format") == "global":
-            return copy.deepcopy(states[0])
-        world = states[0]["world_size"]
-        ranks = sorted(s["rank"] for s in states)
-        if ranks != list(range(world)) or any(s.get("format") != "rank" for s in states):
-            raise ValueError(f"need the data-loader states of all {world} ranks of the old run "
-                             f"(got ranks {ranks}) to resume with a different layout")
-        first = states[0]
-        for s in states:
-            for name in ("version", "seed", "shards_digest", "num_shards", "resample",
-                         "shuffle_shards", "num_streams", "generation"):
-                if s.get(name) != first.get(name):
-                    raise ValueError(f"rank states disagree on {name}: {s.get(name)!r} vs {first.get(name)!r}")
-        n, seed, shuffle, resample = first["num_shards"], first["seed"], first["shuffle_shards"], first["resample"]
-        num_streams = first["num_streams"]
-        streams = [(s["rank"], i, st) for s in states for i, st in enumerate(s["streams"])]
-        work: list[list] = []
-        for _, _, st in streams:
-            work += [list(it) for it in st["todo"]]
-            pending: dict[tuple[int, int], list[int]] = {}
-            for tag, shard, index in st["buffer"] + [r for _, refs in st["buckets"] for r in refs]:
-                pending.setdefault((tag, shard), []).append(index)
-            work += [[tag, shard, 0, sorted(idx)] for (tag, shard), idx in pending.items()]
-        next_epoch = 0
-        if not resample:
-            last = max(st["epoch"] for _, _, st in streams)
-            for rank, i, st in streams:  # the rest of every open epoch's regular share
-                for epoch in range(st["epoch"], last + 1):
-                    share = epoch_share(n, seed, shuffle, epoch, rank, world, num_streams, i)
-                    work += [[epoch, shard, 0, None] for shard in share[st["slot"] if epoch == st["epoch"] else 0:]]
-            next_epoch = last + 1
-        perms: dict[int, dict[int, int]] = {}
-
-        def order(item: list) -> tuple:
-            tag, shard, start, only = item
-            if not resample and shuffle and tag not in perms:
-                perms[tag] = {int(s): p for p, s in enumerate(np.random.default_rng([seed, tag]).permutation(n))}
-            return (tag, only is None, perms[tag][shard] if tag in perms else shard, start)
-
-        work.sort(key=order)
-        stats = _empty_stats()
-        for s in states:
-            for k in ("batches", "samples", "skipped", "shard_errors"):
-                stats[k] += s.get("stats", {}).get(k, 0)
-            for reason, count in s.get("stats", {}).get("skipped_reasons", {}).items():
-                stats["skipped_reasons"][reason] = stats["skipped_reasons"].get(reason, 0) + count
-        return {
-            "version": STATE_VERSION, "format": "global", "seed": seed, "num_shards": n,
-            "shards_digest": first["shards_digest"], "resample": resample, "shuffle_shards": shuffle,
-            "generation": first.get("generation", 0) + 1, "next_epoch": next_epoch, "work": work,
-            "stats": stats, "from_world_size": world,
-            "crashed": sorted({tuple(r) for s in states for r in s.get("crashed", [])}),
-        }
+        return merge_states(states).to_dict()

@@ -9,7 +9,8 @@ resume without decoding anything:
    outside the requested indices, and members nobody asked for, are rejected by name and
    never read into memory (on local files they are seeked over, not even read from disk).
 2. ``Codec.inspect`` (cheap: JSON, container headers, annotation checks, bucket choice).
-3. ``Codec.decode`` (decord + resize/crop, or safetensors -> tensors) and ``Codec.collate``.
+3. ``Codec.decode`` (decord + resize/crop, or safetensors -> tensors) and ``Codec.collate``
+   (-> ``batch.Batch``).
 
 Safety: members are decoded by extension in this file only; nothing is ever unpickled.
 Extensions that webdataset's default decoders would unpickle or ``torch.load``
@@ -21,10 +22,12 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -32,9 +35,12 @@ from torch.utils.data import get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
+from worldline.data.batch import Batch
 from worldline.data.buckets import Bucket, BucketSet, NoBucket
 from worldline.data.probe import ProbeError, VideoLimits, probe_video
 from worldline.data.video import ClipTooShortError, decode_clip, resize_crop
+
+log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = ("mp4", "m4v", "mov", "webm", "mkv", "avi")
 # webdataset's autodecode maps pyd/pickle/pkl to pickle.loads and pth to torch.load; the
@@ -64,6 +70,7 @@ class RawSample:
 
 
 def is_unsafe(ext: str) -> bool:
+    """Whether a member extension (any dotted part of it) is one that is never read."""
     return any(part in UNSAFE_EXTENSIONS for part in ext.lower().split("."))
 
 
@@ -201,6 +208,41 @@ def shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
+class Codec(Protocol):
+    """How one kind of shard (pixel or latent) becomes batches; ``streams.Stream`` drives it."""
+
+    input: str
+
+    def signature(self) -> list:
+        """JSON-safe sampling settings: a resumed run with another signature cannot be exact."""
+        ...
+
+    def wanted(self, ext: str) -> bool:
+        """Whether tar members with extension ``ext`` are read at all."""
+        ...
+
+    def batch_size(self, bucket: str) -> int:
+        """Samples per batch of ``bucket``."""
+        ...
+
+    def inspect(self, raw: RawSample) -> Candidate:
+        """Cheap checks and bucket choice, before the shuffle buffer; raises ``Skip``."""
+        ...
+
+    def decode(self, cand: Candidate, rng: np.random.Generator, tag: int) -> dict:
+        """The sample's tensors (clip window and crop drawn from ``rng``); raises ``Skip``."""
+        ...
+
+    def place(self, acc: torch.Tensor | None, bucket: str, i: int, item: dict,
+              alloc: Callable | None = None) -> torch.Tensor | None:
+        """Copy ``item``'s bulk data into slot ``i`` of the bucket's batch buffer ``acc``."""
+        ...
+
+    def collate(self, items: list[dict], bucket: str, acc: torch.Tensor | None) -> Batch:
+        """A full bucket's decoded samples -> one ``Batch``."""
+        ...
+
+
 class PixelCodec:
     """mp4 samples -> ``video`` uint8 ``[B, 3, T, H, W]`` batches (see ``ShardLoader``)."""
 
@@ -307,7 +349,8 @@ class PixelCodec:
         acc[i].copy_(video if self.channels_last else video.permute(3, 0, 1, 2))
         return acc
 
-    def collate(self, items: list[dict], bucket: str, acc: torch.Tensor) -> dict:
+    def collate(self, items: list[dict], bucket: str, acc: torch.Tensor) -> Batch:
+        """Decoded samples of one full bucket (pixels already in ``acc``) -> a ``Batch``."""
         b = self.buckets[int(bucket)]
         n = len(items)
         # channels_last: [B, T, H, W, 3] memory seen as [B, 3, T, H, W] (not contiguous).
@@ -316,28 +359,43 @@ class PixelCodec:
         actions = torch.zeros((n, b.num_frames, actors), dtype=torch.int64)
         for i, it in enumerate(items):
             actions[i, :, : it["actions"].shape[1]] = torch.from_numpy(it["actions"])
-        batch = {
-            "video": video,
-            "actions": actions,
-            "camera": torch.from_numpy(np.stack([it["camera"] for it in items])),
-            "caption": [it["caption"] for it in items],
-            "key": [it["key"] for it in items],
-            "style": [it["style"] for it in items],
-            "epoch": [it["epoch"] for it in items],
-        }
-        if self.with_refs:
-            batch["refs"] = [it["refs"] for it in items]
-        return batch
+        return Batch(
+            video=video,
+            actions=actions,
+            camera=torch.from_numpy(np.stack([it["camera"] for it in items])),
+            caption=[it["caption"] for it in items],
+            key=[it["key"] for it in items],
+            style=[it["style"] for it in items],
+            epoch=[it["epoch"] for it in items],
+            refs=[it["refs"] for it in items] if self.with_refs else None,
+            clip_shape=(b.num_frames, b.height, b.width),
+        )
+
+
+def _encoded_clip_shape(meta: dict) -> tuple[int, int, int] | None:
+    """``(num_frames, height, width)`` of the pixel clip a latent sample was encoded from, as
+    ``encode_latent_shards`` records it in the sample's JSON (``clip``); None if absent/bad."""
+    clip = meta.get("clip")
+    try:
+        shape = (int(clip["num_frames"]), int(clip["resolution"][0]), int(clip["resolution"][1]))
+    except (TypeError, KeyError, IndexError, ValueError):
+        return None
+    return shape if min(shape) >= 1 else None
 
 
 class LatentCodec:
     """Latent-shard samples (``<key>.safetensors`` written by ``encode_latent_shards``) ->
-    ``latents`` float ``[B, C, t, h, w]`` batches; one bucket per latent shape."""
+    ``latents`` float ``[B, C, t, h, w]`` batches; one bucket per latent shape.
+
+    ``clip_shape`` is the pixel clip ``(num_frames, H, W)`` assumed for samples whose JSON does
+    not record the clip they were encoded from (hand-made caches)."""
 
     input = "latent"
 
-    def __init__(self, batch_size: int):
+    def __init__(self, batch_size: int, clip_shape: tuple[int, int, int] = (17, 64, 64)):
         self._batch_size = batch_size
+        self.clip_shape = clip_shape
+        self._warned_mixed = False
 
     def signature(self) -> list:
         return ["latent", self._batch_size]
@@ -382,6 +440,7 @@ class LatentCodec:
             "actions": np.asarray(t.get("actions", np.zeros((n, 0))), np.int64),
             "camera": np.asarray(t["camera"] if t.get("camera") is not None else np.zeros((n, 2)), np.float32),
             "caption": cand.caption, "key": cand.key, "style": cand.style, "epoch": tag,
+            "clip_shape": _encoded_clip_shape(cand.meta) or self.clip_shape,
         }
         for name in ("text_emb", "text_mask"):
             if name in t:
@@ -389,9 +448,11 @@ class LatentCodec:
         return item
 
     def place(self, acc, bucket: str, i: int, item: dict, alloc: Callable | None = None) -> None:
-        return None  # latents are small: stacked at collate time
+        """Nothing: latents are small, stacked at collate time."""
+        return None
 
-    def collate(self, items: list[dict], bucket: str, acc=None) -> dict:
+    def collate(self, items: list[dict], bucket: str, acc=None) -> Batch:
+        """Decoded samples of one latent shape -> a ``Batch`` (latents stacked here)."""
         lat = [it["latents"] for it in items]
         out = shared_empty((len(lat), *lat[0].shape), lat[0].dtype)
         torch.stack(lat, out=out)
@@ -402,10 +463,14 @@ class LatentCodec:
         for i, it in enumerate(items):
             actions[i, : len(it["actions"]), : it["actions"].shape[1]] = torch.from_numpy(it["actions"])
             camera[i, : len(it["camera"])] = torch.from_numpy(it["camera"])
-        batch = {"latents": out, "actions": actions, "camera": camera,
-                 "caption": [it["caption"] for it in items], "key": [it["key"] for it in items],
-                 "style": [it["style"] for it in items], "epoch": [it["epoch"] for it in items]}
-        for name in ("text_emb", "text_mask"):
-            if all(name in it for it in items):
-                batch[name] = torch.stack([it[name] for it in items])
-        return batch
+        text = {name: torch.stack([it[name] for it in items]) if all(name in it for it in items) else None
+                for name in ("text_emb", "text_mask")}
+        clips = {it["clip_shape"] for it in items}
+        if len(clips) > 1 and not self._warned_mixed:
+            # Batching is by latent shape only (as it always was); say so once rather than fail.
+            self._warned_mixed = True
+            log.warning("latent batch mixes samples encoded from clips %s; reporting the first", sorted(clips))
+        return Batch(latents=out, actions=actions, camera=camera,
+                     caption=[it["caption"] for it in items], key=[it["key"] for it in items],
+                     style=[it["style"] for it in items], epoch=[it["epoch"] for it in items],
+                     clip_shape=items[0]["clip_shape"], **text)

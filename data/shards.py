@@ -5,6 +5,10 @@ meta) and ``<key>.txt`` (caption). Crash safety: each shard is written under a t
 name and renamed when closed, and ``manifest.json`` is written last, so a directory with a
 manifest is complete and a directory without one is not a dataset.
 
+Every shard writer of the package goes through this file: ``TarShard`` (one shard, temp name
++ rename), ``ShardWriter`` (rolling shards of at most N samples / bytes), ``Journal`` (the
+resume log of ``ingest`` and ``latents``) and ``write_manifest``.
+
 Tiny CPU example::
 
     from worldline.data.synthetic import SyntheticWorldConfig
@@ -24,11 +28,14 @@ import os
 import shutil
 import string
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import webdataset as wds
 
+from worldline.data.atomic import TMP_MARK, AtomicFile, atomic_write_json
 from worldline.data.synthetic import (
     SYNTHETIC_VERSION,
     SyntheticWorldConfig,
@@ -42,9 +49,10 @@ MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 
 
-def _encode_member(value, ext: str) -> bytes:
-    # Our own encoder instead of webdataset's default, which would pickle unknown objects:
-    # shards stay readable without ever unpickling.
+def encode_member(value: Any, ext: str) -> bytes:
+    """One member's bytes: bytes as they are, ``str`` as UTF-8, a ``.json`` member's object as
+    compact JSON. Our own encoder instead of webdataset's default, which would pickle unknown
+    objects: shards stay readable without ever unpickling."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     if isinstance(value, str):
@@ -54,8 +62,18 @@ def _encode_member(value, ext: str) -> bytes:
     raise ValueError(f"cannot encode member .{ext} of type {type(value).__name__}")
 
 
-def _encode_sample(sample: dict) -> dict:
-    return {k: v if k.startswith("__") else _encode_member(v, k) for k, v in sample.items()}
+def encode_sample(sample: dict) -> dict:
+    """``{"__key__": k, ext: value, ...}`` -> the same with every member encoded to bytes."""
+    return {k: v if k.startswith("__") else encode_member(v, k) for k, v in sample.items()}
+
+
+def tar_bytes(sample: dict) -> int:
+    """Bytes a sample adds to a tar: a 512-byte header per member plus padded data."""
+    total = 0
+    for k, v in encode_sample(sample).items():
+        if not k.startswith("__"):
+            total += 512 + (len(v) + 511) // 512 * 512
+    return total
 
 
 def probe_mp4(mp4: bytes) -> dict:
@@ -91,10 +109,172 @@ def brace_pattern(pattern: str, num_shards: int) -> str | None:
     return "".join(out)
 
 
-def _atomic_write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+# ---------------------------------------------------------------------------- shard writers
+@dataclass(frozen=True)
+class ClosedShard:
+    """A finished shard: its file name, sample count and size on disk."""
+
+    name: str
+    count: int
+    bytes: int
+
+
+class TarShard:
+    """One tar shard being written: samples go to a temporary file that ``close()`` renames to
+    ``path`` (fsynced first), so only complete shards ever carry the real name; ``abort()``
+    deletes it. Tar headers get ``mtime=0``: identical samples give byte-identical shards."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self._file = AtomicFile(path)
+        self._handle = open(self._file.tmp, "wb")
+        self._tar = wds.TarWriter(self._handle, encoder=encode_sample, mtime=0)
+        self.count = 0
+
+    @property
+    def name(self) -> str:
+        """The shard's final file name."""
+        return self._file.path.name
+
+    def write(self, sample: dict) -> None:
+        """Append one sample (``__key__`` plus members; see ``encode_member``)."""
+        self._tar.write(sample)
+        self.count += 1
+
+    def close(self) -> ClosedShard:
+        """Finish the tar and rename it into place."""
+        self._tar.close()  # the tar end blocks; it leaves the handle open
+        self._handle.close()
+        path = self._file.commit()
+        return ClosedShard(self.name, self.count, os.path.getsize(path))
+
+    def abort(self) -> None:
+        """Drop the partial shard (after a failure)."""
+        try:
+            self._tar.close()  # else its tarfile writes on the closed file when collected
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+        self._handle.close()
+        self._file.discard()
+
+
+class ShardWriter:
+    """Rolling tar shards ``out_dir/pattern.format(i)``, ``i = start, start + 1, ...``.
+
+    A shard is closed before a sample would take it past ``max_count`` samples or, by the
+    ``tar_bytes`` estimate, past ``max_bytes`` bytes (a lone larger sample still gets a shard).
+    ``on_close(shard)`` runs after every close (e.g. to journal it); ``closed`` lists this
+    writer's shards. Use it as a context manager: leaving normally closes the last shard,
+    leaving by an exception deletes the partial one.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, pattern: str = "shard-{:06d}.tar", *,
+                 max_count: int | None = None, max_bytes: int | None = None, start: int = 0,
+                 on_close: Callable[[ClosedShard], None] | None = None) -> None:
+        if (max_count is not None and max_count < 1) or (max_bytes is not None and max_bytes < 1):
+            raise ValueError("max_count and max_bytes must be >= 1")
+        self.out_dir, self.pattern = Path(out_dir), pattern
+        self.max_count, self.max_bytes, self.on_close = max_count, max_bytes, on_close
+        self.closed: list[ClosedShard] = []
+        self._next = start
+        self._shard: TarShard | None = None
+        self._bytes = 0
+
+    def write(self, sample: dict) -> str:
+        """Write ``sample``, rolling to a new shard first when it would overflow this one;
+        returns the name of the shard it went into."""
+        size = tar_bytes(sample) if self.max_bytes is not None else 0
+        shard = self._shard
+        if shard is not None and (
+            (self.max_count is not None and shard.count >= self.max_count)
+            or (self.max_bytes is not None and self._bytes + size > self.max_bytes)
+        ):
+            self.close()
+        if self._shard is None:
+            self._shard = TarShard(self.out_dir / self.pattern.format(self._next))
+            self._next += 1
+            self._bytes = 0
+        self._shard.write(sample)
+        self._bytes += size
+        return self._shard.name
+
+    def close(self) -> None:
+        """Close the open shard, if any (the next ``write`` opens a new one)."""
+        if self._shard is None:
+            return
+        shard, self._shard = self._shard, None
+        closed = shard.close()
+        self.closed.append(closed)
+        if self.on_close is not None:
+            self.on_close(closed)
+
+    def abort(self) -> None:
+        """Delete the open, partial shard."""
+        if self._shard is not None:
+            shard, self._shard = self._shard, None
+            shard.abort()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def remove_partial_shards(out_dir: str | os.PathLike) -> None:
+    """Delete the temporary files of shards an interrupted writer left in ``out_dir``."""
+    for name in os.listdir(out_dir):
+        if f".tar{TMP_MARK}" in name:
+            (Path(out_dir) / name).unlink()
+
+
+class Journal:
+    """A resumable writer's log ``path``: JSON lines, ``{"header": settings}`` first, then one
+    record per finished shard (appended and fsynced as each shard is renamed into place), so
+    a rerun keeps exactly the shards recorded as done."""
+
+    def __init__(self, path: str | os.PathLike, settings: dict) -> None:
+        self.path = Path(path)
+        # Round-tripped so tuples etc. compare equal to what a previous run wrote.
+        self.header = json.loads(json.dumps({"header": settings}))
+
+    def records(self) -> list[dict] | None:
+        """The records of a previous run with the same settings, or ``None`` without a
+        journal; ``ValueError`` if it was written with other settings."""
+        if not self.path.exists():
+            return None
+        lines = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        if not lines or lines[0] != self.header:
+            raise ValueError(f"{self.path.parent} was written with other settings ({self.path}); "
+                             f"use another output folder or resume=False to start over")
+        return lines[1:]
+
+    def start(self) -> None:
+        """Begin a new journal (drops any previous one)."""
+        self.path.write_text(json.dumps(self.header) + "\n")
+
+    def append(self, record: dict) -> None:
+        """Record one finished shard, durably."""
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_manifest(out_dir: str | os.PathLike, shards: list[str], counts: list[int],
+                   samples: list[dict], pattern: str | None = None, **extra: Any) -> dict:
+    """Write ``out_dir/manifest.json`` (atomically, last: its presence means "complete") and
+    return it: ``version``, ``pattern`` (brace form, when shards follow one), ``shards``,
+    ``shard_counts``, ``num_samples``, per-sample ``samples`` entries, then ``extra``."""
+    manifest: dict = {"version": MANIFEST_VERSION}
+    if pattern is not None:
+        manifest["pattern"] = brace_pattern(pattern, len(shards))
+    manifest.update(shards=list(shards), shard_counts=list(counts), num_samples=sum(counts),
+                    samples=samples, **extra)
+    atomic_write_json(Path(out_dir) / MANIFEST, manifest)
+    return manifest
 
 
 def write_shards(
@@ -114,21 +294,9 @@ def write_shards(
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    shards: list[str] = []
-    counts: list[int] = []
     entries: list[dict] = []
     seen: set[str] = set()
-    writer = fileobj = None
-    tmp_path = final_path = None
-
-    def close_shard() -> None:
-        writer.close()
-        fileobj.flush()
-        os.fsync(fileobj.fileno())
-        fileobj.close()
-        os.replace(tmp_path, final_path)  # only complete shards ever carry the real name
-
-    try:
+    with ShardWriter(out_dir, pattern, max_count=samples_per_shard) as writer:
         for sample in samples:
             key = sample.get("__key__")
             if not isinstance(key, str) or not key or "." in key or key in seen:
@@ -136,38 +304,10 @@ def write_shards(
             if not isinstance(sample.get("mp4"), (bytes, bytearray)):
                 raise ValueError(f"sample {key!r} has no mp4 bytes")
             seen.add(key)
-            if writer is None or counts[-1] == samples_per_shard:
-                if writer is not None:
-                    close_shard()
-                name = pattern.format(len(shards))
-                final_path = out_dir / name
-                tmp_path = out_dir / f".{name}.tmp-{os.getpid()}"
-                fileobj = open(tmp_path, "wb")
-                # mtime=0: byte-identical shards for identical samples.
-                writer = wds.TarWriter(fileobj, encoder=_encode_sample, mtime=0)
-                shards.append(name)
-                counts.append(0)
-            writer.write(sample)
-            counts[-1] += 1
-            entries.append({"key": key, "shard": shards[-1], **probe_mp4(bytes(sample["mp4"]))})
-        if writer is not None:
-            close_shard()
-            writer = None
-    finally:
-        if writer is not None:  # failed mid-shard: drop the partial file
-            fileobj.close()
-            tmp_path.unlink(missing_ok=True)
-
-    manifest = {
-        "version": MANIFEST_VERSION,
-        "pattern": brace_pattern(pattern, len(shards)),
-        "shards": shards,
-        "shard_counts": counts,
-        "num_samples": sum(counts),
-        "samples": entries,
-    }
-    _atomic_write_json(out_dir / MANIFEST, manifest)
-    return manifest
+            shard = writer.write(sample)
+            entries.append({"key": key, "shard": shard, **probe_mp4(bytes(sample["mp4"]))})
+    return write_manifest(out_dir, [s.name for s in writer.closed], [s.count for s in writer.closed],
+                          entries, pattern=pattern)
 
 
 def read_manifest(dataset_dir: str | os.PathLike) -> dict:
@@ -213,7 +353,7 @@ def ensure_synthetic_dataset(root: str | os.PathLike, cfg) -> str:
             shutil.rmtree(final)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         try:
-            _atomic_write_json(tmp / "config.json", config_dict(cfg))
+            atomic_write_json(tmp / "config.json", config_dict(cfg))
             write_shards(synthetic_samples(cfg), tmp, cfg.clips_per_shard)
             try:
                 os.rename(tmp, final)

@@ -39,6 +39,8 @@ import av
 import numpy as np
 from PIL import Image
 
+from worldline.data.atomic import atomic_write_bytes
+
 POSITIONS = ("start", "center", "random")
 CROPS = ("center", "random")
 
@@ -313,9 +315,7 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float, **kwargs)
     """Write uint8 frames ``[T, H, W, 3]`` to an mp4 file (atomically: tmp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(encode_mp4(frames, fps, **kwargs))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, encode_mp4(frames, fps, **kwargs))
 
 
 def write_contact_sheet(

@@ -122,7 +122,7 @@ def bench_pipeline(root: str, workers: int, epochs: int, **kw) -> dict:
     next(it)
     pids = [os.getpid()] + [p.pid for p in multiprocessing.active_children()]
     t1, c1 = time.perf_counter(), _cpu_seconds(pids)
-    samples = sum(len(b["key"]) for b in itertools.islice(it, batches))
+    samples = sum(b.num_samples for b in itertools.islice(it, batches))
     t2, c2 = time.perf_counter(), _cpu_seconds(pids)
     it.close()
     return {"startup": t1 - t0, "wall": t2 - t1, "cpu": c2 - c1, "samples": samples}

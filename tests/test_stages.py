@@ -15,7 +15,7 @@ from worldline.models.text import TextEncoderArgs
 from worldline.models.world_model import WorldModel
 from worldline.train.config import ConfigError, FreezePolicyConfig
 from worldline.train.validate import validate
-from worldline.train.stage_loader import is_prior_batch
+from worldline.data.stage_loader import is_prior_batch
 from worldline.train.pipeline_io import stage_dit_args
 from worldline.train.stages import FreezePolicy, load_init_weights, zero_init_new_controls
 from worldline.train.tasks import TaskProbs, clean_prefix_inputs, sample_prefix_lengths

@@ -32,6 +32,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.api import CheckpointException
 
+from worldline.data.atomic import atomic_write_text, fsync_path
 from worldline.train import failpoints
 from worldline.train.state import TrainState
 
@@ -43,23 +44,6 @@ LATEST = "latest"
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextmanager
@@ -286,7 +270,7 @@ class Checkpointer:
         with _phase(step, partial, "per-rank state"):
             (partial / "ranks").mkdir(exist_ok=True)
             torch.save(rng, partial / "ranks" / f"rank_{rank}.pt")
-            _atomic_write_text(partial / "ranks" / f"rank_{rank}.json",
+            atomic_write_text(partial / "ranks" / f"rank_{rank}.json",
                                json.dumps({"data": train_state.data}))
             failpoints.during_save(step, rank)
         if self.async_save and writer is None:
@@ -317,12 +301,12 @@ class Checkpointer:
     def _finalize(self, partial: Path, final: Path, shared: dict[str, str]) -> None:
         """Rank 0: shared files, rename into place, then ``latest``, then prune."""
         for name, text in shared.items():
-            _atomic_write_text(partial / name, text)
+            atomic_write_text(partial / name, text)
         if final.exists():  # re-saving a step (e.g. resumed at a save boundary)
             shutil.rmtree(final)
         os.replace(partial, final)
-        _fsync_dir(self.root)
-        _atomic_write_text(self.root / LATEST, final.name)
+        fsync_path(self.root)
+        atomic_write_text(self.root / LATEST, final.name)
         self._prune()
 
     def poll(self) -> None:

@@ -208,7 +208,6 @@ class PreemptionHook(Hook):
             self.handler.chain()
 
 
-def head(batch: Any, n: Optional[int], device: torch.device) -> dict[str, Any]:
-    """The first ``n`` samples of a batch (all when None), tensors on ``device``."""
-    return {k: (v[:n].to(device) if torch.is_tensor(v) else list(v)[:n])
-            for k, v in batch.items()}
+def head(batch: Any, n: Optional[int], device: torch.device) -> Any:
+    """The first ``n`` samples of a Batch (all when None), tensors on ``device``."""
+    return (batch if n is None else batch.select(n)).to(device)

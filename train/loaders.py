@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from worldline.data.loader import ShardLoader
+from worldline.data.stage_loader import StageLoader
 
 __all__ = ["LoaderFactory"]
 
@@ -101,8 +102,6 @@ class LoaderFactory:
         prior_ratio = st.prior.ratio if "prior" in st else 0.0
         if not st.get("schedule") and prior_ratio <= 0:
             return self.make()
-        from worldline.train.stage_loader import StageLoader
-
         prior = None
         if prior_ratio > 0:
             prior = self.make({"kind": "webdataset", "shards": st.prior.shards}, seed_offset=17)

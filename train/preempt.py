@@ -33,6 +33,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Optional, Sequence
 
+from worldline.data.atomic import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 #: Exit status of an entry point whose run stopped on a signal after checkpointing (not an error:
@@ -142,9 +144,7 @@ def write_status(run_dir: str | Path, state: str, step: int, steps: int,
     body = {"state": state, "step": step, "steps": steps, "signal": stop_signal,
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
             "slurm_restart_count": slurm_restart_count(), "time": time.time()}
-    tmp = run_dir / f".{STATUS_FILE}.tmp"
-    tmp.write_text(json.dumps(body, indent=1) + "\n")
-    os.replace(tmp, run_dir / STATUS_FILE)
+    atomic_write_text(run_dir / STATUS_FILE, json.dumps(body, indent=1) + "\n")
     return run_dir / STATUS_FILE
 
 

@@ -138,13 +138,12 @@ class Trainer:
         batch = next(self._data_iter)
         self._data_wait += time.perf_counter() - t0
         # Tokens and FLOPs of the batch actually drawn (buckets vary its shape and size).
-        self._step_samples += len(batch["key"])
+        self._step_samples += batch.num_samples
         self._step_tokens += self.objective.tokens(self.pipeline, batch)
         self._step_flops += self.objective.flops(self.pipeline, batch)
         # channels_last batches arrive as a strided view of decord's [B, T, H, W, 3]; the
-        # transpose is paid once here, on the device when there is one.
-        return {k: v.to(self.device, non_blocking=True).contiguous() if torch.is_tensor(v) else v
-                for k, v in batch.items()}
+        # transpose is paid once here (Batch.to), on the device when there is one.
+        return batch.to(self.device, non_blocking=True)
 
     def forward_backward(self, batch: Any, micro: int, last: bool) -> dict[str, torch.Tensor]:
         """Forward + backward of one micro-batch; ``last``: the accumulation's final one (the

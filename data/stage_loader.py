@@ -9,13 +9,45 @@ and the number of batches served, and a resumed run continues on the same batche
 Which batch comes from the prior data is a pure function of the batch count (batch ``n`` is a
 prior batch when ``floor((n + 1) r) > floor(n r)``), so the mix is exactly ``r`` over any
 window and needs no random state.
+
+It only composes loaders, so it lives in data/ and knows nothing of the Trainer: the step
+comes in as a callable.
+
+Tiny CPU example::
+
+    loader = StageLoader(lambda phase: ShardLoader(root, num_frames=[8, 16][phase]), [0, 1000],
+                         step=lambda: trainer.step, prior=ShardLoader(prior_root), ratio=0.25)
+    batch = next(iter(loader))      # a Batch; every 4th one comes from the prior data
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
-__all__ = ["StageLoader", "is_prior_batch"]
+from worldline.data.batch import Batch
+
+__all__ = ["BatchSource", "StageLoader", "is_prior_batch"]
+
+
+class BatchSource(Protocol):
+    """What ``StageLoader`` needs of a loader (``ShardLoader`` has it, and so does
+    ``StageLoader`` itself)."""
+
+    @property
+    def stats(self) -> dict:
+        """Counters (batches, samples, skipped, ...)."""
+        ...
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def state_dict(self) -> dict:
+        """JSON-safe position."""
+        ...
+
+    def load_state_dict(self, state: dict | list[dict]) -> None:
+        """Resume from one rank's state or the list of all old ranks' states."""
+        ...
 
 
 def is_prior_batch(n: int, ratio: float) -> bool:
@@ -34,19 +66,20 @@ class StageLoader:
         on_phase: called with the new phase index whenever the main loader changes.
     """
 
-    def __init__(self, make_phase: Callable[[int], Any], phase_starts: list[int],
-                 step: Callable[[], int], prior: Any = None, ratio: float = 0.0,
-                 on_phase: Optional[Callable[[int], None]] = None) -> None:
+    def __init__(self, make_phase: Callable[[int], BatchSource], phase_starts: list[int],
+                 step: Callable[[], int], prior: BatchSource | None = None, ratio: float = 0.0,
+                 on_phase: Callable[[int], None] | None = None) -> None:
         self.make_phase, self.phase_starts, self.step = make_phase, phase_starts, step
         self.prior, self.ratio, self.on_phase = prior, ratio, on_phase
         self.phase = -1
-        self.main: Any = None
+        self.main: BatchSource
         self.served = 0
-        self._main_iter: Optional[Iterator] = None
-        self._prior_iter: Optional[Iterator] = None
+        self._main_iter: Iterator[Batch] | None = None
+        self._prior_iter: Iterator[Batch] | None = None
         self._set_phase(0)
 
     def phase_at(self, step: int) -> int:
+        """The phase that trains at optimizer step ``step`` (the last one started by then)."""
         return max(i for i, s in enumerate(self.phase_starts) if s <= step)
 
     def _set_phase(self, phase: int) -> None:
@@ -58,6 +91,7 @@ class StageLoader:
 
     @property
     def stats(self) -> dict:
+        """The current phase loader's counters."""
         return self.main.stats
 
     @property
@@ -65,7 +99,7 @@ class StageLoader:
         """The current phase loader's epoch (what the Trainer logs)."""
         return getattr(self.main, "epoch", 0)
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Batch]:
         while True:
             self._set_phase(self.phase_at(self.step()))
             if self.prior is not None and is_prior_batch(self.served, self.ratio):
@@ -80,6 +114,7 @@ class StageLoader:
             yield batch
 
     def state_dict(self) -> dict:
+        """Phase, batches served and both loaders' positions (JSON-safe)."""
         main = self.main.state_dict()
         return {"phase": self.phase, "served": self.served, "main": main,
                 "prior": None if self.prior is None else self.prior.state_dict(),
