@@ -261,7 +261,7 @@ def build_trainer(cfg: DictConfig) -> Trainer:
     module, model, new = _trained_module(cfg, mesh, dims, device, precision)
     if flow:
         pipe = WorldPipeline(frozen, module, pipeline_settings(cfg))
-        objective: Any = FlowObjective(cfg.stage, cfg.run.seed)
+        objective: Any = FlowObjective(cfg.stage, cfg.run.seed, lambda: loaders.clip_shape)
     else:
         pipe = WorldPipeline(module, None, pipeline_settings(cfg))
         objective = AutoencoderObjective(cfg.stage.ae, device, dims.world_size > 1)

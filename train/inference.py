@@ -72,12 +72,13 @@ def load_for_inference(cfg: DictConfig, checkpoint: str, use_ema: bool) -> Infer
     info = init_distributed(cfg.dist.timeout_s)  # no-op for one process
     pipe.to(pick_device())
     pipe.eval()
-    if pipe.world_model is not None:
-        objective: Any = FlowObjective(cfg.stage, cfg.run.seed)
-    else:
-        objective = AutoencoderObjective(cfg.stage.ae, pipe.device, distributed=False)
     dp = info.world_size // max(1, cfg.dist.cp)
     loaders = LoaderFactory(cfg, info.rank // max(1, cfg.dist.cp), dp)
+    if pipe.world_model is not None:
+        objective: Any = FlowObjective(cfg.stage, cfg.run.seed,
+                                        lambda: loaders.clip_shape)
+    else:
+        objective = AutoencoderObjective(cfg.stage.ae, pipe.device, distributed=False)
     log.info("loaded %s for inference", path)
     return InferenceRun(pipe, objective, loaders, cfg, path, info.rank, info.world_size)
 

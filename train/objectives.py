@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -61,19 +61,25 @@ def clip_shape(batch: Mapping[str, Any]) -> tuple[int, int, int]:
 class FlowObjective:
     """Latent flow matching of the world model (see the module docstring).
 
-    ``stage``: the ``stage.*`` config node (conditions, flow, tasks, num_refs)."""
+    ``stage``: the ``stage.*`` config node (conditions, flow, tasks, num_refs);
+    ``configured_clip``: returns the (frames, height, width) the data config asks for now (the
+    current resolution phase); cached latents of another shape are refused."""
 
-    def __init__(self, stage: Any, seed: int) -> None:
+    def __init__(self, stage: Any, seed: int,
+                 configured_clip: Optional[Callable[[], tuple[int, int, int]]] = None) -> None:
         self.stage, self.seed = stage, seed
         self.conditions = set(stage.conditions)
+        self.configured_clip = configured_clip
 
     def _batch_latent_shape(self, pipe: WorldPipeline, batch: Mapping[str, Any]) -> tuple:
         return tuple(pipe.latent_shape(*clip_shape(batch)))
 
     def latents(self, pipe: WorldPipeline, batch: Mapping[str, Any]) -> Tensor:
-        """Normalised latents of a batch (cached latents are checked against its clip shape)."""
-        expected = self._batch_latent_shape(pipe, batch) if "latents" in batch and \
-            getattr(batch, "clip_shape", None) is not None else None
+        """Normalised latents of a batch (cached latents are checked against the configured
+        clip shape)."""
+        expected = None
+        if "latents" in batch and self.configured_clip is not None:
+            expected = tuple(pipe.latent_shape(*self.configured_clip()))
         return pipe.latents(batch, expected)
 
     def tokens(self, pipe: WorldPipeline, batch: Mapping[str, Any]) -> int:
