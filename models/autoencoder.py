@@ -532,6 +532,7 @@ class VideoAutoencoder(nn.Module):
 
     # --- accounting ---------------------------------------------------------------------
     def num_params(self) -> int:
+        """Number of parameters (encoder + decoder)."""
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_sample(self, T: int, H: int, W: int) -> float:

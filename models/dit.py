@@ -233,6 +233,7 @@ class CrossAttention(nn.Module):
         self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
 
     def forward(self, x: Tensor, ctx: Tensor, ctx_mask: Tensor | None) -> Tensor:
+        """x [B, N, D] attends ctx [B, L, D] (ctx_mask [B, L] bool, True = real) -> [B, N, D]."""
         b, n, d = x.shape
         q = _qk_norm(self.q_norm, self.q(x).view(b, n, self.num_heads, -1).transpose(1, 2))
         k, v = self.kv(ctx).view(b, ctx.shape[1], 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
@@ -241,6 +242,8 @@ class CrossAttention(nn.Module):
 
 
 class SwiGLU(nn.Module):
+    """Gated MLP: w_down(silu(w_gate x) * w_up x), no biases."""
+
     def __init__(self, dim: int, mlp_ratio: float) -> None:
         super().__init__()
         # 2/3 keeps the parameter count of a 2-matrix GELU MLP; round for matmul-friendly sizes.
@@ -251,6 +254,7 @@ class SwiGLU(nn.Module):
         self.w_down = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        """[B, N, D] -> [B, N, D]."""
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
@@ -291,6 +295,8 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
+    """adaLN-modulated output projection of tokens back to patch values."""
+
     def __init__(self, dim: int, out_dim: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -298,6 +304,7 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(dim, out_dim)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        """x [B, N, D], per-frame conditioning c [B, F, D] -> [B, N, patch_dim]."""
         shift, scale = self.adaLN(c).chunk(2, dim=-1)
         return self.linear(modulate(self.norm(x), shift, scale))
 

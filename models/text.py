@@ -149,6 +149,7 @@ class TextEncoder(nn.Module):
         return self.norm(x) * mask[..., None].to(x.dtype)
 
     def num_params(self) -> int:
+        """Number of parameters."""
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_sample(self, text_len: int) -> float:

@@ -102,6 +102,7 @@ class WorldModel(nn.Module):
                         frame_causal=frame_causal)
 
     def num_params(self) -> int:
+        """Number of parameters (text encoder + DiT + null text embedding)."""
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_sample(

@@ -30,6 +30,7 @@ class TaskProbs:
     continuation: float = 0.0
 
     def tensor(self) -> Tensor:
+        """Normalised probabilities [3] float64 in the order t2v, i2v, continuation."""
         p = torch.tensor([self.t2v, self.i2v, self.continuation], dtype=torch.float64)
         return p / p.sum()
 
