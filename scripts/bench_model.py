@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 
 import torch
 
-from worldline.models.dit import VideoDiT, dit_args
+from worldline.models.dit import DiTArgs, VideoDiT
 from worldline.models.rollout import rollout
 
 
@@ -48,7 +48,12 @@ def matmul_flops(n: int, repeats: int, dtype: torch.dtype = torch.float32) -> fl
 
 
 def small_dit(size: str = "small", **kw) -> VideoDiT:
-    args = dit_args(size, in_channels=8, text_dim=256, num_action_slots=3, camera_dim=2, **kw)
+    from worldline.train.config import load_model_config
+
+    dit = load_model_config(size).dit  # the size's hidden/depth/heads: conf/model/<size>.yaml
+    args = DiTArgs(**{k: dit[k] for k in ("hidden_size", "depth", "num_heads")},
+                   **{"in_channels": 8, "text_dim": 256, "num_action_slots": 3,
+                      "camera_dim": 2, **kw})
     torch.manual_seed(0)
     dit = VideoDiT(args)
     with torch.no_grad():  # leave the zero-init (trivially cheap, denormal-prone) regime

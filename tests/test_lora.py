@@ -11,7 +11,7 @@ from peft.tuners.lora import LoraLayer
 from worldline.models.dit import DiTArgs
 from worldline.models.text import TextEncoderArgs
 from worldline.models.world_model import WorldModel
-from worldline.train.config import LoraConfig
+from worldline.train.config_stage import LoraConfig
 from worldline.train.lora import inject_lora, lora_state_dict, merged_state_dict
 
 DIT = DiTArgs(in_channels=4, hidden_size=64, depth=2, num_heads=4, text_dim=32,

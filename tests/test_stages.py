@@ -13,7 +13,8 @@ from _runs import compose_cfg
 from worldline.models.dit import DiTArgs
 from worldline.models.text import TextEncoderArgs
 from worldline.models.world_model import WorldModel
-from worldline.train.config import ConfigError, FreezePolicyConfig
+from worldline.train.config import ConfigError
+from worldline.train.config_stage import FreezePolicyConfig
 from worldline.train.validate import validate
 from worldline.data.stage_loader import is_prior_batch
 from worldline.train.pipeline_io import stage_dit_args

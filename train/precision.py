@@ -22,7 +22,7 @@ from typing import Any, ContextManager, Optional
 
 import torch
 
-from worldline.train.config import Precision
+from worldline.train.config_enums import Precision
 
 __all__ = ["PrecisionPolicy"]
 
