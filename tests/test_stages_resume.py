@@ -54,8 +54,10 @@ def test_schedule_and_prior_mix_resume_exactly(setup) -> None:
     a, b = _losses(straight), _losses(resumed)
     assert [s for s, _, _ in a] == list(range(1, 9))
     assert [(s, loss) for s, loss, _ in a] == [(s, loss) for s, loss, _ in b]
-    # 5 frames -> 2 x 2 x 2 = 8 tokens; 9 frames -> 3 x 2 x 2 = 12 from step 5 on.
-    assert [round(t) for _, _, t in a] == [8] * 4 + [12] * 4
+    # Tokens per sample of the batches actually run: 5 frames -> 2 x 2 x 2 = 8 tokens, 9 frames
+    # -> 3 x 2 x 2 = 12 from step 5 on; step 3 ran prior batch #2, whose clips are 9 frames
+    # (the prior shards at data.* size), so 12 tokens there too.
+    assert [round(t) for _, _, t in a] == [8, 8, 12, 8] + [12] * 4
     # 8 batches served; with ratio 0.34, batches #2 and #5 came from the prior shards.
     assert trainer.loader.served == 8
 

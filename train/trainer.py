@@ -82,6 +82,8 @@ class Trainer:
         self._step_tokens = 0
         self._step_flops = 0.0
         self._step_samples = 0
+        self._flops_seen = 0.0
+        self._peak = 1.0  # FLOP/s; probed when the loop starts
 
     # ------------------------------------------------------------------ surface for hooks
     @property
@@ -205,8 +207,8 @@ class Trainer:
         self.model.train()
         bar = self._progress_bar()
         acc: dict[str, torch.Tensor] = {}
-        self._flops_seen = 0.0
-        mark = (time.perf_counter(), self.state.samples_seen, self.state.tokens_seen, 0.0)
+        mark = (time.perf_counter(), self.state.samples_seen, self.state.tokens_seen,
+                self._flops_seen)
         while self.state.step < self.max_steps:
             for h in self.hooks:
                 h.before_step(self, self.state.step + 1)
