@@ -1,7 +1,7 @@
 """The architecture's promises, checked on the code itself (docs/architecture.md):
 
-- no import cycle among ``worldline.*`` modules (every import counts, also ones inside
-  functions; only ``if TYPE_CHECKING:`` blocks are exempt);
+- no import cycle among ``worldline.*`` modules (every import counts: inside functions and
+  under ``if TYPE_CHECKING:`` too);
 - ``data/`` never imports ``models/``, ``models/`` never imports ``train/``, ``data/`` or
   ``scripts/``, and the engine (``train/``) never imports a user script (``scripts/``);
 - no file in ``train/`` over 500 lines, ``train/trainer.py`` at most 300;
@@ -28,14 +28,6 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def _in_type_checking(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
-    while node in parents:
-        node = parents[node]
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            return True
-    return False
-
-
 def import_graph() -> dict[str, set[str]]:
     """worldline module -> the worldline modules it imports (anywhere in the file)."""
     files = [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")]
@@ -43,11 +35,8 @@ def import_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for mod, path in modules.items():
         tree = ast.parse(path.read_text())
-        parents = {c: n for n in ast.walk(tree) for c in ast.iter_child_nodes(n)}
         pkg = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
         for node in ast.walk(tree):
-            if _in_type_checking(node, parents):
-                continue
             names: list[str] = []
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]

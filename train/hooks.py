@@ -14,17 +14,39 @@ import logging
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, ContextManager, Optional, Protocol
 
 import torch
 
 from worldline.train import failpoints
 from worldline.train.dist import all_reduce_scalars
 
-if TYPE_CHECKING:  # pragma: no cover
-    from worldline.train.trainer import Trainer
-
 log = logging.getLogger(__name__)
+
+
+class TrainerView(Protocol):
+    """What a hook may use of the Trainer (worldline.train.trainer.Trainer implements it)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    pipeline: Any
+    tracker: Any
+    run_dir: Path
+    state: Any
+    max_steps: int
+    ema: Any
+    module: torch.nn.Module
+    stopped_by: Optional[str]
+
+    def stop_after(self, step: int) -> None: ...
+
+    def checkpoint_due(self, step: int) -> bool: ...
+
+    def save_checkpoint(self) -> Optional[Path]: ...
+
+    def eval_mode(self) -> ContextManager[None]: ...
+
 
 __all__ = ["Hook", "FaultPointHook", "WatchdogHook", "FreezePolicyHook", "ValidationHook",
            "SamplingHook", "PreemptionHook"]
@@ -33,23 +55,23 @@ __all__ = ["Hook", "FaultPointHook", "WatchdogHook", "FreezePolicyHook", "Valida
 class Hook:
     """No-op base: override what you need."""
 
-    def on_train_start(self, trainer: "Trainer") -> None:
+    def on_train_start(self, trainer: TrainerView) -> None:
         """Before the resume (so a signal arriving during a slow resume is not lost)."""
 
-    def before_step(self, trainer: "Trainer", step: int) -> None:
+    def before_step(self, trainer: TrainerView, step: int) -> None:
         """Optimizer step ``step`` (1-based) is about to run."""
 
-    def after_step(self, trainer: "Trainer", step: int) -> None:
+    def after_step(self, trainer: TrainerView, step: int) -> None:
         """Step ``step`` ran (and its periodic checkpoint, if any, is written)."""
 
-    def on_train_end(self, trainer: "Trainer") -> None:
+    def on_train_end(self, trainer: TrainerView) -> None:
         """The loop ended (finished or stopped)."""
 
 
 class FaultPointHook(Hook):
     """``WORLDLINE_FAILPOINTS`` injection at step starts (train/failpoints.py, tests/faults/)."""
 
-    def before_step(self, trainer: "Trainer", step: int) -> None:
+    def before_step(self, trainer: TrainerView, step: int) -> None:
         failpoints.at_step_start(step, trainer.rank)
 
 
@@ -60,14 +82,14 @@ class WatchdogHook(Hook):
         self.dist_cfg = dist_cfg
         self.dog: Any = None
 
-    def before_step(self, trainer: "Trainer", step: int) -> None:
+    def before_step(self, trainer: TrainerView, step: int) -> None:
         if self.dog is None:  # after the resume: the first beat is for the step it resumed at
             from worldline.train.watchdog import Watchdog
 
             self.dog = Watchdog.start_for(trainer.rank, trainer.world_size, self.dist_cfg, step)
         self.dog.beat(step)
 
-    def on_train_end(self, trainer: "Trainer") -> None:
+    def on_train_end(self, trainer: TrainerView) -> None:
         if self.dog is not None:
             self.dog.stop()
 
@@ -78,7 +100,7 @@ class FreezePolicyHook(Hook):
     def __init__(self, policy: Any) -> None:
         self.policy = policy
 
-    def before_step(self, trainer: "Trainer", step: int) -> None:
+    def before_step(self, trainer: TrainerView, step: int) -> None:
         self.policy.apply(step - 1)
 
 
@@ -92,13 +114,13 @@ class ValidationHook(Hook):
         self.bad = 0
         self.history_read = False
 
-    def before_step(self, trainer: "Trainer", step: int) -> None:
+    def before_step(self, trainer: TrainerView, step: int) -> None:
         done = step - 1
         if self.v.every and done > 0 and done % self.v.every == 0:
             self.validate(trainer, done)
 
     @torch.no_grad()
-    def validate(self, trainer: "Trainer", step: int) -> None:
+    def validate(self, trainer: TrainerView, step: int) -> None:
         v = self.v
         with trainer.eval_mode():
             rep = self.objective.evaluate(trainer.pipeline, self.loaders.validation(),
@@ -146,13 +168,13 @@ class SamplingHook(Hook):
         self.objective, self.loaders, self.s, self.every = objective, loaders, sample_cfg, every
         self.num_clips = num_clips
 
-    def after_step(self, trainer: "Trainer", step: int) -> None:
+    def after_step(self, trainer: TrainerView, step: int) -> None:
         if (self.every and step % self.every == 0) or step == trainer.max_steps:
             with trainer.eval_mode():
                 self.sample(trainer, step)
 
     @torch.no_grad()
-    def sample(self, trainer: "Trainer", step: int) -> None:
+    def sample(self, trainer: TrainerView, step: int) -> None:
         from worldline.train.media import save_samples
 
         batch = head(next(iter(self.loaders.probe())), self.num_clips, trainer.device)
@@ -182,13 +204,13 @@ class PreemptionHook(Hook):
         self.cfg = preempt_cfg
         self.handler: Any = None
 
-    def on_train_start(self, trainer: "Trainer") -> None:
+    def on_train_start(self, trainer: TrainerView) -> None:
         from worldline.train.preempt import PreemptionHandler
 
         self.handler = PreemptionHandler(list(self.cfg.signals), self.cfg.check_every,
                                          self.cfg.enabled)
 
-    def after_step(self, trainer: "Trainer", step: int) -> None:
+    def after_step(self, trainer: TrainerView, step: int) -> None:
         if step == trainer.max_steps or not self.handler.should_stop(step):
             return
         trainer.stopped_by = self.handler.signal_name
@@ -198,7 +220,7 @@ class PreemptionHook(Hook):
                     trainer.stopped_by)
         trainer.stop_after(step)
 
-    def on_train_end(self, trainer: "Trainer") -> None:
+    def on_train_end(self, trainer: TrainerView) -> None:
         if self.handler is not None:
             self.handler.restore()
 

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from worldline.train.config import ConfigError, WorldlineConfig
 from worldline.train.validate import validate
@@ -60,7 +60,9 @@ def run_training(cfg: DictConfig) -> Any:
         # Read by the SLURM batch script (slurm/templates/preempt.sh): only a run that is not
         # finished is requeued.
         write_status(trainer.run_dir, "stopped" if trainer.stopped_by else "finished",
-                     trainer.state.step, trainer.settings.steps, trainer.stopped_by)
+                     trainer.state.step,
+                     trainer.settings.steps if trainer.stopped_by else trainer.max_steps,
+                     trainer.stopped_by)
     return trainer
 
 
