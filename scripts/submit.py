@@ -46,8 +46,15 @@ def compose(overrides: list[str]) -> DictConfig:
     import worldline.train.main  # noqa: F401  (registers the schema)
     from worldline.train.validate import validate
 
+    from hydra.errors import ConfigCompositionException
+
+    from worldline.train.config import composition_error
+
     with initialize_config_module(config_module="worldline.conf", version_base=None):
-        cfg = hydra_compose("config", overrides=overrides)
+        try:
+            cfg = hydra_compose("config", overrides=overrides)
+        except ConfigCompositionException as e:  # e.g. slurm.mode=mpirun (an enum field)
+            raise composition_error(e) from e
     validate(cfg)
     return cfg
 

@@ -354,6 +354,14 @@ class ConfigError(ValueError):
     """A config that cannot run. The message names the offending key."""
 
 
+def composition_error(exc: BaseException) -> ConfigError:
+    """A failed Hydra composition (e.g. a value outside an enum field) as one ConfigError that
+    names the key, for entry points that compose the config themselves."""
+    cause = exc.__cause__ or exc
+    key = getattr(cause, "full_key", None) or "config"
+    return ConfigError(f"invalid config: {key}: {str(cause).splitlines()[0]}")
+
+
 def to_container(cfg: DictConfig) -> dict:
     """Resolved plain-dict view of a config (for config.yaml, W&B and checkpoints).
 
