@@ -70,6 +70,8 @@ class FlowObjective:
         self.stage, self.seed = stage, seed
         self.conditions = set(stage.conditions)
         self.configured_clip = configured_clip
+        # FLOPs per sample by latent shape: counted once per shape, not once per batch.
+        self._flops: dict[tuple, float] = {}
 
     def _batch_latent_shape(self, pipe: WorldPipeline, batch: Mapping[str, Any]) -> tuple:
         return tuple(pipe.latent_shape(*clip_shape(batch)))
@@ -91,10 +93,12 @@ class FlowObjective:
 
     def flops(self, pipe: WorldPipeline, batch: Mapping[str, Any]) -> float:
         """Training FLOPs (fwd + bwd) of this batch."""
-        n = len(batch["key"])
         shape = tuple(batch["latents"].shape[1:]) if "latents" in batch else \
             self._batch_latent_shape(pipe, batch)
-        return n * float(pipe.world_model.flops_per_sample(shape, pipe.settings.text_max_len))
+        if shape not in self._flops:
+            self._flops[shape] = float(pipe.world_model.flops_per_sample(
+                shape, pipe.settings.text_max_len))
+        return len(batch["key"]) * self._flops[shape]
 
     def reference_latents(self, pipe: WorldPipeline, batch: Mapping[str, Any], x0: Tensor,
                           generator: torch.Generator) -> Tensor:
@@ -275,6 +279,9 @@ class AutoencoderObjective:
 
             self.perceptual = PerceptualLoss.from_path(ae_cfg.perceptual_path).to(device)
         self.gan_weight = ae_cfg.gan_weight
+        # FLOPs per clip shape: the autoencoder counts them with a meta-device forward
+        # (~0.2-0.7 s), so once per shape, never per batch.
+        self._flops: dict[tuple, float] = {}
         self.disc: Optional[DiscriminatorStep] = None
         if ae_cfg.gan_start >= 0:
             self.disc = DiscriminatorStep(ae_cfg.disc_channels, ae_cfg.disc_layers,
@@ -313,7 +320,10 @@ class AutoencoderObjective:
         return len(batch["key"]) * t * h * w
 
     def flops(self, pipe: WorldPipeline, batch: Mapping[str, Any]) -> float:
-        return len(batch["key"]) * float(pipe.autoencoder.flops_per_sample(*clip_shape(batch)))
+        shape = clip_shape(batch)
+        if shape not in self._flops:
+            self._flops[shape] = float(pipe.autoencoder.flops_per_sample(*shape))
+        return len(batch["key"]) * self._flops[shape]
 
     @torch.no_grad()
     def reconstruct(self, pipe: WorldPipeline, x: Tensor) -> Tensor:
