@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from worldline.train import checkpoint as ckpt_lib
 from worldline.train import hooks as hk
 from worldline.train.config import to_container
-from worldline.train.dist import init_distributed
+from worldline.train.dist import init_distributed, pick_device
 from worldline.train.guard import NonFiniteGuard
 from worldline.train.loaders import LoaderFactory
 from worldline.models.init import build_on_meta
@@ -53,12 +53,7 @@ from worldline.train.weights import load_module_weights
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_trainer", "train_steps", "run_name", "pick_device", "lr_lambda"]
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) \
-        if torch.cuda.is_available() else torch.device("cpu")
+__all__ = ["build_trainer", "train_steps", "run_name", "lr_lambda"]
 
 
 def seed_everything(seed: int) -> None:
@@ -75,7 +70,7 @@ def lr_lambda(optim: Any, steps: int):
     def fn(step: int) -> float:
         if warm > 0 and step < warm:
             return (step + 1) / warm
-        if schedule.endswith("constant"):
+        if schedule == "constant":
             return 1.0
         progress = min(1.0, (step - warm) / max(1, steps - warm))
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -89,6 +89,12 @@ def dist_env(environ: Optional[dict[str, str]] = None) -> DistInfo:
     return DistInfo()
 
 
+def pick_device() -> torch.device:
+    """This rank's device: its local GPU when CUDA is available, else the CPU."""
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) \
+        if torch.cuda.is_available() else torch.device("cpu")
+
+
 def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     """Initialise the default process group when launched with several ranks.
 

@@ -12,9 +12,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from worldline.train.build import pick_device
 from worldline.train.config import ConfigError
-from worldline.train.dist import init_distributed
+from worldline.train.dist import init_distributed, pick_device
 from worldline.train.loaders import LoaderFactory
 from worldline.train.objectives import AutoencoderObjective, FlowObjective
 from worldline.train.pipeline import WorldPipeline
