@@ -16,28 +16,115 @@ diffusers and transformers are optional (the `hf` extra); they are imported on u
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-__all__ = ["DiffusersVideoVAE", "HFTextEncoder"]
+__all__ = ["DiffusersVideoVAE", "HFTextEncoder", "VAE_FAMILIES", "local_model_dir",
+           "read_component_config", "folder_fingerprint", "text_encoder_dim"]
 
 
-def _local_dir(path: str | Path) -> str:
-    p = Path(path)
-    if not p.is_dir():
-        raise FileNotFoundError(f"expected a local model folder, got {path!r}")
-    return str(p)
+# diffusers video VAE classes Worldline knows how to normalise (see VAE_FAMILIES).
+VAE_FAMILIES = ("AutoencoderKLWan", "AutoencoderKLHunyuanVideo", "AutoencoderKLLTXVideo")
+
+
+def local_model_dir(path: str | Path, what: str = "model") -> Path:
+    """``path`` as an existing local folder, or one error saying why it is not (Worldline never
+    downloads: a hub id such as ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers`` must be fetched by the
+    user, e.g. with ``huggingface-cli download``, and the folder given instead)."""
+    p = Path(str(path)).expanduser()
+    if p.is_dir():
+        return p
+    hint = ""
+    if not p.is_absolute() and len(p.parts) == 2 and not str(path).startswith("."):
+        hint = (" — it looks like a hub id; Worldline never downloads: download it yourself "
+                "(e.g. `huggingface-cli download <id> --local-dir DIR`) and pass DIR")
+    raise FileNotFoundError(f"{what} folder {str(path)!r} does not exist{hint}")
+
+
+_local_dir = local_model_dir  # older name, kept for callers inside this module
+
+
+def read_component_config(path: str | Path, what: str = "model") -> dict:
+    """The ``config.json`` of a local diffusers/transformers folder (clear error if absent)."""
+    folder = local_model_dir(path, what)
+    f = folder / "config.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"{what} folder {folder} has no config.json")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: not valid JSON ({e})") from None
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "vocab.json", "vocab.txt",
+                    "tokenizer.model")
+
+
+def text_encoder_dim(config: dict) -> int:
+    """Feature width of a transformers text encoder from its ``config.json`` (T5: d_model,
+    CLIP/BERT-like: hidden_size; a CLIP pair config keeps it under text_config)."""
+    config = config.get("text_config", config) if "d_model" not in config else config
+    dim = config.get("d_model") or config.get("hidden_size")
+    if not dim:
+        raise ValueError("text encoder config.json has neither d_model nor hidden_size")
+    return int(dim)
+
+
+def folder_fingerprint(path: str | Path) -> dict:
+    """Identity of a model folder: its resolved path and a sha256 over its config and weight
+    files (names and contents; ~1 GB/s on one core, so a UMT5-XXL encoder takes seconds).
+    Caches and runs record it so a cache made with another encoder is refused."""
+    folder = local_model_dir(path)
+    h = hashlib.sha256()
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and (
+        f.suffix in (".safetensors", ".bin", ".json", ".model", ".txt")))
+    for f in files:
+        h.update(str(f.relative_to(folder)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return {"path": str(folder.resolve()), "sha256": h.hexdigest()}
+
+
+def _vae_normalisation(vae: nn.Module) -> tuple[list | None, list | None, float, int, int]:
+    """(mean, std, scaling_factor, temporal, spatial compression) of a diffusers video VAE as
+    its own diffusers pipeline uses them:
+
+    * Wan (``AutoencoderKLWan``): ``(z - latents_mean) / latents_std`` (config lists);
+      compression ``scale_factor_temporal`` / ``scale_factor_spatial`` (Wan 2.2: 4 / 16).
+    * HunyuanVideo: ``z * scaling_factor`` (no shift); compression from the config.
+    * LTX-Video: ``(z - latents_mean) * scaling_factor / latents_std`` with the per-channel
+      statistics stored as buffers in the weights; compression from the model (8 x 32 for
+      0.9.x: 9x64x64 frames -> 2x2x2 latents).
+    """
+    cfg = vae.config
+    name = type(vae).__name__
+    if name == "AutoencoderKLWan":
+        return (list(cfg.latents_mean), list(cfg.latents_std), 1.0,
+                int(cfg.scale_factor_temporal), int(cfg.scale_factor_spatial))
+    if name == "AutoencoderKLHunyuanVideo":
+        return (None, None, float(cfg.scaling_factor), int(cfg.temporal_compression_ratio),
+                int(cfg.spatial_compression_ratio))
+    if name == "AutoencoderKLLTXVideo":
+        return (vae.latents_mean.float().tolist(), vae.latents_std.float().tolist(),
+                float(cfg.scaling_factor), int(vae.temporal_compression_ratio),
+                int(vae.spatial_compression_ratio))
+    raise ValueError(f"unsupported diffusers VAE class {name}; supported: {VAE_FAMILIES}")
 
 
 class DiffusersVideoVAE(nn.Module):
     """A frozen diffusers video VAE with the VideoAutoencoder interface.
 
-    Latent statistics (per-channel mean/std used by normalize) come from, in order: the
-    `latents_mean`/`latents_std` arguments, the diffusers config (Wan has them), or 0/1.
-    Compression factors come from the config (`scale_factor_temporal/spatial`) or arguments.
+    ``normalize`` maps raw latents to the unit-variance space the DiT trains in with the
+    family's own formula (see :func:`_vae_normalisation`), kept as one per-channel affine map
+    ``(z - latent_mean) / latent_std`` (``latent_std = std / scaling_factor``), so pipelines
+    treat it exactly like Worldline's autoencoder. ``latents_mean``/``latents_std`` override
+    the statistics (e.g. measured on your data); compression factors come from the VAE.
     """
 
     def __init__(
@@ -47,28 +134,52 @@ class DiffusersVideoVAE(nn.Module):
         latents_std: list[float] | None = None,
         temporal_downsample: int | None = None,
         spatial_downsample: int | None = None,
+        source: str | None = None,
     ) -> None:
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)
-        cfg = getattr(vae, "config", {})
-        get = cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
-        c = get("z_dim", None) or get("latent_channels", None)
-        mean = latents_mean if latents_mean is not None else get("latents_mean", None)
-        std = latents_std if latents_std is not None else get("latents_std", None)
-        self.latent_channels = int(c if c is not None else len(mean))
-        self.temporal_downsample = int(temporal_downsample or get("scale_factor_temporal", 4))
-        self.spatial_downsample = int(spatial_downsample or get("scale_factor_spatial", 8))
+        self.family = type(vae).__name__
+        self.source = source
+        mean, std, scale, tf, sf = _vae_normalisation(vae)
+        cfg = vae.config
+        self.latent_channels = int(getattr(cfg, "z_dim", None) or cfg.latent_channels)
+        mean = latents_mean if latents_mean is not None else mean
+        std = latents_std if latents_std is not None else std
         n = self.latent_channels
+        for name, v in (("latents_mean", mean), ("latents_std", std)):
+            if v is not None and len(v) != n:
+                raise ValueError(f"{source or self.family}: {name} has {len(v)} values for "
+                                 f"{n} latent channels")
+        self.scaling_factor = scale
+        self.temporal_downsample = int(temporal_downsample or tf)
+        self.spatial_downsample = int(spatial_downsample or sf)
         self.register_buffer("latent_mean", torch.tensor(mean if mean else [0.0] * n).float())
-        self.register_buffer("latent_std", torch.tensor(std if std else [1.0] * n).float())
+        std_t = torch.tensor(std if std else [1.0] * n).float()
+        self.register_buffer("latent_std", std_t / scale)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, cls_name: str = "AutoencoderKLWan", **kwargs):
-        """Load `diffusers.<cls_name>.from_pretrained(path)` from a local folder."""
+    def from_pretrained(cls, path: str | Path, cls_name: str | None = None,
+                        dtype: torch.dtype | None = None, tiling: bool = False,
+                        slicing: bool = False, **kwargs) -> "DiffusersVideoVAE":
+        """Load a diffusers video VAE from a local folder; its class comes from the folder's
+        ``config.json`` ``_class_name`` (``cls_name`` only checks it). ``tiling``/``slicing``
+        switch on diffusers' memory savers for long or large clips."""
         import diffusers
 
-        vae = getattr(diffusers, cls_name).from_pretrained(_local_dir(path), local_files_only=True)
-        return cls(vae, **kwargs)
+        folder = local_model_dir(path, "VAE")
+        found = read_component_config(folder, "VAE").get("_class_name")
+        if found not in VAE_FAMILIES or (cls_name and found != cls_name):
+            want = cls_name or " | ".join(VAE_FAMILIES)
+            raise ValueError(f"{folder}/config.json: _class_name is {found!r}, expected a "
+                             f"diffusers video VAE ({want})")
+        kw = {"torch_dtype": dtype} if dtype is not None else {}
+        vae = getattr(diffusers, found).from_pretrained(str(folder), local_files_only=True,
+                                                        **kw)
+        if tiling:
+            vae.enable_tiling()
+        if slicing:
+            vae.enable_slicing()
+        return cls(vae, source=str(folder), **kwargs)
 
     def train(self, mode: bool = True) -> "DiffusersVideoVAE":
         super().train(mode)
@@ -79,7 +190,8 @@ class DiffusersVideoVAE(nn.Module):
         """(C, t, h, w) of the latent of a [*, 3, T, H, W] video."""
         tf, sf = self.temporal_downsample, self.spatial_downsample
         if T < 1 or (T - 1) % tf or H % sf or W % sf:
-            raise ValueError(f"need T = 1 + k*{tf} and H, W multiples of {sf}; got {T, H, W}")
+            raise ValueError(f"{self.family}: need T = 1 + k*{tf} and H, W multiples of {sf}; "
+                             f"got {T, H, W}")
         return self.latent_channels, 1 + (T - 1) // tf, H // sf, W // sf
 
     @torch.no_grad()
@@ -92,13 +204,19 @@ class DiffusersVideoVAE(nn.Module):
     @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:
         """Raw latents z [B, C, t, h, w] -> video [B, 3, T, H, W] in ~[-1, 1]."""
-        return self.vae.decode(z.to(self.vae.dtype)).sample.float()
+        kw = {}
+        if getattr(self.vae.config, "timestep_conditioning", False):
+            # LTX 0.9.1+ decoders are timestep-conditioned; 0 = decode a clean latent, the
+            # diffusers pipeline's default decode_timestep.
+            kw["temb"] = torch.zeros(z.shape[0], device=z.device, dtype=self.vae.dtype)
+        return self.vae.decode(z.to(self.vae.dtype), **kw).sample.float()
 
     def normalize(self, z: Tensor) -> Tensor:
-        """(z - mean) / std per channel, the unit-variance space the DiT trains in."""
+        """The family's normalisation: raw -> the unit-variance space the DiT trains in."""
         return (z - self.latent_mean.view(-1, 1, 1, 1)) / self.latent_std.view(-1, 1, 1, 1)
 
     def denormalize(self, z: Tensor) -> Tensor:
+        """Inverse of :meth:`normalize`."""
         return z * self.latent_std.view(-1, 1, 1, 1) + self.latent_mean.view(-1, 1, 1, 1)
 
     def num_params(self) -> int:
@@ -118,26 +236,46 @@ class HFTextEncoder(nn.Module):
     not depend on batch padding. Pass `text_emb=features, text_mask=mask` to WorldModel.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, max_len: int = 128) -> None:
+    def __init__(self, model: nn.Module, tokenizer, max_len: int = 128,
+                 hidden_state: int = -1, source: str | None = None) -> None:
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.max_len = max_len
-        self.dim = int(getattr(model.config, "d_model", None) or model.config.hidden_size)
+        self.hidden_state = hidden_state
+        self.source = source
+        self.dim = text_encoder_dim(model.config.to_dict())
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, max_len: int = 128, dtype=None):
-        """Model and tokenizer from one local folder (no network access)."""
+    def from_pretrained(cls, path: str | Path, max_len: int = 128, dtype=None,
+                        tokenizer: str | Path | None = None,
+                        hidden_state: int = -1) -> "HFTextEncoder":
+        """Model (and tokenizer, from ``tokenizer`` or the same folder) from local folders;
+        ``hidden_state``: which layer's output (-1 the last, -2 the penultimate CLIP users
+        take, ...). No network access."""
         import transformers as tr
 
-        path = _local_dir(path)
-        cfg = tr.AutoConfig.from_pretrained(path, local_files_only=True)
+        folder = local_model_dir(path, "text encoder")
+        read_component_config(folder, "text encoder")
+        cfg = tr.AutoConfig.from_pretrained(str(folder), local_files_only=True)
         kind = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel",
                 "clip": "CLIPTextModel", "clip_text_model": "CLIPTextModel"}.get(cfg.model_type)
         model_cls = getattr(tr, kind) if kind else tr.AutoModel
-        model = model_cls.from_pretrained(path, local_files_only=True, dtype=dtype)
-        tok = tr.AutoTokenizer.from_pretrained(path, local_files_only=True)
-        return cls(model, tok, max_len)
+        model = model_cls.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
+        tok_dir = local_model_dir(tokenizer, "tokenizer") if tokenizer else folder
+        # transformers 5 silently builds an *empty* T5 tokenizer from a folder without
+        # tokenizer files; require them so prompts are never tokenised by a blank vocabulary.
+        if not any((tok_dir / f).is_file() for f in _TOKENIZER_FILES):
+            raise FileNotFoundError(
+                f"no tokenizer in {tok_dir} (none of {', '.join(_TOKENIZER_FILES)}); pass "
+                "model.text_encoder.tokenizer=<folder with the tokenizer files>")
+        try:
+            tok = tr.AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+        except (OSError, ValueError, TypeError) as e:
+            raise FileNotFoundError(
+                f"no tokenizer in {tok_dir} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                "pass model.text_encoder.tokenizer=<folder with the tokenizer files>") from None
+        return cls(model, tok, max_len, hidden_state, source=str(folder))
 
     def train(self, mode: bool = True) -> "HFTextEncoder":
         super().train(mode)
@@ -151,7 +289,11 @@ class HFTextEncoder(nn.Module):
         tok = self.tokenizer(list(texts), padding="max_length", truncation=True,
                              max_length=self.max_len, return_tensors="pt")
         ids, mask = tok["input_ids"].to(dev), tok["attention_mask"].to(dev).bool()
-        out = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        want_all = self.hidden_state != -1
+        res = self.model(input_ids=ids, attention_mask=mask.long(),
+                         output_hidden_states=want_all)
+        out = res.hidden_states[self.hidden_state] if want_all else res.last_hidden_state
+        out = out.float()
         return out * mask[..., None].to(out.dtype), mask
 
     def num_params(self) -> int:
