@@ -96,10 +96,13 @@ def encode_latent_shards(
     num_workers: int = 0,
     seed: int = 0,
     resume: bool = True,
+    provenance: dict | None = None,
 ) -> dict:
     """Encode every usable sample of ``shards`` into latent shards in ``out_dir``; returns the
     latent manifest. ``encode`` gets uint8 ``[B, 3, T, H, W]`` on CPU and returns float
-    ``[B, C, t, h, w]`` (any device); it runs under ``torch.no_grad()``."""
+    ``[B, C, t, h, w]`` (any device); it runs under ``torch.no_grad()``. ``provenance``
+    (e.g. ``{"autoencoder": {...}, "text_encoder": {"path", "sha256", "max_len"}}``) is
+    written into the manifest, so training refuses embeddings of another encoder."""
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
     urls = resolve_shards(shards)
@@ -111,7 +114,8 @@ def encode_latent_shards(
     clip = {"num_frames": num_frames, "frame_stride": frame_stride, "fps": fps,
             "resolution": list(resolution), "position": position, "crop": crop, "seed": seed}
     journal = Journal(out / JOURNAL, {"shards": names, "clip": clip, "dtype": dtype,
-                                      "text": text_encode is not None})
+                                      "text": text_encode is not None,
+                                      "provenance": provenance or {}})
     previous = journal.records() if resume else None
     if previous is None:
         journal.start()
@@ -192,5 +196,5 @@ def encode_latent_shards(
         out, [r["shard"] for r in kept], [r["count"] for r in kept],
         [{**s, "shard": r["shard"]} for r in kept for s in r["samples"]],
         input="latent", latent_shape=list(shapes.pop()) if len(shapes) == 1 else None, dtype=dtype,
-        clip=clip, skipped_reasons=reasons, skipped=[[r["shard"], *s] for r in records for s in r["skips"]],
+        clip=clip, **(provenance or {}), skipped_reasons=reasons, skipped=[[r["shard"], *s] for r in records for s in r["skips"]],
     )

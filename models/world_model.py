@@ -14,6 +14,8 @@ passes them in; this module only applies them:
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -27,22 +29,27 @@ __all__ = ["WorldModel"]
 class WorldModel(nn.Module):
     """Text encoder + latent video DiT: velocity of noisy latents given text and controls."""
 
-    def __init__(self, dit_args: DiTArgs, text_args: TextEncoderArgs) -> None:
+    def __init__(self, dit_args: DiTArgs, text_args: Optional[TextEncoderArgs]) -> None:
+        """``text_args=None``: no built-in text encoder; text comes as features (``text_emb``)
+        from a frozen pretrained encoder that lives outside the trained module."""
         super().__init__()
-        if dit_args.text_dim != text_args.dim:
+        if text_args is not None and dit_args.text_dim != text_args.dim:
             raise ValueError(
                 f"dit.text_dim ({dit_args.text_dim}) must equal text.dim ({text_args.dim})"
             )
-        self.tokenizer = ByteTokenizer()  # plain attribute: no state, nothing to checkpoint
-        self.text_encoder = TextEncoder(text_args)
+        # Plain attributes: no state, nothing to checkpoint.
+        self.tokenizer = ByteTokenizer() if text_args is not None else None
+        self.text_encoder = TextEncoder(text_args) if text_args is not None else None
         self.dit = VideoDiT(dit_args)
-        self.null_text = nn.Parameter(torch.empty(text_args.dim))
+        self.null_text = nn.Parameter(torch.empty(
+            text_args.dim if text_args is not None else dit_args.text_dim))
         self._init_custom()
 
     def init_weights(self) -> None:
         """Re-initialize every parameter from scratch in construction order (text encoder,
         DiT, then the null text embedding), so the RNG draws match eager construction."""
-        self.text_encoder.init_weights()
+        if self.text_encoder is not None:
+            self.text_encoder.init_weights()
         self.dit.init_weights()
         self._init_custom()
 
@@ -86,6 +93,9 @@ class WorldModel(nn.Module):
         """
         b = x_t.shape[0]
         if text_emb is None and text_ids is not None:
+            if self.text_encoder is None:
+                raise ValueError("this world model takes text features (text_emb) from a "
+                                 "pretrained encoder, not token ids")
             text_emb = self.encode_text(text_ids, text_mask)
         if text_emb is None:  # no text at all: one null token per sample
             text_emb = self.null_text.view(1, 1, -1).expand(b, 1, -1)
@@ -110,6 +120,7 @@ class WorldModel(nn.Module):
     ) -> float:
         """Training FLOPs (fwd + bwd) per sample: DiT (see VideoDiT.flops_per_sample) plus the
         text encoder over `text_len` tokens (drop the latter when text features are cached)."""
-        return self.dit.flops_per_sample(
-            latent_shape, text_len
-        ) + self.text_encoder.flops_per_sample(text_len)
+        dit = self.dit.flops_per_sample(latent_shape, text_len)
+        if self.text_encoder is None:  # frozen external encoder: no training FLOPs here
+            return dit
+        return dit + self.text_encoder.flops_per_sample(text_len)

@@ -1,4 +1,6 @@
-"""Encode pixel shards once into latent shards with a trained Worldline autoencoder.
+"""Encode pixel shards once into latent shards with a trained Worldline autoencoder or a
+pretrained diffusers VAE (``--vae``), and optionally cache caption embeddings of a
+pretrained text encoder (``--text-encoder``).
 
 Example (tiny, CPU)::
 
@@ -30,6 +32,33 @@ def load_autoencoder(checkpoint: str, device: str = "cpu") -> torch.nn.Module:
     return load(checkpoint)[0].to(device)
 
 
+def _encoders(args: argparse.Namespace) -> tuple[torch.nn.Module, object, dict]:
+    """(autoencoder, text encode callable or None, provenance for the manifest)."""
+    from worldline.models.adapters import DiffusersVideoVAE, HFTextEncoder, folder_fingerprint
+
+    if bool(args.checkpoint) == bool(args.vae):
+        raise SystemExit("worldline-encode-latents: give exactly one of --checkpoint "
+                         "(a Worldline autoencoder run) or --vae (a diffusers VAE folder)")
+    provenance: dict = {}
+    if args.vae:
+        ae = DiffusersVideoVAE.from_pretrained(args.vae).to(args.device)
+        provenance["autoencoder"] = {**folder_fingerprint(args.vae), "class": ae.family}
+    else:
+        ae = load_autoencoder(args.checkpoint, args.device)
+        provenance["autoencoder"] = {"checkpoint": str(args.checkpoint)}
+    text = None
+    if args.text_encoder:
+        enc = HFTextEncoder.from_pretrained(args.text_encoder, max_len=args.text_max_len,
+                                            tokenizer=args.tokenizer,
+                                            hidden_state=args.hidden_state).to(args.device)
+        provenance["text_encoder"] = {
+            **folder_fingerprint(args.text_encoder), "max_len": args.text_max_len,
+            "hidden_state": args.hidden_state, "dim": enc.dim,
+            "tokenizer": str(args.tokenizer) if args.tokenizer else None}
+        text = enc
+    return ae, text, provenance
+
+
 def autoencoder_encoder(ae: torch.nn.Module, device: str = "cpu"):
     """``encode(video_u8 [B, 3, T, H, W]) -> posterior mean [B, C, t, h, w]``."""
 
@@ -46,7 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="worldline-encode-latents", description=__doc__.split("\n\n")[0])
     p.add_argument("shards", help="pixel shards: dataset dir, manifest.json, brace pattern or list")
     p.add_argument("out", help="output folder for latent shards")
-    p.add_argument("--checkpoint", required=True, help="autoencoder run dir or checkpoint dir")
+    p.add_argument("--checkpoint", help="Worldline autoencoder run dir or checkpoint dir")
+    p.add_argument("--vae", help="or: a local diffusers video VAE folder (Wan, HunyuanVideo, "
+                   "LTX); latents are stored raw, normalised at training time")
+    p.add_argument("--text-encoder", help="a local transformers text encoder folder: cache "
+                   "caption embeddings + masks (its fingerprint goes into the manifest)")
+    p.add_argument("--tokenizer", help="tokenizer folder when not inside --text-encoder")
+    p.add_argument("--text-max-len", type=int, default=226, help="tokens per caption")
+    p.add_argument("--hidden-state", type=int, default=-1, help="encoder layer (-1: last)")
     p.add_argument("--num-frames", type=int, default=17)
     p.add_argument("--frame-stride", type=int, default=1)
     p.add_argument("--fps", type=float, help="sample at this frame rate instead of a stride")
@@ -64,12 +100,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from worldline.data.latents import encode_latent_shards
 
-    ae = load_autoencoder(args.checkpoint, args.device)
+    try:
+        ae, text, provenance = _encoders(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"worldline-encode-latents: error: {e}", file=sys.stderr)
+        return 2
     manifest = encode_latent_shards(
         args.shards, args.out, autoencoder_encoder(ae, args.device), num_frames=args.num_frames,
         frame_stride=args.frame_stride, fps=args.fps, resolution=tuple(args.resolution),
         position=args.position, crop=args.crop, batch_size=args.batch_size, dtype=args.dtype,
         num_workers=args.workers, seed=args.seed, resume=not args.overwrite,
+        text_encode=text, provenance=provenance,
     )
     print(json.dumps({"out": args.out, "shards": len(manifest["shards"]), "samples": manifest["num_samples"],
                       "latent_shape": manifest["latent_shape"], "skipped": manifest["skipped_reasons"]}))

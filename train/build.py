@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from worldline.train import checkpoint as ckpt_lib
 from worldline.train import hooks as hk
+from worldline.train.components import is_foreign, pretrained_text_encoder, pretrained_vae
 from worldline.train.config import to_container
 from worldline.train.dist import init_distributed, pick_device
 from worldline.train.guard import NonFiniteGuard
@@ -168,6 +169,9 @@ def _frozen_autoencoder(cfg: DictConfig, device: torch.device,
     run gets its latent statistics measured here), ``stage.init_from``, or — resuming — the
     run's own checkpoint (loaded with it)."""
     st = cfg.stage
+    ext = pretrained_vae(cfg, device)
+    if ext is not None:  # a diffusers VAE: its own normalisation, nothing to measure
+        return ext
     # Initialised before loading, as eager construction did: the RNG stream the world model
     # is then initialised from stays what it always was (golden losses depend on it).
     ae = materialize(build_on_meta(lambda: _ae_of(cfg)), device).requires_grad_(False).eval()
@@ -177,6 +181,20 @@ def _frozen_autoencoder(cfg: DictConfig, device: torch.device,
         if key == "model":  # straight from an autoencoder run: no statistics yet
             measure_latent_stats(WorldPipeline(ae), loaders.make(shuffle=False))
     return ae
+
+
+def _attach_text_encoder(pipe: WorldPipeline, cfg: DictConfig, device: torch.device,
+                         loaders: LoaderFactory) -> None:
+    """Give the pipeline its frozen pretrained text encoder. When every clip comes with
+    cached text embeddings it is loaded only if a prompt must be encoded (sampling), so a
+    multi-GB encoder does not occupy memory through training."""
+    if not cfg.model.text_encoder.pretrained:
+        return
+    if loaders.text_cached():
+        log.info("text embeddings are cached: the text encoder loads only to sample")
+        pipe.text_encoder_loader = lambda: pretrained_text_encoder(cfg, device)
+    else:
+        pipe.external_text_encoder = pretrained_text_encoder(cfg, device)
 
 
 def _ae_of(cfg: DictConfig) -> torch.nn.Module:
@@ -193,9 +211,11 @@ def _trained_module(cfg: DictConfig, mesh: Any, dims: ParallelDims, device: torc
     from worldline.train.stages import load_init_weights, zero_init_new_controls
 
     st = cfg.stage
+    flow = st.objective == "flow"
+    # A flow stage's frozen autoencoder is built on its own (_frozen_autoencoder).
     ae, wm = build_models({**to_container(cfg), "stage": {**to_container(cfg)["stage"],
-                                                          "lora": {"enabled": False}}})
-    flow = wm is not None
+                                                          "lora": {"enabled": False}}},
+                          autoencoder=not flow)
     module = wm if flow else ae
     init_from = ckpt_lib.resolve_checkpoint(st.init_from) if st.init_from else None
     new: set[str] = set()
@@ -256,6 +276,7 @@ def build_trainer(cfg: DictConfig) -> Trainer:
     module, model, new = _trained_module(cfg, mesh, dims, device, precision)
     if flow:
         pipe = WorldPipeline(frozen, module, pipeline_settings(cfg))
+        _attach_text_encoder(pipe, cfg, device, loaders)
         objective: Any = FlowObjective(cfg.stage, cfg.run.seed, lambda: loaders.clip_shape)
     else:
         pipe = WorldPipeline(module, None, pipeline_settings(cfg))
@@ -279,7 +300,8 @@ def build_trainer(cfg: DictConfig) -> Trainer:
     parts: dict[str, Any] = {}
     if ema is not None:
         parts["ema"] = ema
-    if frozen is not None:
+    if frozen is not None and not is_foreign(frozen):
+        # A pretrained VAE is re-read from its folder (fingerprinted), not checkpointed.
         parts["autoencoder"] = frozen
     parts.update(getattr(objective, "auxiliary", {}))
     checkpoint = RunCheckpoint(

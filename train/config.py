@@ -62,13 +62,41 @@ class RunConfig:
 
 
 @dataclass
+class PretrainedVAEConfig:
+    """A frozen diffusers video VAE from a local folder instead of Worldline's autoencoder
+    (AutoencoderKLWan, AutoencoderKLHunyuanVideo, AutoencoderKLLTXVideo: class, latent
+    normalisation and compression are read from the folder)."""
+
+    pretrained: Optional[str] = None
+    tiling: bool = False  # diffusers' tiled encode/decode: large frames in bounded memory
+    slicing: bool = False  # encode/decode one clip of the batch at a time
+    # Weights dtype; null: bf16 on GPU, fp32 on CPU.
+    dtype: Optional[str] = None
+
+
+@dataclass
+class PretrainedTextConfig:
+    """A frozen transformers text encoder (T5/UMT5 encoder, CLIP text) from a local folder
+    instead of the built-in byte-level encoder; model.dit.text_dim follows its width."""
+
+    pretrained: Optional[str] = None
+    tokenizer: Optional[str] = None  # folder with the tokenizer files; null: `pretrained`
+    max_len: Optional[int] = None  # tokens per prompt; null: model.text.max_len
+    hidden_state: int = -1  # which layer's output: -1 last, -2 penultimate, ...
+    dtype: Optional[str] = None  # null: bf16 on GPU, fp32 on CPU
+
+
+@dataclass
 class ModelConfig:
-    """One model size: the autoencoder, the latent DiT and the built-in text encoder."""
+    """One model size: the autoencoder, the latent DiT and the built-in text encoder, or
+    pretrained components from local folders (vae, text_encoder)."""
 
     name: str = MISSING
     autoencoder: AutoencoderArgs = field(default_factory=AutoencoderArgs)
     dit: DiTArgs = field(default_factory=DiTArgs)
     text: TextEncoderArgs = field(default_factory=TextEncoderArgs)
+    vae: PretrainedVAEConfig = field(default_factory=PretrainedVAEConfig)
+    text_encoder: PretrainedTextConfig = field(default_factory=PretrainedTextConfig)
     # The largest clip this model is meant for ([height, width] in pixels, frames): the DiT's
     # RoPE has no hard limit, but attention memory and the position range a checkpoint was
     # trained on do. Data shapes and buckets above it are rejected. null: no limit.

@@ -30,6 +30,12 @@ class LoaderFactory:
         #: (num_frames, height, width) of the current resolution phase.
         self.clip_shape: tuple[int, int, int] = (d.num_frames, *d.resolution)
 
+    def text_cached(self) -> bool:
+        """Whether the training data are latent shards with cached text embeddings."""
+        from worldline.train.components import latent_manifest
+
+        return bool((latent_manifest(self.cfg) or {}).get("text_encoder"))
+
     def data(self, over: Optional[dict] = None) -> DictConfig:
         """``data.*`` with ``over`` merged in (phase sizes, validation or prior shards)."""
         return OmegaConf.merge(self.cfg.data, over or {}) if over else self.cfg.data

@@ -52,9 +52,16 @@ class WorldPipeline:
     ``world_model`` is None for an autoencoder-only pipeline (the autoencoder stage)."""
 
     def __init__(self, autoencoder: nn.Module, world_model: Optional[nn.Module] = None,
-                 settings: Optional[PipelineSettings] = None) -> None:
+                 settings: Optional[PipelineSettings] = None,
+                 text_encoder: Optional[nn.Module] = None) -> None:
         self.autoencoder = autoencoder
         self.world_model = world_model
+        #: A frozen pretrained text encoder (models.adapters.HFTextEncoder) when the world
+        #: model has no built-in one; kept outside it, so never trained or sharded.
+        self.external_text_encoder = text_encoder
+        #: Loads the pretrained text encoder on first use, when a run keeps it out of memory
+        #: (text embeddings cached in the data; only sampling needs it).
+        self.text_encoder_loader: Optional[Callable[[], nn.Module]] = None
         self.settings = settings or PipelineSettings()
         #: The module forward passes of the world model go through: the world model itself,
         #: or the DDP/FSDP/DeepSpeed wrapper the Trainer trains it in (set by the Trainer).
@@ -70,7 +77,8 @@ class WorldPipeline:
 
     @property
     def text_encoder(self) -> nn.Module:
-        return self.world_model.text_encoder
+        """The pretrained text encoder if there is one, else the world model's built-in."""
+        return self.external_text_encoder or self.world_model.text_encoder
 
     @property
     def device(self) -> torch.device:
@@ -85,6 +93,8 @@ class WorldPipeline:
         out = {"vae": self.autoencoder}
         if self.world_model is not None:
             out["world_model"] = self.world_model
+        if self.external_text_encoder is not None:
+            out["text_encoder"] = self.external_text_encoder
         return out
 
     def to(self, device: torch.device | str | None = None,
@@ -158,13 +168,21 @@ class WorldPipeline:
         return ae.decode(ae.denormalize(latents)).clamp(-1, 1)
 
     def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        """Prompts → token ids and mask [N, L] on the pipeline's device."""
+        """Prompts → token ids and mask [N, L] on the pipeline's device (built-in encoder)."""
+        if self.world_model.tokenizer is None:
+            raise ValueError("this pipeline's text encoder is a pretrained one: use "
+                             "encode_text (it tokenises with its own tokenizer)")
         ids, mask = self.world_model.tokenizer(list(prompts), self.settings.text_max_len)
         return ids.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """Prompts → text features [N, L, text_dim] and mask [N, L]."""
+        if self.external_text_encoder is None and self.text_encoder_loader is not None:
+            self.external_text_encoder = self.text_encoder_loader()
+        if self.external_text_encoder is not None:
+            emb, mask = self.external_text_encoder(list(prompts))
+            return emb.to(self.device), mask.to(self.device)
         ids, mask = self.tokenize(prompts)
         return self.world_model.encode_text(ids, mask), mask
 
@@ -179,6 +197,9 @@ class WorldPipeline:
             if batch.get("text_emb") is not None:
                 out["text_emb"] = batch["text_emb"][:n].to(dev)
                 out["text_mask"] = batch["text_mask"][:n].to(dev).bool()
+            elif self.external_text_encoder is not None or self.text_encoder_loader:
+                out["text_emb"], out["text_mask"] = self.encode_text(
+                    list(batch["caption"])[:n])
             else:
                 out["text_ids"], out["text_mask"] = self.tokenize(list(batch["caption"])[:n])
         acts = batch.get("actions")
@@ -261,7 +282,7 @@ class WorldPipeline:
 
         def velocity(x: Tensor, t: Tensor, drop_text: Tensor, drop_act: Tensor) -> Tensor:
             x_in, t_in, _ = clean_prefix_inputs(x0, x, t, n_pre, mask_channel)
-            return self.velocity(x_in, t_in, {**cond, "text_emb": None}, drop_text=drop_text,
+            return self.velocity(x_in, t_in, cond, drop_text=drop_text,
                                  drop_actions=drop_act, refs=refs)
 
         fn = multi_cfg_velocity(lambda x, t: velocity(x, t, none, none),
@@ -319,8 +340,8 @@ class WorldPipeline:
                                  f"frame), got {cond[k].shape[1]}")
             if cond[k] is not None:
                 cond[k] = cond[k][:, :frames]
-        text = None
-        if cond["text_ids"] is not None:
+        text = cond["text_emb"]
+        if text is None and cond["text_ids"] is not None:
             text = self.world_model.encode_text(cond["text_ids"], cond["text_mask"])
         g = torch.Generator(device=self.device).manual_seed(seed)
         latent_shape = (context.shape[1], context.shape[2] + num_frames, *context.shape[3:])
@@ -359,9 +380,9 @@ class WorldPipeline:
         group."""
         from worldline.train.pipeline_io import load_pipeline
 
-        ae, wm, settings, source = load_pipeline(Path(path), use_ema=use_ema)
-        pipe = cls(ae, wm, settings)
-        pipe.source = source
+        parts = load_pipeline(Path(path), use_ema=use_ema)
+        pipe = cls(parts.autoencoder, parts.world_model, parts.settings, parts.text_encoder)
+        pipe.source = parts.source
         pipe.eval()
         if device is not None or dtype is not None:
             pipe.to(device, dtype)
@@ -372,4 +393,5 @@ class WorldPipeline:
         ``model.safetensors``); LoRA adapters are merged into the saved weights."""
         from worldline.train.pipeline_io import save_pipeline
 
-        return save_pipeline(self.autoencoder, self.world_model, self.settings, Path(path))
+        return save_pipeline(self.autoencoder, self.world_model, self.settings, Path(path),
+                             self.external_text_encoder)

@@ -30,6 +30,15 @@ from worldline.models.text import TextEncoder, TextEncoderArgs
 from worldline.models.world_model import WorldModel
 from worldline.train import checkpoint as ckpt_lib
 from worldline.models.init import build_on_meta
+from worldline.train.components import (
+    is_foreign,
+    load_foreign,
+    pretrained_text_dim,
+    pretrained_text_encoder,
+    pretrained_vae,
+    save_foreign,
+    text_max_len,
+)
 from worldline.train.weights import load_module_weights
 
 log = logging.getLogger(__name__)
@@ -101,12 +110,17 @@ def autoencoder_args(cfg: Any) -> AutoencoderArgs:
     return _args(AutoencoderArgs, _plain(cfg["model"]["autoencoder"]))
 
 
-def world_model_args(cfg: Any) -> tuple[DiTArgs, TextEncoderArgs]:
-    """(DiTArgs, TextEncoderArgs) of a run config, conditioning modules per its stage."""
+def world_model_args(cfg: Any) -> tuple[DiTArgs, Optional[TextEncoderArgs]]:
+    """(DiTArgs, TextEncoderArgs) of a run config, conditioning modules per its stage. With a
+    pretrained text encoder (``model.text_encoder.pretrained``) there is no built-in one
+    (None) and the DiT's ``text_dim`` is the encoder's width."""
     model = _plain(cfg["model"])
     conditions = list(_plain(cfg["stage"]["conditions"]))
-    return (stage_dit_args(_args(DiTArgs, model["dit"]), conditions),
-            _args(TextEncoderArgs, model["text"]))
+    dit = stage_dit_args(_args(DiTArgs, model["dit"]), conditions)
+    ext_dim = pretrained_text_dim({"model": model})
+    if ext_dim is not None:
+        return dataclasses.replace(dit, text_dim=ext_dim), None
+    return dit, _args(TextEncoderArgs, model["text"])
 
 
 def pipeline_settings(cfg: Any) -> PipelineSettings:
@@ -114,14 +128,20 @@ def pipeline_settings(cfg: Any) -> PipelineSettings:
     st, data = _plain(cfg["stage"]), _plain(cfg["data"])
     return PipelineSettings(conditions=list(st["conditions"]),
                             shift=(st.get("flow") or {}).get("shift"),
-                            text_max_len=int(_plain(cfg["model"])["text"]["max_len"]),
+                            text_max_len=text_max_len(_plain(cfg)),
                             sample_size=(int(data["num_frames"]), *map(int, data["resolution"])))
 
 
-def build_models(cfg: Any) -> tuple[VideoAutoencoder, Optional[WorldModel]]:
+def build_models(cfg: Any, autoencoder: bool = True
+                 ) -> tuple[Optional[nn.Module], Optional[WorldModel]]:
     """The autoencoder and (flow stages) the world model of a run config, on the meta device
-    (LoRA adapters injected when the stage trains them)."""
-    ae = build_on_meta(lambda: VideoAutoencoder(autoencoder_args(cfg)))
+    (LoRA adapters injected when the stage trains them). A pretrained VAE
+    (``model.vae.pretrained``) is loaded from its folder instead, on the CPU;
+    ``autoencoder=False`` skips it (None)."""
+    ae = None
+    if autoencoder:
+        ae = pretrained_vae(cfg) or build_on_meta(
+            lambda: VideoAutoencoder(autoencoder_args(cfg)))
     if _plain(cfg["stage"])["objective"] != "flow":
         return ae, None
     dit_args, text_args = world_model_args(cfg)
@@ -138,7 +158,9 @@ def build_models(cfg: Any) -> tuple[VideoAutoencoder, Optional[WorldModel]]:
 
 
 def _materialized(module: nn.Module) -> nn.Module:
-    return module.to_empty(device="cpu")
+    """A meta-built module on the CPU (uninitialised: weights are loaded next); pretrained
+    components are already real."""
+    return module if is_foreign(module) else module.to_empty(device="cpu")
 
 
 def load_autoencoder(path: str | Path, into: Optional[VideoAutoencoder] = None
@@ -157,12 +179,21 @@ def load_autoencoder(path: str | Path, into: Optional[VideoAutoencoder] = None
     return into.requires_grad_(False).eval(), ckpt, key
 
 
-Parts = tuple[VideoAutoencoder, Optional[WorldModel], PipelineSettings, Path]
+@dataclass
+class Parts:
+    """What a pipeline is made of (see :meth:`WorldPipeline.from_pretrained`)."""
+
+    autoencoder: nn.Module
+    world_model: Optional[WorldModel]
+    settings: PipelineSettings
+    source: Path
+    text_encoder: Optional[nn.Module] = None  # a pretrained one, outside the world model
 
 
 def load_pipeline(path: Path, use_ema: bool = True) -> Parts:
-    """(autoencoder, world model or None, settings, source) of a pipeline folder, export,
-    checkpoint or run dir; see :meth:`WorldPipeline.from_pretrained`."""
+    """The parts of a pipeline folder, export, checkpoint or run dir; see
+    :meth:`WorldPipeline.from_pretrained`. Pretrained components a run took from folders are
+    read from those folders again."""
     if (path / MODEL_INDEX).is_file():
         return _load_folder(path)
     ckpt = ckpt_lib.resolve_checkpoint(path)
@@ -172,10 +203,11 @@ def load_pipeline(path: Path, use_ema: bool = True) -> Parts:
     if wm is None:  # an autoencoder run: the trained model is the autoencoder
         used = load_module_weights(ae, ckpt, "model", prefer_ema=use_ema)
     else:
-        load_module_weights(ae, ckpt, "autoencoder", prefer_ema=False)
+        if not is_foreign(ae):
+            load_module_weights(ae, ckpt, "autoencoder", prefer_ema=False)
         used = load_module_weights(_materialized(wm), ckpt, "model", prefer_ema=use_ema)
     log.info("pipeline from %s (%s weights)", ckpt, "EMA" if used else "raw")
-    return ae, wm, settings, ckpt
+    return Parts(ae, wm, settings, ckpt, pretrained_text_encoder(cfg) if wm else None)
 
 
 def _read_component(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -193,20 +225,33 @@ def _load_folder(path: Path) -> Parts:
         raise ValueError(f"{path / MODEL_INDEX}: not a WorldPipeline folder "
                          f"(_class_name={index.get('_class_name')!r})")
     settings = PipelineSettings(**index.get("settings", {}))
-    ae_cfg, ae_sd = _read_component(path / "vae")
-    ae = _materialized(build_on_meta(lambda: VideoAutoencoder(_args(AutoencoderArgs, ae_cfg))))
-    ae.load_state_dict(ae_sd)
-    wm = None
+    if _is_foreign_entry(index["vae"]):
+        ae = load_foreign(path / "vae", index["vae"])
+    else:
+        ae_cfg, ae_sd = _read_component(path / "vae")
+        ae = _materialized(build_on_meta(
+            lambda: VideoAutoencoder(_args(AutoencoderArgs, ae_cfg))))
+        ae.load_state_dict(ae_sd)
+    wm, ext_text = None, None
     if "transformer" in index:
         dit_cfg, dit_sd = _read_component(path / "transformer")
-        text_cfg, text_sd = _read_component(path / "text_encoder")
-        dit_args, text_args = _args(DiTArgs, dit_cfg), _args(TextEncoderArgs, text_cfg)
+        dit_args, text_args = _args(DiTArgs, dit_cfg), None
+        text_sd: dict[str, torch.Tensor] = {}
+        if _is_foreign_entry(index["text_encoder"]):
+            ext_text = load_foreign(path / "text_encoder", index["text_encoder"])
+        else:
+            text_cfg, text_sd = _read_component(path / "text_encoder")
+            text_args = _args(TextEncoderArgs, text_cfg)
         wm = _materialized(build_on_meta(lambda: WorldModel(dit_args, text_args)))
         null = dit_sd.pop("null_text")
         sd = {**{f"dit.{k}": v for k, v in dit_sd.items()},
               **{f"text_encoder.{k}": v for k, v in text_sd.items()}, "null_text": null}
         wm.load_state_dict(sd)
-    return ae, wm, settings, path
+    return Parts(ae, wm, settings, path, ext_text)
+
+
+def _is_foreign_entry(entry: list[str]) -> bool:
+    return entry[0] in ("diffusers", "transformers")
 
 
 def _write_component(folder: Path, args: Any, state: dict[str, torch.Tensor],
@@ -222,12 +267,16 @@ def _write_component(folder: Path, args: Any, state: dict[str, torch.Tensor],
 
 
 def save_pipeline(ae: nn.Module, wm: Optional[nn.Module], settings: PipelineSettings,
-                  path: Path) -> Path:
-    """See :meth:`WorldPipeline.save_pretrained`."""
+                  path: Path, text_encoder: Optional[nn.Module] = None) -> Path:
+    """See :meth:`WorldPipeline.save_pretrained`. Pretrained components (a diffusers VAE, a
+    transformers text encoder) are written in their own libraries' layout."""
     path.mkdir(parents=True, exist_ok=True)
     index: dict[str, Any] = {"_class_name": "WorldPipeline", "_format_version": FORMAT_VERSION,
                              "settings": dataclasses.asdict(settings)}
-    index["vae"] = _write_component(path / "vae", ae.args, ae.state_dict(), type(ae))
+    if is_foreign(ae):
+        index["vae"] = save_foreign(ae, path / "vae")
+    else:
+        index["vae"] = _write_component(path / "vae", ae.args, ae.state_dict(), type(ae))
     if wm is not None:
         from worldline.train.lora import has_lora, merged_state_dict
 
@@ -237,8 +286,11 @@ def save_pipeline(ae: nn.Module, wm: Optional[nn.Module], settings: PipelineSett
                 if k.startswith("text_encoder.")}
         dit["null_text"] = sd["null_text"]
         index["transformer"] = _write_component(path / "transformer", wm.dit.args, dit, VideoDiT)
-        index["text_encoder"] = _write_component(path / "text_encoder", wm.text_encoder.args,
-                                                 text, TextEncoder)
+        if text_encoder is not None:
+            index["text_encoder"] = save_foreign(text_encoder, path / "text_encoder")
+        else:
+            index["text_encoder"] = _write_component(
+                path / "text_encoder", wm.text_encoder.args, text, TextEncoder)
     (path / MODEL_INDEX).write_text(json.dumps(index, indent=1))
     return path
 

@@ -41,6 +41,10 @@ def _check_known_keys(node: Any, prefix: str) -> None:
 def validate(cfg: DictConfig | WorldlineConfig) -> None:
     """Cross-field checks that types cannot express. Raises :class:`ConfigError` naming the key."""
     _check_known_keys(cfg, "")
+    if isinstance(cfg, DictConfig):
+        from worldline.train.components import resolve_pretrained
+
+        resolve_pretrained(cfg)
     _check(cfg.dist.ac_every >= 1, "dist.ac_every", "must be >= 1")
     _check(cfg.dist.replicate >= 1, "dist.replicate", "must be >= 1")
     _check(cfg.dist.cp >= 1, "dist.cp", "must be >= 1")
@@ -82,17 +86,21 @@ def validate(cfg: DictConfig | WorldlineConfig) -> None:
         "model.dit.in_channels",
         f"{dit.in_channels} != model.autoencoder.latent_channels ({ae.latent_channels})",
     )
-    _check(dit.text_dim == cfg.model.text.dim, "model.dit.text_dim",
-           f"{dit.text_dim} != model.text.dim ({cfg.model.text.dim})")
+    _check(dit.text_dim == cfg.model.text.dim or bool(cfg.model.text_encoder.pretrained),
+           "model.dit.text_dim", f"{dit.text_dim} != model.text.dim ({cfg.model.text.dim})")
     _check(dit.hidden_size % dit.num_heads == 0, "model.dit.num_heads",
            f"does not divide model.dit.hidden_size ({dit.hidden_size})")
     if cfg.stage.objective == "flow" and cfg.stage.name != "autoencoder":
         _check(
-            cfg.stage.autoencoder_from is not None or cfg.stage.init_from is not None,
+            cfg.stage.autoencoder_from is not None or cfg.stage.init_from is not None
+            or bool(cfg.model.vae.pretrained),
             "stage.autoencoder_from",
             "a latent stage needs a trained autoencoder: set stage.autoencoder_from=<run dir> "
             "(train one with stage=autoencoder), or run worldline-quickstart",
         )
+    _check(not (cfg.model.vae.pretrained and cfg.stage.objective == "autoencoder"),
+           "model.vae.pretrained", "a pretrained VAE is frozen: the autoencoder stage trains "
+           "Worldline's own autoencoder (drop model.vae.pretrained, or train a latent stage)")
     a = cfg.stage.ae
     if a.gan_start >= 0 or a.perceptual_path:
         _check(cfg.stage.objective == "autoencoder", "stage.ae",

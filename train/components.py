@@ -1,0 +1,217 @@
+"""Pretrained components from local folders: the frozen diffusers video VAE and transformers
+text encoder a run config names (``model.vae.pretrained``, ``model.text_encoder.pretrained``).
+
+They stay outside the trained module: never in the optimizer, never in FSDP's trainable
+shards, never in a run checkpoint (they are re-read from their folders, whose fingerprint
+the run records). In a pipeline folder they are written in their own libraries' layout
+(``vae/`` loads with diffusers, ``text_encoder/`` + ``tokenizer/`` with transformers).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+
+from worldline.models.adapters import (
+    DiffusersVideoVAE,
+    HFTextEncoder,
+    read_component_config,
+    text_encoder_dim,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["pretrained_vae", "pretrained_text_encoder", "pretrained_text_dim",
+           "pretrained_vae_channels", "text_max_len", "save_foreign", "load_foreign",
+           "is_foreign"]
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def _sub(cfg: Any, *keys: str) -> Mapping[str, Any]:
+    node: Any = cfg
+    for k in keys:
+        node = (node.get(k) if hasattr(node, "get") else None) or {}
+    return node
+
+
+def _dtype(name: Optional[str], device: Optional[torch.device]) -> torch.dtype:
+    """The frozen weights' dtype: as configured, else bf16 on GPU (half the memory, the
+    dtype these models ship in) and fp32 on CPU (bf16 matmuls are slow there)."""
+    if name:
+        if name not in _DTYPES:
+            raise ValueError(f"unknown dtype {name!r}; choose from {sorted(_DTYPES)}")
+        return _DTYPES[name]
+    return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
+
+
+def pretrained_vae(cfg: Any, device: Optional[torch.device] = None
+                   ) -> Optional[DiffusersVideoVAE]:
+    """The frozen diffusers VAE of ``model.vae`` on ``device`` (None when not configured)."""
+    v = _sub(cfg, "model", "vae")
+    if not v.get("pretrained"):
+        return None
+    vae = DiffusersVideoVAE.from_pretrained(
+        v["pretrained"], dtype=_dtype(v.get("dtype"), device), tiling=bool(v.get("tiling")),
+        slicing=bool(v.get("slicing")))
+    log.info("frozen VAE %s from %s", vae.family, vae.source)
+    return vae.to(device) if device is not None else vae
+
+
+def text_max_len(cfg: Any) -> int:
+    """Tokens per prompt: ``model.text_encoder.max_len``, else ``model.text.max_len``."""
+    te = _sub(cfg, "model", "text_encoder")
+    return int(te.get("max_len") or _sub(cfg, "model", "text")["max_len"])
+
+
+def pretrained_text_encoder(cfg: Any, device: Optional[torch.device] = None
+                            ) -> Optional[HFTextEncoder]:
+    """The frozen transformers text encoder of ``model.text_encoder`` (None when not set)."""
+    te = _sub(cfg, "model", "text_encoder")
+    if not te.get("pretrained"):
+        return None
+    enc = HFTextEncoder.from_pretrained(
+        te["pretrained"], max_len=text_max_len(cfg), dtype=_dtype(te.get("dtype"), device),
+        tokenizer=te.get("tokenizer"), hidden_state=int(te.get("hidden_state", -1)))
+    log.info("frozen text encoder %s from %s (dim %d)", type(enc.model).__name__, enc.source,
+             enc.dim)
+    return enc.to(device) if device is not None else enc
+
+
+def pretrained_text_dim(cfg: Any) -> Optional[int]:
+    """Feature width of the configured text encoder, read from its config.json (no load)."""
+    path = _sub(cfg, "model", "text_encoder").get("pretrained")
+    return text_encoder_dim(read_component_config(path, "text encoder")) if path else None
+
+
+def pretrained_vae_channels(path: str | Path) -> int:
+    """Latent channels of a diffusers video VAE folder, read from its config.json."""
+    c = read_component_config(path, "VAE")
+    n = c.get("z_dim") or c.get("latent_channels")
+    if not n:
+        raise ValueError(f"{path}/config.json has neither z_dim nor latent_channels")
+    return int(n)
+
+
+def is_foreign(module: nn.Module) -> bool:
+    """Whether ``module`` is a pretrained component kept in its own library's format."""
+    return isinstance(module, (DiffusersVideoVAE, HFTextEncoder))
+
+
+def save_foreign(module: nn.Module, folder: Path) -> list[str]:
+    """Write a pretrained component in its library's layout; the model_index.json entry.
+    A text encoder's tokenizer goes to ``<folder>/../tokenizer`` (diffusers' layout)."""
+    if isinstance(module, DiffusersVideoVAE):
+        module.vae.save_pretrained(str(folder))
+        return ["diffusers", module.family]
+    if isinstance(module, HFTextEncoder):
+        module.model.save_pretrained(str(folder))
+        module.tokenizer.save_pretrained(str(folder.parent / "tokenizer"))
+        (folder / "worldline_text.json").write_text(json.dumps(
+            {"max_len": module.max_len, "hidden_state": module.hidden_state}))
+        return ["transformers", type(module.model).__name__]
+    raise TypeError(f"not a pretrained component: {type(module).__name__}")
+
+
+def load_foreign(folder: Path, entry: list[str]) -> nn.Module:
+    """Read back what :func:`save_foreign` wrote (``entry``: its model_index.json entry)."""
+    library = entry[0]
+    if library == "diffusers":
+        return DiffusersVideoVAE.from_pretrained(folder, cls_name=entry[1])
+    if library == "transformers":
+        extra = folder / "worldline_text.json"
+        kw = json.loads(extra.read_text()) if extra.is_file() else {}
+        tok = folder.parent / "tokenizer"
+        return HFTextEncoder.from_pretrained(folder, tokenizer=tok if tok.is_dir() else None,
+                                             **kw)
+    raise ValueError(f"{folder}: unknown component library {library!r}")
+
+
+def vae_compression(path: str | Path) -> tuple[int, int]:
+    """(temporal, spatial) compression of a diffusers video VAE folder from its config.json,
+    as the model itself computes them (LTX derives them from its patching and scaling)."""
+    c = read_component_config(path, "VAE")
+    name = c.get("_class_name")
+    if name == "AutoencoderKLWan":
+        return int(c.get("scale_factor_temporal") or 4), int(c.get("scale_factor_spatial") or 8)
+    if name == "AutoencoderKLHunyuanVideo":
+        return int(c.get("temporal_compression_ratio", 4)), int(c.get("spatial_compression_ratio", 8))
+    if name == "AutoencoderKLLTXVideo":
+        scaled = sum(bool(s) for s in c.get("spatio_temporal_scaling", (True, True, True, False)))
+        return (int(c.get("temporal_compression_ratio") or c.get("patch_size_t", 1) * 2 ** scaled),
+                int(c.get("spatial_compression_ratio") or c.get("patch_size", 4) * 2 ** scaled))
+    raise ValueError(f"{path}/config.json: _class_name is {name!r}, expected a diffusers "
+                     "video VAE (AutoencoderKLWan | AutoencoderKLHunyuanVideo | "
+                     "AutoencoderKLLTXVideo)")
+
+
+def latent_manifest(cfg: Any) -> Optional[dict]:
+    """The manifest of ``data.shards`` when the run trains on cached latents, else None."""
+    d = _sub(cfg, "data")
+    if str(d.get("input")) != "latent" or not d.get("shards"):
+        return None
+    p = Path(str(d["shards"]))
+    p = p / "manifest.json" if p.is_dir() else p
+    return json.loads(p.read_text()) if p.name == "manifest.json" and p.is_file() else None
+
+
+def resolve_pretrained(cfg: Any) -> None:
+    """Fill in what pretrained folders and caches determine, before validation, or fail
+    naming the folder (``cfg`` is updated in place):
+
+    * ``model.vae.pretrained``: the VAE's latent channels and compression become
+      ``model.autoencoder.*`` (so clip-shape checks apply); the DiT's ``in_channels`` must
+      match them.
+    * ``model.text_encoder.pretrained``: ``model.dit.text_dim`` becomes its width.
+    * latent shards with cached text embeddings: their manifest names the encoder; it is
+      used when none is configured, and a configured one must be the same (fingerprint)."""
+    from omegaconf import open_dict
+
+    from worldline.models.adapters import folder_fingerprint
+    from worldline.train.config import ConfigError
+
+    def fail(key: str, msg: str) -> None:
+        raise ConfigError(f"invalid config: {key}: {msg}")
+
+    model = cfg.model
+    with open_dict(model):
+        if model.vae.pretrained:
+            try:
+                tf, sf = vae_compression(model.vae.pretrained)  # checks the class first
+                channels = pretrained_vae_channels(model.vae.pretrained)
+            except (FileNotFoundError, ValueError) as e:
+                fail("model.vae.pretrained", str(e))
+            if int(model.dit.in_channels) != channels:
+                fail("model.dit.in_channels",
+                     f"{model.dit.in_channels} != the latent channels ({channels}) of the VAE "
+                     f"{model.vae.pretrained}")
+            model.autoencoder.latent_channels = channels
+            model.autoencoder.temporal_downsample = tf
+            model.autoencoder.spatial_downsample = sf
+            model.dit.temporal_downsample = tf
+        cached = (latent_manifest(cfg) or {}).get("text_encoder")
+        te = model.text_encoder
+        if cached and not te.pretrained:
+            log.info("text encoder from the latent cache's manifest: %s", cached["path"])
+            te.pretrained = cached["path"]
+            te.max_len = cached.get("max_len")
+            te.hidden_state = cached.get("hidden_state", -1)
+            te.tokenizer = cached.get("tokenizer")
+        elif cached:
+            mine = folder_fingerprint(te.pretrained)
+            if mine["sha256"] != cached["sha256"]:
+                fail("model.text_encoder.pretrained",
+                     f"{mine['path']} (sha256 {mine['sha256'][:12]}) is not the encoder the "
+                     f"cached text embeddings in {cfg.data.shards} were made with: "
+                     f"{cached['path']} (sha256 {cached['sha256'][:12]})")
+        if te.pretrained:
+            try:
+                dim = pretrained_text_dim(cfg)
+            except (FileNotFoundError, ValueError) as e:
+                fail("model.text_encoder.pretrained", str(e))
+            model.dit.text_dim = dim
