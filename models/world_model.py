@@ -18,14 +18,16 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from worldline.models.dit import DiTArgs, VideoDiT
+from worldline.models.dit import DiTArgs
 from worldline.models.text import ByteTokenizer, TextEncoder, TextEncoderArgs
+from worldline.models.wan_dit import build_dit
 
 __all__ = ["WorldModel"]
 
 
 class WorldModel(nn.Module):
-    """Text encoder + latent video DiT: velocity of noisy latents given text and controls."""
+    """Text encoder + latent video DiT (``VideoDiT``, or ``WanDiT`` with
+    ``DiTArgs(arch="wan")``): velocity of noisy latents given text and controls."""
 
     def __init__(self, dit_args: DiTArgs, text_args: TextEncoderArgs) -> None:
         super().__init__()
@@ -35,7 +37,7 @@ class WorldModel(nn.Module):
             )
         self.tokenizer = ByteTokenizer()  # plain attribute: no state, nothing to checkpoint
         self.text_encoder = TextEncoder(text_args)
-        self.dit = VideoDiT(dit_args)
+        self.dit = build_dit(dit_args)  # VideoDiT or WanDiT, by dit_args.arch
         self.null_text = nn.Parameter(torch.empty(text_args.dim))
         self._init_custom()
 
