@@ -48,6 +48,7 @@ from worldline.models.dit import (
 )
 from worldline.models.init import reset_default_parameters
 from worldline.models.kv_cache import kv_length
+from worldline.models.wan_io import EXTRA_PREFIXES, load_wan, save_wan
 from worldline.models.wan_layers import (
     FP32LayerNorm,
     PatchEmbed,
@@ -57,9 +58,6 @@ from worldline.models.wan_layers import (
 )
 
 __all__ = ["WanDiT", "build_dit", "EXTRA_PREFIXES"]
-
-# Parameters diffusers does not know (saved to worldline_extra.safetensors), by name prefix.
-EXTRA_PREFIXES = ("control_embed.", "control_proj.", "ref_embed")
 
 
 def build_dit(args: DiTArgs) -> nn.Module:
@@ -309,15 +307,11 @@ class WanDiT(nn.Module):
                        device: torch.device | str = "cpu", **extra) -> "WanDiT":
         """Load a local diffusers WanTransformer3DModel folder; ``extra`` sets Worldline's
         DiTArgs fields (actions, camera, refs, mask_channel, ...). See wan_io.load_wan."""
-        from worldline.models.wan_io import load_wan
-
-        return load_wan(folder, dtype=dtype, device=device, **extra)
+        return load_wan(cls, folder, dtype=dtype, device=device, **extra)
 
     def save_diffusers(self, folder: str | Path, max_shard_bytes: int = 10 << 30) -> Path:
         """Write a diffusers WanTransformer3DModel folder (+ Worldline extras). See
         wan_io.save_wan."""
-        from worldline.models.wan_io import save_wan
-
         return save_wan(self, folder, max_shard_bytes=max_shard_bytes)
 
     def wan_state_dict(self) -> dict[str, Tensor]:

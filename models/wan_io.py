@@ -32,9 +32,11 @@ from torch import Tensor
 from worldline.models.dit import DiTArgs
 
 __all__ = ["dit_args_from_diffusers_config", "diffusers_config", "load_wan", "save_wan",
-           "WAN_CLASS"]
+           "WAN_CLASS", "EXTRA_PREFIXES"]
 
 WAN_CLASS = "WanTransformer3DModel"
+# WanDiT parameters diffusers does not know (saved to worldline_extra.safetensors), by prefix.
+EXTRA_PREFIXES = ("control_embed.", "control_proj.", "ref_embed")
 CONFIG = "config.json"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -164,9 +166,9 @@ def _materialize_meta(module: nn.Module, device: Any, dtype: torch.dtype) -> Non
                                                    requires_grad=t.requires_grad)
 
 
-def load_wan(folder: str | Path, *, dtype: torch.dtype = torch.float32,
+def load_wan(cls: type, folder: str | Path, *, dtype: torch.dtype = torch.float32,
              device: torch.device | str = "cpu", **extra: Any):
-    """WanDiT from a local diffusers WanTransformer3DModel folder.
+    """``cls`` (WanDiT) from a local diffusers WanTransformer3DModel folder.
 
     The Wan part loads strictly (every key, every shape; diffusers' ignored ``norm_added_q``
     aside). Worldline extras come from ``worldline_extra.*`` when present, otherwise they are
@@ -176,7 +178,6 @@ def load_wan(folder: str | Path, *, dtype: torch.dtype = torch.float32,
     time is spent on a random init of the pretrained part. ``extra`` overrides DiTArgs fields.
     """
     from worldline.models.init import build_on_meta
-    from worldline.models.wan_dit import EXTRA_PREFIXES, WanDiT
 
     p = _check_folder(folder)
     cfg = _read_config(p)
@@ -187,7 +188,7 @@ def load_wan(folder: str | Path, *, dtype: torch.dtype = torch.float32,
                                           mask_in_config=bool(saved.get("mask_channel")))
     sd = _read_weights(p)
     sd = {k: v for k, v in sd.items() if not any(s in k for s in _IGNORED)}
-    model = build_on_meta(lambda: WanDiT(args))
+    model = build_on_meta(lambda: cls(args))
     expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(EXTRA_PREFIXES)}
     pe = "patch_embedding.weight"
     if args.mask_channel and pe in sd and sd[pe].shape[1] + 1 == expected[pe][1]:
@@ -247,8 +248,6 @@ def save_wan(model: nn.Module, folder: str | Path, max_shard_bytes: int = 10 << 
     beyond ``max_shard_bytes``), and worldline_extra.json (+ .safetensors when the model has
     extras). Returns the folder."""
     from safetensors.torch import save_file
-
-    from worldline.models.wan_dit import EXTRA_PREFIXES
 
     p = Path(folder)
     p.mkdir(parents=True, exist_ok=True)
