@@ -60,13 +60,15 @@ def dit_args_from_diffusers_config(cfg: dict[str, Any], **extra: Any) -> DiTArgs
     if mask and mask_in_config:
         in_ch -= 1
     out_ch = int(cfg.get("out_channels") or in_ch + int(mask and mask_in_config))
-    heads, head_dim = int(cfg.get("num_attention_heads", 40)), int(cfg.get("attention_head_dim", 128))
+    heads = int(cfg.get("num_attention_heads", 40))
+    head_dim = int(cfg.get("attention_head_dim", 128))
     base = dict(
         arch="wan", in_channels=in_ch, out_channels=out_ch,
         patch_size=[int(p) for p in cfg.get("patch_size", (1, 2, 2))],
         hidden_size=heads * head_dim, depth=int(cfg.get("num_layers", 40)), num_heads=heads,
         text_dim=int(cfg.get("text_dim", 4096)), freq_dim=int(cfg.get("freq_dim", 256)),
-        ffn_dim=int(cfg.get("ffn_dim", 13824)), cross_attn_norm=bool(cfg.get("cross_attn_norm", True)),
+        ffn_dim=int(cfg.get("ffn_dim", 13824)),
+        cross_attn_norm=bool(cfg.get("cross_attn_norm", True)),
         qk_norm=cfg.get("qk_norm", "rms_norm_across_heads") is not None,
         eps=float(cfg.get("eps", 1e-6)), image_dim=int(cfg.get("image_dim") or 0),
         added_kv_proj_dim=int(cfg.get("added_kv_proj_dim") or 0),
@@ -189,7 +191,8 @@ def load_wan(cls: type, folder: str | Path, *, dtype: torch.dtype = torch.float3
     sd = _read_weights(p)
     sd = {k: v for k, v in sd.items() if not any(s in k for s in _IGNORED)}
     model = build_on_meta(lambda: cls(args))
-    expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(EXTRA_PREFIXES)}
+    state = model.state_dict()
+    expected = {k: v.shape for k, v in state.items() if not k.startswith(EXTRA_PREFIXES)}
     pe = "patch_embedding.weight"
     if args.mask_channel and pe in sd and sd[pe].shape[1] + 1 == expected[pe][1]:
         sd[pe] = torch.cat([sd[pe], sd[pe].new_zeros(sd[pe][:, :1].shape)], dim=1)
@@ -197,16 +200,16 @@ def load_wan(cls: type, folder: str | Path, *, dtype: torch.dtype = torch.float3
     unexpected = sorted(set(sd) - set(expected))
     bad = sorted(k for k in set(sd) & set(expected) if tuple(sd[k].shape) != tuple(expected[k]))
     if missing or unexpected or bad:
-        raise ValueError(
-            f"{str(p)!r} does not match its config.json: missing {missing[:8]}, unexpected "
-            f"{unexpected[:8]}, shape mismatch {[(k, tuple(sd[k].shape), tuple(expected[k])) for k in bad[:8]]}")
+        shapes = [(k, tuple(sd[k].shape), tuple(expected[k])) for k in bad[:8]]
+        raise ValueError(f"{str(p)!r} does not match its config.json: missing {missing[:8]}, "
+                         f"unexpected {unexpected[:8]}, shape mismatch {shapes}")
     extras: dict[str, Tensor] = {}
     if (p / EXTRA_WEIGHTS).is_file():
         from safetensors.torch import load_file
 
         extras = load_file(str(p / EXTRA_WEIGHTS))
-        want = {k: v.shape for k, v in model.state_dict().items() if k.startswith(EXTRA_PREFIXES)}
-        wrong = sorted(k for k in extras if k not in want or tuple(extras[k].shape) != tuple(want[k]))
+        want = {k: tuple(v.shape) for k, v in state.items() if k.startswith(EXTRA_PREFIXES)}
+        wrong = sorted(k for k in extras if want.get(k) != tuple(extras[k].shape))
         if wrong:
             raise ValueError(f"{str(p / EXTRA_WEIGHTS)!r}: {wrong[:8]} do not fit the requested "
                              f"DiTArgs (changed controls/refs?)")

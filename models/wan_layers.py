@@ -1,9 +1,9 @@
 """Layers of the Wan-architecture DiT (``models/wan_dit.py``), with diffusers' parameter names.
 
-Each class mirrors one piece of diffusers' ``transformer_wan.py`` (WanAttention, WanTransformerBlock,
-WanTimeTextImageEmbedding, ...) so that state dicts match key for key, but runs through
-Worldline's attention dispatch, RoPE and per-frame modulation. Norms, modulation and residuals
-stay in fp32 where diffusers keeps them in fp32.
+Each class mirrors one piece of diffusers' ``transformer_wan.py`` (WanAttention,
+WanTransformerBlock, WanTimeTextImageEmbedding, ...) so that state dicts match key for key,
+but runs through Worldline's attention dispatch, RoPE and per-frame modulation. Norms,
+modulation and residuals stay in fp32 where diffusers keeps them in fp32.
 """
 
 from __future__ import annotations
