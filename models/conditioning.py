@@ -79,7 +79,8 @@ class ConditionEmbedder(nn.Module):
     Args (the DiT passes its DiTArgs fields): hidden_size D; freq_dim of the sinusoidal
     timestep features; temporal_downsample tf (pixel frames per latent frame);
     num_action_slots S and num_actions (discrete actions, S = 0 disables) or action_dim
-    (continuous, 0 disables); camera_dim (0 disables).
+    (continuous, 0 disables); camera_dim (0 disables); timestep=False drops the timestep
+    MLP, leaving :meth:`add_controls` (the controls alone, for WanDiT).
     """
 
     def __init__(
@@ -92,6 +93,7 @@ class ConditionEmbedder(nn.Module):
         num_actions: int = 5,
         action_dim: int = 0,
         camera_dim: int = 0,
+        timestep: bool = True,
     ) -> None:
         super().__init__()
         if num_action_slots > 0 and action_dim > 0:
@@ -101,7 +103,9 @@ class ConditionEmbedder(nn.Module):
         self.num_action_slots, self.num_actions = num_action_slots, num_actions
         self.action_dim, self.camera_dim = action_dim, camera_dim
         # Attribute order is construction order, which init replay relies on (models/init.py).
-        self.t_mlp = nn.Sequential(nn.Linear(freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        # timestep=False keeps only the controls (WanDiT embeds time with diffusers' layers).
+        if timestep:
+            self.t_mlp = nn.Sequential(nn.Linear(freq_dim, d), nn.SiLU(), nn.Linear(d, d))
         if num_action_slots > 0:
             # One row per (slot, action): the sum over slots is a linear map of the
             # concatenated one-hots, so which sprite did what is kept.
@@ -138,10 +142,22 @@ class ConditionEmbedder(nn.Module):
 
         frame_start > 0 (rollout): the frames are latent frames frame_start.. of a longer video,
         so T_pix = num_frames * tf (no lone first frame)."""
-        fs = frame_start
         if t.dim() == 1:
             t = t[:, None].expand(-1, num_frames)
         c = self.t_mlp(timestep_embedding(t, self.freq_dim).to(self.t_mlp[0].weight.dtype))
+        return self.add_controls(c, actions, camera, drop, frame_start)
+
+    def add_controls(
+        self,
+        c: Tensor,
+        actions: Tensor | None = None,
+        camera: Tensor | None = None,
+        drop: Tensor | None = None,
+        frame_start: int = 0,
+    ) -> Tensor:
+        """c [B, num_frames, D] plus the action and camera embeddings of those frames (their
+        learned nulls when missing or dropped); arguments as in :meth:`forward`."""
+        fs, num_frames = frame_start, c.shape[1]
         keep = None if drop is None else (~drop.bool()).view(-1, 1, 1)
         if self.has_actions:
             e = None

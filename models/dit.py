@@ -74,6 +74,18 @@ class DiTArgs:
     # (diffusion forcing / rollout). forward(frame_causal=...) overrides per call.
     frame_causal: bool = False
     max_refs: int = 0  # reference-image slots (learned ref embeddings); 0 disables refs
+    # Which network: "worldline" = VideoDiT (this file), "wan" = WanDiT (models/wan_dit.py), a
+    # weight-compatible diffusers WanTransformer3DModel. The fields below are read by "wan"
+    # only; 0 means "not present" (diffusers' None), so Hydra's structured configs stay plain.
+    arch: str = "worldline"
+    out_channels: int = 0  # output latent channels; 0 = in_channels (Wan i2v: in 36, out 16)
+    ffn_dim: int = 0  # GELU MLP hidden size; 0 = int(mlp_ratio * hidden_size)
+    cross_attn_norm: bool = True  # affine LayerNorm before the text cross-attention
+    eps: float = 1e-6  # LayerNorm / QK-RMSNorm epsilon
+    image_dim: int = 0  # CLIP image-feature size of Wan i2v (image_embedder); 0 disables
+    added_kv_proj_dim: int = 0  # image K/V projections in cross-attention (Wan i2v); 0 disables
+    pos_embed_seq_len: int = 0  # image_embedder position table (Wan FLF2V); 0 disables
+    rope_max_seq_len: int = 1024  # kept for the diffusers config (our RoPE has no table limit)
 
 
 # ---------------------------------------------------------------------------------------------

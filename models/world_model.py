@@ -20,14 +20,16 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from worldline.models.dit import DiTArgs, VideoDiT
+from worldline.models.dit import DiTArgs
 from worldline.models.text import ByteTokenizer, TextEncoder, TextEncoderArgs
+from worldline.models.wan_dit import build_dit
 
 __all__ = ["WorldModel"]
 
 
 class WorldModel(nn.Module):
-    """Text encoder + latent video DiT: velocity of noisy latents given text and controls."""
+    """Text encoder + latent video DiT (``VideoDiT``, or ``WanDiT`` with
+    ``DiTArgs(arch="wan")``): velocity of noisy latents given text and controls."""
 
     def __init__(self, dit_args: DiTArgs, text_args: Optional[TextEncoderArgs]) -> None:
         """``text_args=None``: no built-in text encoder; text comes as features (``text_emb``)
@@ -40,7 +42,7 @@ class WorldModel(nn.Module):
         # Plain attributes: no state, nothing to checkpoint.
         self.tokenizer = ByteTokenizer() if text_args is not None else None
         self.text_encoder = TextEncoder(text_args) if text_args is not None else None
-        self.dit = VideoDiT(dit_args)
+        self.dit = build_dit(dit_args)  # VideoDiT or WanDiT, by dit_args.arch
         self.null_text = nn.Parameter(torch.empty(
             text_args.dim if text_args is not None else dit_args.text_dim))
         self._init_custom()

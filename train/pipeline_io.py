@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from worldline.models.autoencoder import AutoencoderArgs, VideoAutoencoder
-from worldline.models.dit import DiTArgs, VideoDiT
+from worldline.models.dit import DiTArgs
 from worldline.models.text import TextEncoder, TextEncoderArgs
 from worldline.models.world_model import WorldModel
 from worldline.train import checkpoint as ckpt_lib
@@ -285,7 +285,8 @@ def save_pipeline(ae: nn.Module, wm: Optional[nn.Module], settings: PipelineSett
         text = {k[len("text_encoder."):]: v for k, v in sd.items()
                 if k.startswith("text_encoder.")}
         dit["null_text"] = sd["null_text"]
-        index["transformer"] = _write_component(path / "transformer", wm.dit.args, dit, VideoDiT)
+        index["transformer"] = _write_component(path / "transformer", wm.dit.args, dit,
+                                                 type(wm.dit))
         if text_encoder is not None:
             index["text_encoder"] = save_foreign(text_encoder, path / "text_encoder")
         else:
