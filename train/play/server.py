@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["PlayConfig", "make_app", "STATIC"]
 
+PLAY: web.AppKey = web.AppKey("play", object)
 STATIC = {"/": ("index.html", "text/html"), "/play.js": ("play.js", "text/javascript")}
 
 
@@ -142,7 +143,7 @@ async def _producer(ws: web.WebSocketResponse, session: PlaySession, server: Pla
 
 async def ws_handler(request: web.Request) -> web.WebSocketResponse:
     """One session per connection, or ``busy`` when ``max_sessions`` are running."""
-    server: PlayServer = request.app["play"]
+    server: PlayServer = request.app[PLAY]
     ws = web.WebSocketResponse(max_msg_size=server.cfg.max_message_bytes, heartbeat=30)
     await ws.prepare(request)
     if len(server.sessions) >= server.cfg.max_sessions:
@@ -208,7 +209,7 @@ async def static_handler(request: web.Request) -> web.Response:
 
 
 async def info_handler(request: web.Request) -> web.Response:
-    server: PlayServer = request.app["play"]
+    server: PlayServer = request.app[PLAY]
     return web.json_response({"sessions": len(server.sessions),
                               "max_sessions": server.cfg.max_sessions, "stats": server.stats,
                               "space": server.space.to_json(),
@@ -217,7 +218,7 @@ async def info_handler(request: web.Request) -> web.Response:
 
 async def download_handler(request: web.Request) -> web.Response:
     """A finished recording's file, by its random token (kept in memory, not on disk)."""
-    server: PlayServer = request.app["play"]
+    server: PlayServer = request.app[PLAY]
     files = server.downloads.get(request.match_info["token"])
     name = request.match_info["name"]
     if files is None or name not in files:
@@ -232,7 +233,7 @@ def make_app(pipe: Any, cfg: PlayConfig, contexts: Optional[ContextLibrary],
     """The aiohttp application (``web.run_app(make_app(...))``)."""
     app = web.Application(client_max_size=cfg.max_message_bytes)
     server = PlayServer(pipe, contexts, default, cfg, space or ActionSpace.of(pipe))
-    app["play"] = server
+    app[PLAY] = server
     for path in STATIC:
         app.router.add_get(path, static_handler)
     app.router.add_get("/ws", ws_handler)
