@@ -25,6 +25,7 @@ function update() {
   seq += 1; pressedAt[seq] = performance.now();
   state.actions = acts; state.camera = cam;
   $("actions").textContent = JSON.stringify(acts); $("camera").textContent = JSON.stringify(cam);
+  state.lastSeqSent = seq;
   send({ type: "controls", actions: acts, camera: cam, seq: seq });
 }
 
@@ -80,7 +81,7 @@ function show(p) {
     for (const s of Object.keys(pressedAt)) if (+s <= m.seq) delete pressedAt[s];
     $("latency").textContent = state.latency.toFixed(0);
   }
-  state.lastActions = m.actions; state.index = m.index;
+  state.lastActions = m.actions; state.index = m.index; state.lastSeq = m.seq;
   $("stepms").textContent = m.compute_ms.toFixed(0);
   $("index").textContent = m.index; $("dropped").textContent = m.dropped;
 }
