@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=8, help="past latent frames in the KV cache")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU intra-op threads (default 1: a play step's ops are small, and "
+                        "on the shared 2-core VM 2 threads ran 26x slower; BENCHMARKS.md)")
     p.add_argument("--action-names", help="comma-separated names of the discrete actions")
     p.add_argument("--script", help="headless: actions JSON (sample.actions format)")
     p.add_argument("--out", help="headless: the mp4 to write")
@@ -62,6 +65,9 @@ def _load(args: argparse.Namespace):
     from worldline.train.play.controls import ActionSpace
 
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev == "cpu":  # denormals cost 20x on CPU (BENCHMARKS.md); the Trainer sets it too
+        torch.set_flush_denormal(True)
+        torch.set_num_threads(max(1, args.threads))
     pipe = WorldPipeline.from_pretrained(args.run, device=dev)
     if pipe.world_model is None:
         raise SystemExit(f"worldline-play: {args.run} is an autoencoder; play needs a world model")
