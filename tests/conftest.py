@@ -44,3 +44,11 @@ def data_mixed_dir(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("data_mixed")
     write_shards(samples(), out, samples_per_shard=4)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def play_model(tmp_path_factory) -> dict:
+    """A tiny trained action-conditioned run + its pipeline folder (tests/_play.py)."""
+    from _play import make_play_model
+
+    return make_play_model(tmp_path_factory.mktemp("play_model"))

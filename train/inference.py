@@ -66,7 +66,11 @@ def load_for_inference(cfg: DictConfig, checkpoint: str, use_ema: bool) -> Infer
                 stage[key] = {**stage[key], **off}
         cfg = OmegaConf.merge(cfg, {"model": saved["model"], "stage": stage})
     else:  # a pipeline folder: its settings are all there is
-        cfg = OmegaConf.merge(cfg, {"stage": {"conditions": pipe.settings.conditions}})
+        # Its autoencoder is in the folder: a flow stage's "needs an autoencoder" rule holds.
+        stage = {"conditions": pipe.settings.conditions}
+        if pipe.world_model is not None:
+            stage["autoencoder_from"] = str(path)
+        cfg = OmegaConf.merge(cfg, {"stage": stage})
     validate(cfg)
     info = init_distributed(cfg.dist.timeout_s)  # no-op for one process
     pipe.to(pick_device())

@@ -1,0 +1,192 @@
+"""Stepwise (interactive) world-model rollout: one latent frame per call, controls read per step.
+
+:func:`worldline.models.rollout.rollout` generates a fixed number of frames in one call. An
+interactive player (``worldline-play``) does not know the next action until the user presses
+a key, may change the number of sampling steps or the guidance scale between frames, and never
+knows the length in advance. :class:`RolloutStepper` keeps the same KV cache and does exactly
+the same arithmetic as the cached path of ``rollout`` (so a stepped session with the same
+noise and controls gives bitwise the same latents; tested), but one frame per :meth:`step`.
+
+:class:`StreamDecoder` decodes those latents as they arrive, carrying the autoencoder's causal
+padding state between calls (its chunked decode), so each step costs one latent frame of
+decoding instead of the whole video.
+
+    >>> dit = VideoDiT(DiTArgs(hidden_size=64, depth=2, num_heads=4, text_dim=0,
+    ...                        num_action_slots=1, camera_dim=0, frame_causal=True))
+    >>> st = RolloutStepper(dit, torch.randn(1, 4, 1, 8, 8), window=4, num_steps=4,
+    ...                     context_actions=torch.zeros(1, 1, 1, dtype=torch.long))
+    >>> z = st.step(torch.randn(1, 4, 1, 8, 8), actions=torch.zeros(1, 4, 1, dtype=torch.long))
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from worldline.models.dit import VideoDiT
+from worldline.models.flow import guided_velocity, sampling_schedule
+from worldline.models.rollout import KVCache, _per_frame
+
+__all__ = ["RolloutStepper", "StreamDecoder"]
+
+
+class RolloutStepper:
+    """A KV-cached rollout advanced one latent frame at a time (see the module docstring).
+
+    ``num_steps``, ``shift``, ``text_scale`` and ``action_scale`` are plain attributes: change
+    them between steps. Turning guidance on or off changes the number of batch branches the
+    cache holds, so the cache is then rebuilt from the kept clean frames (at their absolute
+    positions; the result is close to, not bitwise equal to, an uninterrupted session).
+    """
+
+    def __init__(self, dit: VideoDiT, context: Tensor, *, text: Optional[Tensor] = None,
+                 text_mask: Optional[Tensor] = None, null_text: Optional[Tensor] = None,
+                 refs: Optional[Tensor] = None, window: Optional[int] = None,
+                 num_steps: int = 8, shift: float = 1.0, text_scale: float = 1.0,
+                 action_scale: float = 1.0, context_actions: Optional[Tensor] = None,
+                 context_camera: Optional[Tensor] = None) -> None:
+        """``context``: clean latents [B, C, n0, h, w]; ``context_actions`` / ``_camera``: their
+        controls [B, 1 + (n0 - 1) * tf, ...] (rollout's rows for the context frames)."""
+        if dit.args.patch_size[0] != 1:
+            raise ValueError("rollout generates one latent frame per block; needs p_t = 1")
+        self.dit, self.text, self.text_mask, self.null_text = dit, text, text_mask, null_text
+        self.refs, self.window = refs, window
+        self.num_steps, self.shift = num_steps, shift
+        self.text_scale, self.action_scale = text_scale, action_scale
+        self.batch = context.shape[0]
+        # Clean frames the cache covers (with their controls), for a rebuild after a guidance
+        # change; bounded by the window like the cache itself.
+        self._kept: deque = deque(maxlen=window)
+        self._prefill(context, 0, context_actions, context_camera)
+
+    @property
+    def next_frame(self) -> int:
+        """Absolute latent-frame index the next :meth:`step` generates."""
+        return self.cache.next_frame
+
+    @property
+    def guided(self) -> bool:
+        return self.text_scale != 1.0 or self.action_scale != 1.0
+
+    def _branches(self) -> None:
+        """Batch layout for the current guidance: full, text dropped, all dropped (rollout's)."""
+        b, dev = self.batch, self._dev
+        self._nb = 3 if self.guided else 1
+        self._drop_a = torch.zeros(self._nb * b, dtype=torch.bool, device=dev)
+        self._txt, self._tmask = self.text, self.text_mask
+        if self.guided:
+            self._drop_a[2 * b:] = True
+            if self.text is not None:
+                null = self.null_text.to(self.text.dtype).view(1, 1, -1).expand(
+                    2 * b, self.text.shape[1], -1)
+                self._txt = torch.cat([self.text, null], 0)
+                if self.text_mask is not None:
+                    ones = torch.ones_like(self.text_mask.bool()).repeat(2, 1)
+                    self._tmask = torch.cat([self.text_mask.bool(), ones])
+
+    def _rep(self, x: Optional[Tensor]) -> Optional[Tensor]:
+        return None if x is None else x.repeat(self._nb, *([1] * (x.dim() - 1)))
+
+    def _call(self, x: Tensor, t: Tensor, start: int, acts: Optional[Tensor],
+              cam: Optional[Tensor], with_refs: Optional[Tensor] = None, kv: bool = False):
+        """One DiT forward over ``x`` [B, C, n, h, w] at flow times ``t`` [B, n] (rollout's)."""
+        if self.dit.args.mask_channel:  # clean (t = 0) frames are the given ones: mask 1
+            m = (t == 0).to(x.dtype)[:, None, :, None, None].expand(-1, 1, -1, *x.shape[3:])
+            x = torch.cat([x, m], 1)
+            if with_refs is not None:
+                with_refs = torch.cat([with_refs, torch.ones_like(with_refs[:, :, :1])], 2)
+        return self.dit(self._rep(x), self._rep(t), self._txt, self._tmask, self._rep(acts),
+                        self._rep(cam), self._drop_a, frame_causal=True,
+                        refs=self._rep(with_refs), frame_start=start,
+                        past_kv=self.cache.past(), return_kv=kv)
+
+    @torch.no_grad()
+    def _prefill(self, frames: Tensor, start: int, acts: Optional[Tensor],
+                 cam: Optional[Tensor]) -> None:
+        """A fresh cache holding the clean ``frames`` [B, C, n, h, w] at ``start``."""
+        self._dev = frames.device
+        self._branches()
+        self.cache = KVCache(self.window)
+        self.cache.next_frame = start
+        n = frames.shape[2]
+        zeros = torch.zeros(self.batch, n, device=self._dev)
+        _, kvs = self._call(frames, zeros, start, acts, cam, self.refs, kv=True)
+        tok = _per_frame(self.dit, frames)
+        ref_tokens = 0 if self.refs is None else kvs[0][0].shape[2] - n * tok
+        self.cache.append(kvs, n, tok, ref_tokens)
+        tf = self.dit.args.temporal_downsample
+        for i in range(n):  # per frame its own control rows (1 for frame 0, else tf)
+            lo = 0 if start + i == 0 else (1 + (start + i - 1) * tf) - (1 + (start - 1) * tf
+                                                                       if start else 0)
+            rows = 1 if start + i == 0 else tf
+            self._kept.append((frames[:, :, i:i + 1],
+                               None if acts is None else acts[:, lo:lo + rows],
+                               None if cam is None else cam[:, lo:lo + rows]))
+
+    def rebuild(self) -> None:
+        """Re-prefill the cache from the kept frames (after guidance was switched on/off)."""
+        kept = list(self._kept)
+        frames = torch.cat([f for f, _, _ in kept], 2)
+        start = self.cache.next_frame - frames.shape[2]
+        acts, cam = (None if kept[0][j] is None else torch.cat([k[j] for k in kept], 1)
+                     for j in (1, 2))
+        self._kept.clear()
+        self._prefill(frames, start, acts, cam)
+
+    @torch.no_grad()
+    def step(self, noise: Tensor, actions: Optional[Tensor] = None,
+             camera: Optional[Tensor] = None) -> Tensor:
+        """Generate the next latent frame [B, C, 1, h, w] from ``noise`` (same shape) under
+        ``actions`` / ``camera`` [B, tf, ...] (this frame's pixel-frame controls)."""
+        if self._nb != (3 if self.guided else 1):
+            self.rebuild()
+        b, idx = self.batch, self.cache.next_frame
+        ts = sampling_schedule(self.num_steps, self.shift, device=self._dev)
+        x = noise
+        first_refs = self.refs if (self.cache.past() is None and self.refs is not None) else None
+        for s in range(self.num_steps):
+            t_cur = ts[s].expand(b, 1)
+            v = self._call(x, t_cur, idx, actions, camera, first_refs)
+            if self._nb == 3:
+                v = guided_velocity(*v.chunk(3), self.text_scale, self.action_scale)
+            x = x + (ts[s + 1] - ts[s]).to(x.dtype) * v
+        _, kvs = self._call(x, torch.zeros(b, 1, device=self._dev), idx, actions, camera,
+                            first_refs, kv=True)
+        n_tok = _per_frame(self.dit, x)
+        self.cache.append(kvs, 1, n_tok,
+                          kvs[0][0].shape[2] - n_tok if first_refs is not None else 0)
+        self._kept.append((x, actions, camera))
+        return x
+
+
+class StreamDecoder:
+    """Decode normalised latents [B, C, n, h, w] chunk by chunk with the autoencoder's causal
+    state carried between calls: pixel frames [B, 3, T, H, W] in [-1, 1] (1 + (n - 1) * tf
+    for the first call, n * tf after). Equals one whole-video decode up to float rounding.
+
+    The state lives in this object, not in the autoencoder, so several sessions can share one
+    model as long as their calls do not overlap (the player runs them on one worker thread)."""
+
+    def __init__(self, autoencoder: nn.Module) -> None:
+        self.ae = autoencoder
+        self._mods = [m for m in autoencoder.decoder.modules() if hasattr(m, "_stream")]
+        self._state: Optional[list] = None
+
+    def reset(self) -> None:
+        """Forget the carried state (the next call starts a new video)."""
+        self._state = None
+
+    @torch.no_grad()
+    def __call__(self, z: Tensor) -> Tensor:
+        state = self._state or [{} for _ in self._mods]
+        for m, s in zip(self._mods, state):
+            m._stream = s  # the autoencoder's chunked-decode hook (models/autoencoder.py)
+        try:
+            out = self.ae.decoder(self.ae.denormalize(z))
+            self._state = [m._stream for m in self._mods]
+        finally:
+            for m in self._mods:
+                m._stream = None
+        return out.clamp(-1, 1)
