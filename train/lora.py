@@ -26,7 +26,8 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["lora_config", "inject_lora", "lora_state_dict", "merged_state_dict", "has_lora"]
+__all__ = ["lora_config", "inject_lora", "lora_state_dict", "merged_state_dict",
+           "base_state_dict", "has_lora"]
 
 
 def lora_config(cfg: Any):
@@ -84,6 +85,13 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         out[k.replace(".base_layer.", ".")] = v.detach().cpu().contiguous()
     return out
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict of the frozen base under the adapters: PEFT's ``.base_layer.`` names mapped
+    back, every ``lora_`` tensor dropped, nothing merged (what the adapters apply *to*)."""
+    return {k.replace(".base_layer.", "."): v.detach().cpu().contiguous()
+            for k, v in model.state_dict().items() if "lora_" not in k}
 
 
 def has_lora(model: nn.Module) -> bool:
