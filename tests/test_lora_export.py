@@ -145,13 +145,16 @@ def test_a_wrong_base_is_one_clear_error(exported: Path, tmp_path: Path) -> None
     with pytest.raises(LoraBaseMismatch, match="base weights sha256") as e:
         check_lora_base(exported, exported / "merged")  # same shapes, other weights
     assert str(exported) in str(e.value)
-    from worldline.models.dit import DiTArgs, VideoDiT
+    from worldline.models.dit import VideoDiT
     import dataclasses
 
     other = VideoDiT(dataclasses.replace(base.transformer.args, hidden_size=64))
     with pytest.raises(LoraBaseMismatch, match=r"blocks\.0\.attn\.qkv: weight \[192, 64\], "
                                                r"adapter needs \[384, 128\]"):
         check_lora_base(exported, other)
+    shallow = VideoDiT(dataclasses.replace(base.transformer.args, depth=1))
+    with pytest.raises(LoraBaseMismatch, match=r"blocks\.1\.attn\.proj: no such layer"):
+        check_lora_base(exported, shallow)
     # from_pretrained of an adapter whose base_model_name_or_path is another model.
     moved = tmp_path / "adapter"
     moved.mkdir()

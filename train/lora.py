@@ -1,17 +1,21 @@
-"""LoRA fine-tuning of the DiT through PEFT, and its export.
+"""LoRA fine-tuning of the DiT through PEFT.
 
 ``inject_lora`` puts PEFT LoRA layers on the chosen projections of every DiT block
 (``stage.lora.targets``, e.g. ``attn.qkv``, ``mlp.w_down``) and leaves only the adapters
 trainable. A LoRA run's checkpoints hold the frozen base and the adapters;
-:func:`worldline.train.pipeline_io.export_lora` turns one into
+``worldline-lora`` (:func:`worldline.train.lora_export.export_lora`) turns one into
 
-    <out>/lora.safetensors        adapter weights only (PEFT names, e.g. ...lora_A.weight)
-    <out>/adapter_config.json     the PEFT LoraConfig
-    <out>/merged/                 a worldline export folder with W + (alpha/r) B A merged in:
-                                  model.safetensors, autoencoder.safetensors, config.json
-                                  (accepted by worldline-eval / -sample / stage.init_from)
+    <out>/adapter_model.safetensors   PEFT's layout for a PeftModel around the DiT
+                                      (base_model.model.blocks.0.attn.qkv.lora_A.weight)
+    <out>/adapter_config.json         the LoraConfig; base_model_name_or_path = <out>/base
+    <out>/worldline_adapter.json      the base's sha256 + adapted shapes (check_lora_base)
+    <out>/base/                       WorldPipeline folder: the frozen, un-merged base
+    <out>/merged/                     WorldPipeline folder with W + (alpha/r) B A merged in
+                                      (+ config.json: worldline-eval / -sample / init_from)
+    [<out>/pytorch_lora_weights.safetensors]  --format diffusers|both, Wan DiTs only
 
-Example (CLI in scripts/export.py)::
+Here: the PEFT config, injection, and the three state dicts an export needs (adapters,
+merged, base). Example (CLI in scripts/export.py)::
 
     worldline-lora runs/studio-lora --out runs/studio-lora/export
 """

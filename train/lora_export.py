@@ -16,9 +16,10 @@ is applied to the base it was trained on.
                                       source checkpoint and step (what check_lora_base reads)
     DIR/base/                         WorldPipeline folder of the frozen base (adapter-free,
                                       un-merged) the adapter applies to
-    DIR/merged/                       WorldPipeline folder with W + (alpha/r) B A merged in,
-                                      plus config.json (the run config, LoRA off) so
-                                      worldline-eval / -sample / stage.init_from take it as is
+    DIR/merged/                       WorldPipeline folder with W + (alpha/r) B A merged in
+    DIR/{base,merged}/config.json     the run config (LoRA off) beside model_index.json, so
+                                      worldline-eval / -sample evaluate them under the run's
+                                      model and stage settings; stage.init_from takes both
 
 In Python::
 
