@@ -4,7 +4,9 @@
 ``worldline-export`` turns any backend's checkpoint into consolidated safetensors +
 config.json (one process, no process group; DeepSpeed through ``zero_to_fp32``), or with
 ``--pipeline`` into a WorldPipeline folder (``model_index.json`` + one folder per model).
-``worldline-lora`` writes a LoRA run's adapters (PEFT names) and the merged weights.
+``worldline-lora`` writes a LoRA run's adapter in PEFT's layout (``PeftModel.from_pretrained``
+loads it onto ``<out>/base``), optionally diffusers' (Wan DiTs), and ``base/`` + ``merged/``
+pipeline folders; see :mod:`worldline.train.lora_export`.
 
 Examples::
 
@@ -40,16 +42,22 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def lora_main(argv: list[str] | None = None) -> None:
-    """``worldline-lora <run or checkpoint> --out DIR``."""
-    from worldline.train.pipeline_io import export_lora
+    """``worldline-lora <run or checkpoint> --out DIR [--format peft|diffusers|both]``."""
+    from worldline.train.lora_export import FORMATS, export_lora
 
     ap = argparse.ArgumentParser(prog="worldline-lora",
-                                 description="export a LoRA run: adapters + merged weights")
+                                 description="export a LoRA run: PEFT adapter + base/ + merged/")
     ap.add_argument("checkpoint", help="LoRA run dir, its checkpoints/ dir, or a step_<N> dir")
     ap.add_argument("--out", required=True)
     ap.add_argument("--raw", action="store_true", help="raw weights instead of EMA")
+    ap.add_argument("--format", choices=FORMATS, default="peft",
+                    help="adapter layout: PEFT (adapter_model.safetensors), diffusers "
+                         "(pytorch_lora_weights.safetensors; Wan-architecture DiTs only) or both")
     args = ap.parse_args(argv)
-    print(export_lora(args.checkpoint, args.out, use_ema=not args.raw))
+    try:
+        print(export_lora(args.checkpoint, args.out, use_ema=not args.raw, fmt=args.format))
+    except ValueError as e:  # a user error (not a LoRA run, wrong format): one line, no trace
+        ap.exit(2, f"worldline-lora: error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -160,7 +160,7 @@ def test_studio_shards_hold_stills_refs_and_trigger(workflow: Path) -> None:
     assert txt and all(t.startswith("wl-studio style, ") for t in txt)
 
 
-def test_lora_finetune_stops_early_and_exports(workflow: Path) -> None:
+def test_lora_finetune_stops_early_and_exports(workflow: Path, monkeypatch) -> None:
     run_dir = workflow / "studio"
     stop = json.loads((run_dir / "early_stopping.json").read_text())
     assert stop == {"stopped_at_step": 9, "best_step": 4,
@@ -169,14 +169,39 @@ def test_lora_finetune_stops_early_and_exports(workflow: Path) -> None:
     vals = [r for r in read_metrics(run_dir) if "val/val_loss" in r]
     assert [r["step"] for r in vals] == [4, 8]
     export = run_dir / "export"
+    import torch
     from safetensors.torch import load_file
 
-    lora = load_file(str(export / "lora.safetensors"))
-    assert lora and all("lora_A" in k or "lora_B" in k for k in lora)
-    assert json.loads((export / "adapter_config.json").read_text())["r"] == 8
-    merged = load_file(str(export / "merged" / "model.safetensors"))
+    adapter = load_file(str(export / "adapter_model.safetensors"))
+    assert adapter and all(k.startswith("base_model.model.blocks.") and
+                           ("lora_A" in k or "lora_B" in k) for k in adapter)
+    conf = json.loads((export / "adapter_config.json").read_text())
+    assert conf["r"] == 8 and conf["peft_type"] == "LORA"
+    assert Path(conf["base_model_name_or_path"]) == (export / "base").resolve()
+    merged = load_file(str(export / "merged" / "transformer" / "model.safetensors"))
     assert not any("lora_" in k or "base_layer" in k for k in merged)
-    assert "dit.blocks.0.attn.qkv.weight" in merged
+    assert "blocks.0.attn.qkv.weight" in merged
+
+    # The README's Python lines of this section, exactly, from the README's working dir.
+    section = re.search(r"^## Fine-tune on your studio's style\n(.*?)(?=^## )",
+                        README.read_text(), re.S | re.M).group(1)
+    code = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    monkeypatch.chdir(workflow.parent)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    from worldline.train.pipeline import WorldPipeline
+
+    merged_dit = WorldPipeline.from_pretrained(export / "merged").transformer
+    base_dit = WorldPipeline.from_pretrained(export / "base").transformer
+    a = merged_dit.args
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(1, a.in_channels + int(a.mask_channel), 2, 4, 4, generator=g),
+         torch.rand(1, generator=g), torch.randn(1, 3, a.text_dim, generator=g), None)
+    with torch.no_grad():
+        y_peft, y_pipe = scope["dit"](*x), scope["pipe"].transformer(*x)
+        y_merged, y_base = merged_dit(*x), base_dit(*x)
+    assert (y_peft - y_merged).abs().max() <= 1e-5 and (y_pipe - y_merged).abs().max() <= 1e-5
+    assert (y_peft - y_base).abs().max() > 0  # the trained adapter changes the output
 
 
 def test_eval_reports_every_metric(workflow: Path) -> None:

@@ -138,6 +138,12 @@ def is_export(path: Path) -> bool:
     return (Path(path) / "model.safetensors").is_file() and (Path(path) / "config.json").is_file()
 
 
+def is_pipeline_folder(path: Path) -> bool:
+    """A WorldPipeline folder (``model_index.json`` + one folder per model), e.g. the
+    ``base/`` and ``merged/`` folders ``worldline-lora`` writes."""
+    return (Path(path) / "model_index.json").is_file()
+
+
 def is_complete(ckpt: Path) -> bool:
     """A checkpoint is complete when its tensors (DCP metadata, or DeepSpeed's tag dir) and
     train state both exist. Everything is written inside a ``.partial`` dir first anyway."""
@@ -173,7 +179,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """Accept a checkpoint dir, a run dir or a run's ``checkpoints/`` dir; return a complete
     checkpoint dir or raise ``FileNotFoundError`` naming the path."""
     p = Path(path)
-    if p.is_dir() and (is_complete(p) or is_export(p)):
+    if p.is_dir() and (is_complete(p) or is_export(p) or is_pipeline_folder(p)):
         return p
     for root in (p / "checkpoints", p):
         if root.is_dir():
@@ -401,6 +407,9 @@ def checkpoint_keys(ckpt: Path) -> set[str]:
 
     if is_export(ckpt):
         return {f.stem for f in Path(ckpt).glob("*.safetensors")}
+    if is_pipeline_folder(ckpt):
+        index = json.loads((Path(ckpt) / "model_index.json").read_text())
+        return {"autoencoder", *(["model"] if "transformer" in index else [])}
     if is_deepspeed(ckpt):
         extra = torch.load(Path(ckpt) / "extra.pt", weights_only=True)
         return {"model", *extra}

@@ -1,17 +1,21 @@
-"""LoRA fine-tuning of the DiT through PEFT, and its export.
+"""LoRA fine-tuning of the DiT through PEFT.
 
 ``inject_lora`` puts PEFT LoRA layers on the chosen projections of every DiT block
 (``stage.lora.targets``, e.g. ``attn.qkv``, ``mlp.w_down``) and leaves only the adapters
 trainable. A LoRA run's checkpoints hold the frozen base and the adapters;
-:func:`worldline.train.pipeline_io.export_lora` turns one into
+``worldline-lora`` (:func:`worldline.train.lora_export.export_lora`) turns one into
 
-    <out>/lora.safetensors        adapter weights only (PEFT names, e.g. ...lora_A.weight)
-    <out>/adapter_config.json     the PEFT LoraConfig
-    <out>/merged/                 a worldline export folder with W + (alpha/r) B A merged in:
-                                  model.safetensors, autoencoder.safetensors, config.json
-                                  (accepted by worldline-eval / -sample / stage.init_from)
+    <out>/adapter_model.safetensors   PEFT's layout for a PeftModel around the DiT
+                                      (base_model.model.blocks.0.attn.qkv.lora_A.weight)
+    <out>/adapter_config.json         the LoraConfig; base_model_name_or_path = <out>/base
+    <out>/worldline_adapter.json      the base's sha256 + adapted shapes (check_lora_base)
+    <out>/base/                       WorldPipeline folder: the frozen, un-merged base
+    <out>/merged/                     WorldPipeline folder with W + (alpha/r) B A merged in
+                                      (+ config.json: worldline-eval / -sample / init_from)
+    [<out>/pytorch_lora_weights.safetensors]  --format diffusers|both, Wan DiTs only
 
-Example (CLI in scripts/export.py)::
+Here: the PEFT config, injection, and the three state dicts an export needs (adapters,
+merged, base). Example (CLI in scripts/export.py)::
 
     worldline-lora runs/studio-lora --out runs/studio-lora/export
 """
@@ -26,7 +30,8 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["lora_config", "inject_lora", "lora_state_dict", "merged_state_dict", "has_lora"]
+__all__ = ["lora_config", "inject_lora", "lora_state_dict", "merged_state_dict",
+           "base_state_dict", "has_lora"]
 
 
 def lora_config(cfg: Any):
@@ -84,6 +89,13 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         out[k.replace(".base_layer.", ".")] = v.detach().cpu().contiguous()
     return out
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict of the frozen base under the adapters: PEFT's ``.base_layer.`` names mapped
+    back, every ``lora_`` tensor dropped, nothing merged (what the adapters apply *to*)."""
+    return {k.replace(".base_layer.", "."): v.detach().cpu().contiguous()
+            for k, v in model.state_dict().items() if "lora_" not in k}
 
 
 def has_lora(model: nn.Module) -> bool:

@@ -375,12 +375,18 @@ class WorldPipeline:
                         device: torch.device | str | None = None,
                         dtype: Optional[torch.dtype] = None) -> "WorldPipeline":
         """Load a pipeline folder (``model_index.json``), an export folder, a checkpoint
-        (DCP or DeepSpeed, any backend and world size) or a run dir (its latest checkpoint).
+        (DCP or DeepSpeed, any backend and world size), a run dir (its latest checkpoint) or
+        a ``worldline-lora`` folder (its ``base/`` with the PEFT adapter applied as live LoRA
+        layers, after checking the base is the one it was trained on: the adapter stays
+        separable and a wrong base fails loudly; ``<dir>/merged`` is the same model merged).
         EMA weights when the checkpoint has them and ``use_ema``. One process, no process
         group."""
+        from worldline.train.lora_export import is_lora_export, load_lora_export
         from worldline.train.pipeline_io import load_pipeline
 
-        parts = load_pipeline(Path(path), use_ema=use_ema)
+        path = Path(path)
+        parts = (load_lora_export(path) if is_lora_export(path)
+                 else load_pipeline(path, use_ema=use_ema))
         pipe = cls(parts.autoencoder, parts.world_model, parts.settings, parts.text_encoder)
         pipe.source = parts.source
         pipe.eval()

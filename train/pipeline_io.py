@@ -39,13 +39,12 @@ from worldline.train.components import (
     save_foreign,
     text_max_len,
 )
-from worldline.train.weights import load_module_weights
+from worldline.train.weights import load_module_weights, world_model_state
 
 log = logging.getLogger(__name__)
 
 __all__ = ["PipelineSettings", "autoencoder_args", "world_model_args", "pipeline_settings",
-           "build_models", "load_autoencoder", "load_pipeline", "save_pipeline", "export_lora",
-           "MODEL_INDEX"]
+           "build_models", "load_autoencoder", "load_pipeline", "save_pipeline", "MODEL_INDEX"]
 
 CONDITIONS = ("text", "actions", "camera", "refs")
 MODEL_INDEX = "model_index.json"
@@ -243,10 +242,7 @@ def _load_folder(path: Path) -> Parts:
             text_cfg, text_sd = _read_component(path / "text_encoder")
             text_args = _args(TextEncoderArgs, text_cfg)
         wm = _materialized(build_on_meta(lambda: WorldModel(dit_args, text_args)))
-        null = dit_sd.pop("null_text")
-        sd = {**{f"dit.{k}": v for k, v in dit_sd.items()},
-              **{f"text_encoder.{k}": v for k, v in text_sd.items()}, "null_text": null}
-        wm.load_state_dict(sd)
+        wm.load_state_dict(world_model_state(dit_sd, text_sd))
     return Parts(ae, wm, settings, path, ext_text)
 
 
@@ -267,9 +263,12 @@ def _write_component(folder: Path, args: Any, state: dict[str, torch.Tensor],
 
 
 def save_pipeline(ae: nn.Module, wm: Optional[nn.Module], settings: PipelineSettings,
-                  path: Path, text_encoder: Optional[nn.Module] = None) -> Path:
+                  path: Path, text_encoder: Optional[nn.Module] = None,
+                  lora: str = "merge") -> Path:
     """See :meth:`WorldPipeline.save_pretrained`. Pretrained components (a diffusers VAE, a
-    transformers text encoder) are written in their own libraries' layout."""
+    transformers text encoder) are written in their own libraries' layout. A world model
+    with LoRA adapters is written with them merged (``lora="merge"``) or as its frozen base
+    without them (``"base"``)."""
     path.mkdir(parents=True, exist_ok=True)
     index: dict[str, Any] = {"_class_name": "WorldPipeline", "_format_version": FORMAT_VERSION,
                              "settings": dataclasses.asdict(settings)}
@@ -278,9 +277,12 @@ def save_pipeline(ae: nn.Module, wm: Optional[nn.Module], settings: PipelineSett
     else:
         index["vae"] = _write_component(path / "vae", ae.args, ae.state_dict(), type(ae))
     if wm is not None:
-        from worldline.train.lora import has_lora, merged_state_dict
+        from worldline.train.lora import base_state_dict, has_lora, merged_state_dict
 
-        sd = merged_state_dict(wm) if has_lora(wm) else wm.state_dict()
+        if lora not in ("merge", "base"):
+            raise ValueError(f"lora={lora!r}: 'merge' or 'base'")
+        sd = wm.state_dict() if not has_lora(wm) else (
+            merged_state_dict(wm) if lora == "merge" else base_state_dict(wm))
         dit = {k[len("dit."):]: v for k, v in sd.items() if k.startswith("dit.")}
         text = {k[len("text_encoder."):]: v for k, v in sd.items()
                 if k.startswith("text_encoder.")}
@@ -294,43 +296,3 @@ def save_pipeline(ae: nn.Module, wm: Optional[nn.Module], settings: PipelineSett
                 path / "text_encoder", wm.text_encoder.args, text, TextEncoder)
     (path / MODEL_INDEX).write_text(json.dumps(index, indent=1))
     return path
-
-
-def export_lora(checkpoint: str | Path, out: str | Path, use_ema: bool = True) -> Path:
-    """Write lora.safetensors, adapter_config.json and merged/ for a LoRA run's checkpoint."""
-    from omegaconf import OmegaConf
-    from safetensors.torch import save_file
-
-    from worldline.train.lora import lora_config, lora_state_dict, merged_state_dict
-    from worldline.train.weights import consolidated_state
-
-    path = ckpt_lib.resolve_checkpoint(checkpoint)
-    meta = ckpt_lib.read_meta(path)
-    cfg = meta["config"]
-    st = cfg["stage"]
-    if not st.get("lora", {}).get("enabled"):
-        raise ValueError(f"{path} is not a LoRA run (stage.lora.enabled is false)")
-    _, model = build_models(cfg)  # on meta, adapters injected
-    model.to_empty(device="cpu")
-    lcfg = OmegaConf.create(st["lora"])
-    load_module_weights(model, path, "model", prefer_ema=use_ema)
-    out = Path(out)
-    (out / "merged").mkdir(parents=True, exist_ok=True)
-    save_file(lora_state_dict(model), str(out / "lora.safetensors"),
-              metadata={"source": str(path), "rank": str(lcfg.rank), "alpha": str(lcfg.alpha)})
-    pc = lora_config(lcfg).to_dict()
-    (out / "adapter_config.json").write_text(json.dumps(
-        {k: (sorted(v) if isinstance(v, set) else v) for k, v in pc.items()}, indent=1,
-        default=str))
-    save_file(merged_state_dict(model), str(out / "merged" / "model.safetensors"),
-              metadata={"source": str(path)})
-    ae = consolidated_state(path).get("autoencoder")
-    if ae is not None:
-        save_file(ae, str(out / "merged" / "autoencoder.safetensors"))
-    merged_cfg = json.loads(json.dumps(cfg))
-    merged_cfg["stage"]["lora"]["enabled"] = False
-    (out / "merged" / "config.json").write_text(json.dumps({
-        "format": "worldline-export", "config": merged_cfg, "step": meta.get("step"),
-        "source": str(path), "lora_merged": True,
-        "files": sorted(f.name for f in (out / "merged").glob("*.safetensors"))}, indent=1))
-    return out

@@ -1,6 +1,7 @@
 """Weights in and out of every checkpoint format, on one process: DCP checkpoints (single,
-DDP, FSDP; any world size), DeepSpeed ZeRO checkpoints (through ``zero_to_fp32``) and export
-folders (safetensors + config.json). ``worldline-export``, ``worldline-lora``,
+DDP, FSDP; any world size), DeepSpeed ZeRO checkpoints (through ``zero_to_fp32``), export
+folders (safetensors + config.json) and WorldPipeline folders (``model_index.json``, read as
+``{"model", "autoencoder"}``). ``worldline-export``, ``worldline-lora``,
 ``WorldPipeline.from_pretrained``, ``stage.init_from`` and ``stage.autoencoder_from`` all read
 weights here.
 
@@ -22,7 +23,8 @@ import torch
 
 from worldline.train import checkpoint as ckpt_lib
 
-__all__ = ["consolidated_state", "load_module_weights", "saved_param_names", "export"]
+__all__ = ["consolidated_state", "load_module_weights", "saved_param_names", "export",
+           "world_model_state", "pipeline_folder_state"]
 
 
 def _plain(sd: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -38,6 +40,8 @@ def consolidated_state(path: Path) -> dict[str, dict[str, torch.Tensor]]:
         from safetensors.torch import load_file
 
         return {f.stem: load_file(str(f)) for f in sorted(path.glob("*.safetensors"))}
+    if ckpt_lib.is_pipeline_folder(path):
+        return pipeline_folder_state(path)
     if ckpt_lib.is_deepspeed(path):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -56,6 +60,32 @@ def consolidated_state(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {k: _plain(v) for k, v in sd.items()}
 
 
+def world_model_state(dit_sd: dict[str, torch.Tensor],
+                      text_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A WorldModel's state dict from a pipeline folder's transformer/ weights (which carry
+    the world model's ``null_text``) and text_encoder/ weights."""
+    dit_sd = dict(dit_sd)
+    null = dit_sd.pop("null_text")
+    return {**{f"dit.{k}": v for k, v in dit_sd.items()},
+            **{f"text_encoder.{k}": v for k, v in text_sd.items()}, "null_text": null}
+
+
+def pipeline_folder_state(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """A WorldPipeline folder's weights under a checkpoint's keys: ``model`` (the world model;
+    absent for an autoencoder-only pipeline) and ``autoencoder``, so ``stage.init_from`` /
+    ``autoencoder_from`` take pipeline folders (e.g. worldline-lora's ``merged/``) too."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    index = json.loads((path / "model_index.json").read_text())
+    out = {"autoencoder": load_file(str(path / "vae" / "model.safetensors"))}
+    if "transformer" in index:
+        out["model"] = world_model_state(
+            load_file(str(path / "transformer" / "model.safetensors")),
+            load_file(str(path / "text_encoder" / "model.safetensors")))
+    return out
+
+
 def saved_param_names(path: Path, key: str = "model") -> set[str]:
     """Names of the tensors a checkpoint (DCP, DeepSpeed or export folder) holds under key."""
     path = Path(path)
@@ -64,7 +94,7 @@ def saved_param_names(path: Path, key: str = "model") -> set[str]:
 
         with safe_open(str(path / f"{key}.safetensors"), framework="pt") as f:
             return set(f.keys())
-    if ckpt_lib.is_deepspeed(path):
+    if ckpt_lib.is_deepspeed(path) or ckpt_lib.is_pipeline_folder(path):
         return set(consolidated_state(path)[key])
     from torch.distributed.checkpoint import FileSystemReader
 
@@ -81,7 +111,8 @@ def load_module_weights(
     ``prefer_ema`` and the checkpoint holds EMA weights for it (``ema_<key>`` or ``ema``
     for the trained model), overlay those on the parameters. Returns whether EMA was used."""
     ema_key = "ema" if key == "model" else f"ema_{key}"
-    if ckpt_lib.is_export(ckpt) or ckpt_lib.is_deepspeed(ckpt):
+    if ckpt_lib.is_export(ckpt) or ckpt_lib.is_deepspeed(ckpt) or \
+            ckpt_lib.is_pipeline_folder(ckpt):
         parts = consolidated_state(Path(ckpt))
         weights = dict(parts[key])
         used = prefer_ema and ema_key in parts
