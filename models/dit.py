@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -86,6 +87,9 @@ class DiTArgs:
     added_kv_proj_dim: int = 0  # image K/V projections in cross-attention (Wan i2v); 0 disables
     pos_embed_seq_len: int = 0  # image_embedder position table (Wan FLF2V); 0 disables
     rope_max_seq_len: int = 1024  # kept for the diffusers config (our RoPE has no table limit)
+    # A local diffusers WanTransformer3DModel folder to start from (model.dit.pretrained):
+    # its config sets the Wan fields above, its weights initialise the run.
+    pretrained: Optional[str] = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -309,10 +309,12 @@ class WanDiT(nn.Module):
         DiTArgs fields (actions, camera, refs, mask_channel, ...). See wan_io.load_wan."""
         return load_wan(cls, folder, dtype=dtype, device=device, **extra)
 
-    def save_diffusers(self, folder: str | Path, max_shard_bytes: int = 10 << 30) -> Path:
+    def save_diffusers(self, folder: str | Path, max_shard_bytes: int = 10 << 30,
+                       drop_mask_channel: bool = False) -> Path:
         """Write a diffusers WanTransformer3DModel folder (+ Worldline extras). See
         wan_io.save_wan."""
-        return save_wan(self, folder, max_shard_bytes=max_shard_bytes)
+        return save_wan(self, folder, max_shard_bytes=max_shard_bytes,
+                        drop_mask_channel=drop_mask_channel)
 
     def wan_state_dict(self) -> dict[str, Tensor]:
         """The diffusers part of the state dict (everything but EXTRA_PREFIXES)."""

@@ -32,6 +32,7 @@ from torch import Tensor
 from worldline.models.dit import DiTArgs
 
 __all__ = ["dit_args_from_diffusers_config", "diffusers_config", "load_wan", "save_wan",
+           "read_wan_folder_args", "WORLDLINE_FIELDS",
            "WAN_CLASS", "EXTRA_PREFIXES"]
 
 WAN_CLASS = "WanTransformer3DModel"
@@ -45,7 +46,7 @@ EXTRA_WEIGHTS = "worldline_extra.safetensors"
 # diffusers drops these on load (_keys_to_ignore_on_load_unexpected of WanTransformer3DModel).
 _IGNORED = ("norm_added_q",)
 # DiTArgs fields a diffusers config cannot hold; saved in worldline_extra.json.
-_WORLDLINE_FIELDS = ("num_action_slots", "num_actions", "action_dim", "camera_dim",
+WORLDLINE_FIELDS = ("num_action_slots", "num_actions", "action_dim", "camera_dim",
                      "temporal_downsample", "mask_channel", "frame_causal", "max_refs")
 
 
@@ -168,6 +169,19 @@ def _materialize_meta(module: nn.Module, device: Any, dtype: torch.dtype) -> Non
                                                    requires_grad=t.requires_grad)
 
 
+def read_wan_folder_args(folder: str | Path, **extra: Any) -> DiTArgs:
+    """The DiTArgs a diffusers WanTransformer3DModel folder loads as (its config.json, plus
+    a Worldline export's worldline_extra.json), ``extra`` overriding Worldline-only fields;
+    one clear error naming the folder when it is not such a folder."""
+    p = _check_folder(folder)
+    cfg = _read_config(p)
+    saved: dict[str, Any] = {}
+    if (p / EXTRA_JSON).is_file():
+        saved = json.loads((p / EXTRA_JSON).read_text()).get("dit_args", {})
+    return dit_args_from_diffusers_config(cfg, **{**saved, **extra},
+                                          mask_in_config=bool(saved.get("mask_channel")))
+
+
 def load_wan(cls: type, folder: str | Path, *, dtype: torch.dtype = torch.float32,
              device: torch.device | str = "cpu", **extra: Any):
     """``cls`` (WanDiT) from a local diffusers WanTransformer3DModel folder.
@@ -245,11 +259,17 @@ def _shards(sd: dict[str, Tensor], max_bytes: int) -> list[dict[str, Tensor]]:
     return shards
 
 
-def save_wan(model: nn.Module, folder: str | Path, max_shard_bytes: int = 10 << 30) -> Path:
+def save_wan(model: nn.Module, folder: str | Path, max_shard_bytes: int = 10 << 30,
+             drop_mask_channel: bool = False) -> Path:
     """Write ``model`` (a WanDiT) as a diffusers WanTransformer3DModel folder: config.json
     (with ``_class_name``, ``_diffusers_version``), the Wan weights (sharded with an index
     beyond ``max_shard_bytes``), and worldline_extra.json (+ .safetensors when the model has
-    extras). Returns the folder."""
+    extras). Returns the folder.
+
+    ``drop_mask_channel``: write the model without its clean-frame mask input channel
+    (in_channels = latent channels), as ``WanPipeline`` feeds only noisy latents. Exact for
+    text-to-video, where the mask is 0 everywhere; loading it back with ``mask_channel=True``
+    restores a zero column."""
     from safetensors.torch import save_file
 
     p = Path(folder)
@@ -258,10 +278,15 @@ def save_wan(model: nn.Module, folder: str | Path, max_shard_bytes: int = 10 << 
         from diffusers import __version__ as version
     except Exception:  # noqa: BLE001 - diffusers is optional; the field is informational
         version = "0.35.0"
+    drop = drop_mask_channel and model.args.mask_channel
     config = {"_class_name": WAN_CLASS, "_diffusers_version": version,
               **diffusers_config(model.args)}
-    (p / CONFIG).write_text(json.dumps(config, indent=2))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if drop:  # the mask is the last input channel of each patch (see WanDiT.patchify)
+        config["in_channels"] -= 1
+        w = state["patch_embedding.weight"]
+        state["patch_embedding.weight"] = w[:, : w.shape[1] - 1].contiguous()
+    (p / CONFIG).write_text(json.dumps(config, indent=2))
     wan = {k: v for k, v in state.items() if not k.startswith(EXTRA_PREFIXES)}
     extra = {k: v for k, v in state.items() if k.startswith(EXTRA_PREFIXES)}
     for old in [WEIGHTS, WEIGHTS_INDEX, EXTRA_WEIGHTS, *[f.name for f in p.glob(
@@ -283,7 +308,9 @@ def save_wan(model: nn.Module, folder: str | Path, max_shard_bytes: int = 10 << 
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     if extra:
         save_file(extra, str(p / EXTRA_WEIGHTS), metadata=meta)
-    fields = {f: getattr(model.args, f) for f in _WORLDLINE_FIELDS}
+    fields = {f: getattr(model.args, f) for f in WORLDLINE_FIELDS}
+    if drop:
+        fields["mask_channel"] = False
     (p / EXTRA_JSON).write_text(json.dumps(
         {"format": 1, "dit_args": fields, "extra_keys": sorted(extra),
          "note": "Worldline additions to a diffusers WanTransformer3DModel; diffusers ignores "

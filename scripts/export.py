@@ -12,6 +12,7 @@ Examples::
 
     worldline-export runs/world --out runs/world/export
     worldline-export runs/world --out runs/world/pipeline --pipeline
+    worldline-export runs/wan-studio --out exports/wan --format diffusers   # a WanPipeline
     worldline-lora runs/studio-lora --out runs/studio-lora/export
 """
 from __future__ import annotations
@@ -28,8 +29,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pipeline", action="store_true",
                     help="write a WorldPipeline folder (model_index.json + components)")
     ap.add_argument("--raw", action="store_true", help="--pipeline: raw weights, not EMA")
+    ap.add_argument("--format", choices=("worldline", "diffusers"), default="worldline",
+                    help="diffusers: a WanPipeline folder (Wan-architecture runs with a Wan "
+                         "VAE and a transformers text encoder)")
     args = ap.parse_args(argv)
-    if args.pipeline:
+    if args.format == "diffusers":
+        import sys
+
+        from worldline.train.diffusers_export import export_wan_pipeline
+
+        try:
+            out = export_wan_pipeline(args.checkpoint, args.out, use_ema=not args.raw)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"worldline-export: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+    elif args.pipeline:
         from worldline.train.pipeline import WorldPipeline
 
         out = WorldPipeline.from_pretrained(args.checkpoint, use_ema=not args.raw) \

@@ -190,24 +190,3 @@ def test_diffusers_format_needs_a_wan_dit(exported: Path, capsys) -> None:
         lora_main([str(run), "--out", str(exported.parent / "x"), "--format", "diffusers"])
     assert e.value.code == 2
     assert "Wan-architecture DiT" in capsys.readouterr().err
-
-
-def test_both_formats_for_a_wan_dit(exported: Path, monkeypatch) -> None:
-    """The export plumbing of ``--format both`` (the layout itself is checked against
-    diffusers in test_lora_diffusers.py): this DiT posing as arch=wan."""
-    from safetensors import safe_open
-
-    from worldline.models.dit import DiTArgs
-    from worldline.train.lora_export import DIFFUSERS_WEIGHTS
-
-    monkeypatch.setattr(DiTArgs, "arch", "wan", raising=False)
-    out = exported.parent / "both"
-    lora_main([str(exported.parent / "run"), "--out", str(out), "--format", "both"])
-    with safe_open(str(out / ADAPTER_WEIGHTS), framework="pt") as f:
-        peft_keys = set(f.keys())
-    with safe_open(str(out / DIFFUSERS_WEIGHTS), framework="pt") as f:
-        keys, meta = set(f.keys()), f.metadata()
-    assert keys == {"transformer." + k.removeprefix("base_model.model.") for k in peft_keys}
-    conf = json.loads(meta["lora_adapter_metadata"])
-    assert (conf["transformer.r"], conf["transformer.lora_alpha"]) == (4, 12)
-    assert json.loads((out / SIDECAR).read_text())["arch"] == "wan"

@@ -25,7 +25,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from worldline.train import checkpoint as ckpt_lib
 from worldline.train import hooks as hk
-from worldline.train.components import is_foreign, pretrained_text_encoder, pretrained_vae
+from worldline.train.components import (
+    is_foreign,
+    load_pretrained_dit,
+    pretrained_text_encoder,
+    pretrained_vae,
+)
 from worldline.train.config import to_container
 from worldline.train.dist import init_distributed, pick_device
 from worldline.train.guard import NonFiniteGuard
@@ -222,6 +227,8 @@ def _trained_module(cfg: DictConfig, mesh: Any, dims: ParallelDims, device: torc
 
     def load_init() -> None:
         nonlocal new
+        if init_from is None and flow and cfg.model.dit.pretrained:
+            load_pretrained_dit(module, cfg.model.dit.pretrained)
         if init_from is None:
             return
         if flow:  # grow the previous stage's model; new control outputs start at zero

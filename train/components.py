@@ -8,10 +8,11 @@ the run records). In a pipeline folder they are written in their own libraries' 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -180,6 +181,8 @@ def resolve_pretrained(cfg: Any) -> None:
 
     model = cfg.model
     with open_dict(model):
+        if model.dit.pretrained:
+            _adopt_wan_folder(model.dit, fail)
         if model.vae.pretrained:
             try:
                 tf, sf = vae_compression(model.vae.pretrained)  # checks the class first
@@ -214,4 +217,50 @@ def resolve_pretrained(cfg: Any) -> None:
                 dim = pretrained_text_dim(cfg)
             except (FileNotFoundError, ValueError) as e:
                 fail("model.text_encoder.pretrained", str(e))
+            if model.dit.pretrained and dim != model.dit.text_dim:
+                fail("model.text_encoder.pretrained",
+                     f"{te.pretrained} gives {dim}-wide text features, the DiT "
+                     f"{model.dit.pretrained} takes {model.dit.text_dim}")
             model.dit.text_dim = dim
+        elif model.dit.pretrained:
+            fail("model.text_encoder.pretrained",
+                 f"the pretrained DiT {model.dit.pretrained} takes {model.dit.text_dim}-wide "
+                 "text features: set model.text_encoder.pretrained=<its text encoder folder, "
+                 "e.g. Wan's umt5-xxl> (or train on latent shards with cached embeddings)")
+
+
+def _adopt_wan_folder(dit: Any, fail: Callable[[str, str], None]) -> None:
+    """model.dit from a diffusers WanTransformer3DModel folder: its architecture fields, the
+    run config's Worldline-only fields (controls, mask channel, causality, references)."""
+    from worldline.models.wan_io import WORLDLINE_FIELDS, read_wan_folder_args
+
+    try:
+        args = read_wan_folder_args(dit.pretrained,
+                                    **{f: dit[f] for f in WORLDLINE_FIELDS if f in dit})
+    except (FileNotFoundError, ValueError) as e:
+        fail("model.dit.pretrained", str(e))
+    for f in dataclasses.fields(args):
+        if f.name != "pretrained":
+            dit[f.name] = getattr(args, f.name)
+
+
+def load_pretrained_dit(model: nn.Module, folder: str | Path) -> None:
+    """Initialise ``model.dit`` (a WanDiT, plain or FSDP-sharded) from a diffusers
+    WanTransformer3DModel folder: the Wan weights strictly, Worldline's extra modules from
+    the folder when it has them, else fresh with a zero output projection (the model then
+    computes exactly the pretrained Wan's velocity)."""
+    from worldline.models.wan_dit import WanDiT
+    from worldline.models.wan_io import WORLDLINE_FIELDS
+    from worldline.train.weights import load_full_state
+
+    args = model.dit.args
+    ref = WanDiT.from_diffusers(folder, **{f: getattr(args, f) for f in WORLDLINE_FIELDS})
+    mine = {k: tuple(v.shape) for k, v in model.dit.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    if mine != theirs:
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        raise ValueError(f"model.dit.pretrained={folder}: does not fit the configured DiT "
+                         f"({diff[:5]}: {[(mine.get(k), theirs.get(k)) for k in diff[:5]]})")
+    load_full_state(model, {f"dit.{k}": v for k, v in ref.state_dict().items()},
+                    source=str(folder))
+    log.info("DiT initialised from %s", folder)

@@ -30,15 +30,36 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["lora_config", "inject_lora", "lora_state_dict", "merged_state_dict",
+__all__ = ["lora_config", "lora_targets", "inject_lora", "lora_state_dict", "merged_state_dict",
            "base_state_dict", "has_lora"]
 
 
-def lora_config(cfg: Any):
+# Worldline-layout projection names -> the Wan-architecture DiT's (diffusers' names), so one
+# target list ("attention and MLP projections") means the same layers in either layout.
+WAN_TARGETS = {"attn.qkv": ["attn1.to_q", "attn1.to_k", "attn1.to_v"],
+               "attn.proj": ["attn1.to_out.0"], "cross.q": ["attn2.to_q"],
+               "cross.kv": ["attn2.to_k", "attn2.to_v"], "cross.proj": ["attn2.to_out.0"],
+               "mlp.w_gate": [], "mlp.w_up": ["ffn.net.0.proj"], "mlp.w_down": ["ffn.net.2"]}
+
+
+def lora_targets(targets: list[str], arch: str = "worldline") -> list[str]:
+    """``stage.lora.targets`` in the DiT's own module names: for ``arch="wan"``, Worldline
+    names are translated (``attn.qkv`` -> ``attn1.to_q/k/v``, ...); Wan names pass through."""
+    if arch != "wan":
+        return list(targets)
+    out: list[str] = []
+    for t in targets:
+        for name in WAN_TARGETS.get(t, [t]):
+            if name not in out:
+                out.append(name)
+    return out
+
+
+def lora_config(cfg: Any, arch: str = "worldline"):
     """PEFT LoraConfig for ``stage.lora`` (targets matched as ``blocks.<i>.<target>``)."""
     from peft import LoraConfig
 
-    alts = "|".join(re.escape(t) for t in cfg.targets)
+    alts = "|".join(re.escape(t) for t in lora_targets(cfg.targets, arch))
     return LoraConfig(r=int(cfg.rank), lora_alpha=float(cfg.alpha),
                       lora_dropout=float(cfg.dropout),
                       target_modules=rf".*blocks\.\d+\.({alts})")
@@ -51,7 +72,8 @@ def inject_lora(model: nn.Module, cfg: Any) -> int:
     from peft import inject_adapter_in_model
     from peft.tuners.lora import LoraLayer
 
-    inject_adapter_in_model(lora_config(cfg), model.dit)
+    inject_adapter_in_model(lora_config(cfg, getattr(model.dit.args, "arch", "worldline")),
+                            model.dit)
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
     n = sum(isinstance(m, LoraLayer) for m in model.modules())

@@ -306,7 +306,7 @@ def export_lora(checkpoint: str | Path, out: str | Path, use_ema: bool = True,
                          f"(module names as WanTransformer3DModel); {path} has arch={arch!r}. "
                          "Use --format peft")
     out = Path(out)
-    lcfg = lora_config(OmegaConf.create(cfg["stage"]["lora"]))
+    lcfg = lora_config(OmegaConf.create(cfg["stage"]["lora"]), arch)
     adapter = lora_state_dict(wm)
     merged_cfg = json.loads(json.dumps(cfg))
     merged_cfg["stage"]["lora"]["enabled"] = False

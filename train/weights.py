@@ -103,6 +103,28 @@ def saved_param_names(path: Path, key: str = "model") -> set[str]:
     return {k[len(prefix):] for k in md.state_dict_metadata if k.startswith(prefix)}
 
 
+def load_full_state(module: torch.nn.Module, weights: dict[str, torch.Tensor],
+                    source: str, strict: bool = False) -> tuple[list[str], list[str]]:
+    """Load full (unsharded) tensors into ``module``, plain or FSDP2-sharded (each rank keeps
+    its shard). ``strict``: missing or unexpected names are an error naming ``source``.
+    Returns (missing, unexpected)."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in module.parameters()):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
+
+        missing, unexpected = set_model_state_dict(
+            module, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        missing, unexpected = module.load_state_dict(weights, strict=False)
+    if (missing or unexpected) and strict:
+        raise KeyError(f"{source}: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
+    return list(missing), list(unexpected)
+
+
 def load_module_weights(
     module: torch.nn.Module, ckpt: Path, key: str = "model", prefer_ema: bool = True,
     allow_partial: bool = False,
@@ -118,21 +140,7 @@ def load_module_weights(
         used = prefer_ema and ema_key in parts
         if used:
             weights.update(parts[ema_key])
-        from torch.distributed.tensor import DTensor
-
-        if any(isinstance(p, DTensor) for p in module.parameters()):
-            # FSDP2-sharded module: each rank keeps its shard of the full tensors.
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_model_state_dict,
-            )
-
-            missing, unexpected = set_model_state_dict(
-                module, weights, options=StateDictOptions(full_state_dict=True, strict=False))
-        else:
-            missing, unexpected = module.load_state_dict(weights, strict=False)
-        if (missing or unexpected) and not allow_partial:
-            raise KeyError(f"{ckpt}[{key}]: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        load_full_state(module, weights, source=f"{ckpt}[{key}]", strict=not allow_partial)
         return used
     sd = {k: v for k, v in module.state_dict().items()}
     ckpt_lib.load_tensors(ckpt, {key: sd}, allow_partial=allow_partial)
