@@ -150,3 +150,28 @@ def test_bad_pretrained_folders_fail_before_training_naming_the_path(tmp_path, f
                                           "stage.autoencoder_from=x", *extra))
         with pytest.raises(ConfigError, match=pattern):
             validate(cfg)
+
+
+def test_a_pretrained_wan_becomes_an_action_conditioned_world_model(tmp_path, folders) -> None:
+    """controllability from model.dit.pretrained: new action modules (absent from the Wan
+    folder) train first under the freeze policy, then the KV-cached rollout takes actions."""
+    from test_wan_workflow import _wan_folder
+
+    wan = _wan_folder(tmp_path / "wan")
+    cfg = compose_cfg(_overrides(
+        tmp_path, "world", folders, "stage=controllability", "stage.init_from=null",
+        f"model.dit.pretrained={wan}", "model.dit.frame_causal=true",
+        "stage.conditions=[text,actions]", "stage.freeze_policy.steps=2",
+        "stage.validation.every=0", "train.steps=3", "train.ckpt_every=3"))
+    trainer = run_training(cfg)
+    dit = trainer.module.dit
+    assert type(dit).__name__ == "WanDiT" and dit.args.num_action_slots == 3
+    from worldline.train.hooks import FreezePolicyHook
+
+    early = trainer.find_hook(FreezePolicyHook).policy.early
+    assert any(n.startswith("dit.control_") for n in early)  # new: trained from step 1
+    pipe = WorldPipeline.from_pretrained(tmp_path / "world")
+    actions = torch.zeros(1, 9, 3, dtype=torch.long)
+    video = pipe.rollout(["a red circle moves left"], num_frames=2, actions=actions,
+                         num_steps=2)
+    assert video.shape[:2] == (1, 3) and torch.isfinite(video).all()

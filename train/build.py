@@ -228,7 +228,7 @@ def _trained_module(cfg: DictConfig, mesh: Any, dims: ParallelDims, device: torc
     def load_init() -> None:
         nonlocal new
         if init_from is None and flow and cfg.model.dit.pretrained:
-            load_pretrained_dit(module, cfg.model.dit.pretrained)
+            new = load_pretrained_dit(module, cfg.model.dit.pretrained)
         if init_from is None:
             return
         if flow:  # grow the previous stage's model; new control outputs start at zero

@@ -244,13 +244,14 @@ def _adopt_wan_folder(dit: Any, fail: Callable[[str, str], None]) -> None:
             dit[f.name] = getattr(args, f.name)
 
 
-def load_pretrained_dit(model: nn.Module, folder: str | Path) -> None:
+def load_pretrained_dit(model: nn.Module, folder: str | Path) -> set[str]:
     """Initialise ``model.dit`` (a WanDiT, plain or FSDP-sharded) from a diffusers
     WanTransformer3DModel folder: the Wan weights strictly, Worldline's extra modules from
     the folder when it has them, else fresh with a zero output projection (the model then
-    computes exactly the pretrained Wan's velocity)."""
+    computes exactly the pretrained Wan's velocity). Returns the names of those fresh
+    ("new") parameters, for the stage's freeze policy."""
     from worldline.models.wan_dit import WanDiT
-    from worldline.models.wan_io import WORLDLINE_FIELDS
+    from worldline.models.wan_io import EXTRA_JSON, EXTRA_PREFIXES, WORLDLINE_FIELDS
     from worldline.train.weights import load_full_state
 
     args = model.dit.args
@@ -263,4 +264,10 @@ def load_pretrained_dit(model: nn.Module, folder: str | Path) -> None:
                          f"({diff[:5]}: {[(mine.get(k), theirs.get(k)) for k in diff[:5]]})")
     load_full_state(model, {f"dit.{k}": v for k, v in ref.state_dict().items()},
                     source=str(folder))
-    log.info("DiT initialised from %s", folder)
+    extra_json = Path(folder) / EXTRA_JSON
+    saved = set(json.loads(extra_json.read_text()).get("extra_keys", [])) \
+        if extra_json.is_file() else set()
+    new = {f"dit.{n}" for n, _ in model.dit.named_parameters()
+           if n.startswith(EXTRA_PREFIXES) and n not in saved}
+    log.info("DiT initialised from %s; new modules: %s", folder, sorted(new)[:8])
+    return new

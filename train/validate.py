@@ -161,7 +161,8 @@ def _validate_stage(cfg: Any) -> None:
                "must be >= 1")
     fp = st.freeze_policy
     _check(fp.steps >= 0, "stage.freeze_policy.steps", "must be >= 0")
-    _check(fp.steps == 0 or st.init_from is not None or not fp.new_modules or fp.train_first,
+    _check(fp.steps == 0 or st.init_from is not None or bool(cfg.model.dit.pretrained)
+           or not fp.new_modules or fp.train_first,
            "stage.freeze_policy", "new modules are found relative to stage.init_from; set it "
            "or list stage.freeze_policy.train_first")
     _check(fp.steps == 0 or cfg.dist.backend != "ddp" or cfg.dist.find_unused_parameters,
