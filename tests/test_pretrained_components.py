@@ -17,7 +17,9 @@ transformers = pytest.importorskip("transformers", reason="the hf extra is not i
 
 from worldline.train.checkpoint import checkpoint_keys, resolve_checkpoint  # noqa: E402
 from worldline.train.config import ConfigError  # noqa: E402
+from worldline.train.hooks import FreezePolicyHook  # noqa: E402
 from worldline.train.main import run_training  # noqa: E402
+from worldline.train.tracking import read_metrics  # noqa: E402
 from worldline.train.pipeline import WorldPipeline  # noqa: E402
 from worldline.train.validate import validate  # noqa: E402
 
@@ -108,7 +110,8 @@ def test_text_cache_names_its_encoder_and_refuses_another(tmp_path, folders) -> 
 
     pixels = LoaderFactory(cfg).shards(cfg.data)
     cache = tmp_path / "cache"
-    r = cli("worldline-encode-latents", pixels, str(cache), "--vae", str(folders["vae"]),
+    # a diffusers VAE folder passed as --checkpoint is recognised as one (same as --vae)
+    r = cli("worldline-encode-latents", pixels, str(cache), "--checkpoint", str(folders["vae"]),
             "--text-encoder", str(folders["t5"]), "--text-max-len", "16", "--num-frames", "9",
             "--resolution", "32", "32", "--dtype", "float32", "--device", "cpu")
     assert r.returncode == 0, r.stderr
@@ -166,8 +169,6 @@ def test_a_pretrained_wan_becomes_an_action_conditioned_world_model(tmp_path, fo
     trainer = run_training(cfg)
     dit = trainer.module.dit
     assert type(dit).__name__ == "WanDiT" and dit.args.num_action_slots == 3
-    from worldline.train.hooks import FreezePolicyHook
-
     early = trainer.find_hook(FreezePolicyHook).policy.early
     assert any(n.startswith("dit.control_") for n in early)  # new: trained from step 1
     pipe = WorldPipeline.from_pretrained(tmp_path / "world")
@@ -175,3 +176,49 @@ def test_a_pretrained_wan_becomes_an_action_conditioned_world_model(tmp_path, fo
     video = pipe.rollout(["a red circle moves left"], num_frames=2, actions=actions,
                          num_steps=2)
     assert video.shape[:2] == (1, 3) and torch.isfinite(video).all()
+
+
+@pytest.mark.parametrize("family", ["AutoencoderKLHunyuanVideo", "AutoencoderKLLTXVideo"])
+def test_hunyuan_and_ltx_vaes_are_the_frozen_autoencoder_of_a_latent_stage(
+        tmp_path, folders, family) -> None:
+    torch.manual_seed(0)
+    if family == "AutoencoderKLLTXVideo":  # 8x temporal, 32x spatial: 9x64x64 -> 2x2x2
+        vae = diffusers.AutoencoderKLLTXVideo(
+            latent_channels=8, block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
+            layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 5, scaling_factor=0.7)
+        size, channels, patch = 64, 8, "[1,1,1]"
+    else:  # 4x temporal, 8x spatial: 9x32x32 -> 3x4x4
+        vae = diffusers.AutoencoderKLHunyuanVideo(
+            latent_channels=4, block_out_channels=(8,) * 4, layers_per_block=1,
+            norm_num_groups=4)
+        size, channels, patch = 32, 4, "[1,2,2]"
+    vae.save_pretrained(tmp_path / "vae")
+    cfg = compose_cfg(smoke_overrides(
+        tmp_path, "run", tmp_path / "data", "stage=pretrain", f"model.vae.pretrained={tmp_path / 'vae'}",
+        f"model.dit.in_channels={channels}", f"model.dit.patch_size={patch}",
+        f"data.resolution=[{size},{size}]", f"data.synthetic.height={size}",
+        f"data.synthetic.width={size}", "train.steps=2", "stage.validation.every=0"))
+    trainer = run_training(cfg)
+    assert cfg.model.autoencoder.temporal_downsample == (8 if "LTX" in family else 4)
+    ae = trainer.pipeline.autoencoder
+    assert ae.family == family
+    batch = next(iter(trainer.loader))
+    video = batch["video"][:1]
+    raw, _ = ae.encode(video.float() / 127.5 - 1)
+    # the latents the DiT trained on are the family's own normalisation of the VAE's output
+    torch.testing.assert_close(trainer.pipeline.encode_video(video), ae.normalize(raw))
+    if "LTX" in family:
+        want = (raw - vae.latents_mean.view(1, -1, 1, 1, 1)) * 0.7 / vae.latents_std.view(
+            1, -1, 1, 1, 1)
+    else:
+        want = raw * vae.config.scaling_factor
+    torch.testing.assert_close(ae.normalize(raw), want, rtol=0, atol=1e-6)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_a_diffusers_vae_given_where_a_worldline_run_is_expected(tmp_path, folders) -> None:
+    cfg = compose_cfg(smoke_overrides(tmp_path, "x", folders["datasets"], "stage=pretrain",
+                                      f"stage.autoencoder_from={folders['vae']}"))
+    with pytest.raises(ConfigError, match="diffusers VAE folder: pass it as model.vae.pretrained"):
+        validate(cfg)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from worldline.models.adapters import (
+    VAE_FAMILIES,
     DiffusersVideoVAE,
     HFTextEncoder,
     read_component_config,
@@ -180,6 +181,11 @@ def resolve_pretrained(cfg: Any) -> None:
         raise ConfigError(f"invalid config: {key}: {msg}")
 
     model = cfg.model
+    src = (cfg.get("stage") or {}).get("autoencoder_from")
+    if src and (Path(str(src)) / "config.json").is_file() and \
+            read_component_config(src).get("_class_name") in VAE_FAMILIES:
+        fail("stage.autoencoder_from", f"{src} is a diffusers VAE folder: pass it as "
+             "model.vae.pretrained (stage.autoencoder_from takes Worldline autoencoder runs)")
     with open_dict(model):
         if model.dit.pretrained:
             _adopt_wan_folder(model.dit, fail)
