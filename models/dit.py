@@ -45,6 +45,7 @@ __all__ = [
     "rope_3d",
     "apply_rope",
     "frame_causal_mask",
+    "attention_layout",
     "REF_TIME_POS",
 ]
 
@@ -159,6 +160,27 @@ def frame_causal_mask(
         seen = (rank >= 0)[:, None].expand(-1, past)
         mask = torch.cat([seen, mask], dim=1)
     return mask
+
+
+def attention_layout(
+    grid: tuple[int, int, int], head_dim: int, theta: float, device, t_start: int, refs: int,
+    causal: bool, past_kv: list | None = None,
+) -> tuple[tuple[Tensor, Tensor], Tensor | None]:
+    """RoPE angles and attention mask of one DiT forward (shared by every DiT layout): video
+    tokens on ``grid`` at absolute frame positions from ``t_start`` (a rollout keeps counting
+    up), then ``refs`` reference frames at REF_TIME_POS; block-causal mask when ``causal``,
+    with the KV cache ``past_kv`` visible to every video token."""
+    rope = rope_3d(grid, head_dim, theta, device, t_start=t_start)
+    if refs:
+        r_cos, r_sin = rope_3d((1, grid[1], grid[2]), head_dim, theta, device=device,
+                               t_start=REF_TIME_POS)
+        rope = (torch.cat([rope[0], r_cos.repeat(refs, 1)]),
+                torch.cat([rope[1], r_sin.repeat(refs, 1)]))
+    mask = None
+    if causal and (grid[0] > 1 or refs):
+        n_past = 0 if past_kv is None else kv_length(past_kv[0])
+        mask = frame_causal_mask(grid[0], refs, grid[1] * grid[2], n_past, device)
+    return rope, mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,21 +502,13 @@ class VideoDiT(nn.Module):
         c = self.cond_embed(t, x.shape[2], actions, camera, drop_actions, frame_start)
         if pt > 1:  # several latent frames share a token frame: average them
             c = c.view(c.shape[0], grid[0], pt, -1).mean(dim=2)
-        # RoPE time positions are absolute frame indices: a rollout keeps counting up.
-        rope = rope_3d(grid, self.head_dim, a.rope_theta, x.device, t_start=frame_start // pt)
         c_all, n_refs = c, 0
         if refs is not None:
             h_ref, c_ref = self._ref_tokens(refs)
             n_refs = refs.shape[1]
             h, c_all = torch.cat([h, h_ref], dim=1), torch.cat([c, c_ref], dim=1)
-            r_cos, r_sin = rope_3d((1, grid[1], grid[2]), self.head_dim, a.rope_theta,
-                                   device=x.device, t_start=REF_TIME_POS)
-            rope = (torch.cat([rope[0], r_cos.repeat(n_refs, 1)]),
-                    torch.cat([rope[1], r_sin.repeat(n_refs, 1)]))
-        mask = None
-        n_past = 0 if past_kv is None else kv_length(past_kv[0])
-        if causal and (grid[0] > 1 or n_refs):
-            mask = frame_causal_mask(grid[0], n_refs, grid[1] * grid[2], n_past, x.device)
+        rope, mask = attention_layout(grid, self.head_dim, a.rope_theta, x.device,
+                                      frame_start // pt, n_refs, causal, past_kv)
         mod = self.adaLN(c_all).unflatten(-1, (6, -1))  # [B, F (+K), 6, D]
         ctx = None
         if a.text_dim > 0 and text is not None:

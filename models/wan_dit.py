@@ -39,15 +39,12 @@ from torch import Tensor
 
 from worldline.models.conditioning import ConditionEmbedder, timestep_embedding
 from worldline.models.dit import (
-    REF_TIME_POS,
     DiTArgs,
     VideoDiT,
-    frame_causal_mask,
-    rope_3d,
+    attention_layout,
     rope_axis_dims,
 )
 from worldline.models.init import reset_default_parameters
-from worldline.models.kv_cache import kv_length
 from worldline.models.wan_io import EXTRA_PREFIXES, load_wan, save_wan
 from worldline.models.wan_layers import (
     FP32LayerNorm,
@@ -238,20 +235,13 @@ class WanDiT(nn.Module):
         temb = self._time_embedding(t, actions, camera, drop_actions, frame_start)
         if pt > 1:  # several latent frames share a token frame: average them
             temb = temb.view(temb.shape[0], grid[0], pt, -1).mean(dim=2)
-        rope = rope_3d(grid, self.head_dim, a.rope_theta, x.device, t_start=frame_start // pt)
         temb_all, n_refs = temb, 0
         if refs is not None:
             h_ref, temb_ref = self._ref_tokens(refs)
             n_refs = refs.shape[1]
             h, temb_all = torch.cat([h, h_ref], dim=1), torch.cat([temb, temb_ref], dim=1)
-            r_cos, r_sin = rope_3d((1, grid[1], grid[2]), self.head_dim, a.rope_theta,
-                                   device=x.device, t_start=REF_TIME_POS)
-            rope = (torch.cat([rope[0], r_cos.repeat(n_refs, 1)]),
-                    torch.cat([rope[1], r_sin.repeat(n_refs, 1)]))
-        mask = None
-        n_past = 0 if past_kv is None else kv_length(past_kv[0])
-        if causal and (grid[0] > 1 or n_refs):
-            mask = frame_causal_mask(grid[0], n_refs, grid[1] * grid[2], n_past, x.device)
+        rope, mask = attention_layout(grid, self.head_dim, a.rope_theta, x.device,
+                                      frame_start // pt, n_refs, causal, past_kv)
         ce = self.condition_embedder
         mod = ce.time_proj(F.silu(temb_all)).unflatten(-1, (6, -1))  # [B, F (+K), 6, D]
         ctx = img = None

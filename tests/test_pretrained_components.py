@@ -197,7 +197,8 @@ def test_hunyuan_and_ltx_vaes_are_the_frozen_autoencoder_of_a_latent_stage(
         tmp_path, "run", tmp_path / "data", "stage=pretrain", f"model.vae.pretrained={tmp_path / 'vae'}",
         f"model.dit.in_channels={channels}", f"model.dit.patch_size={patch}",
         f"data.resolution=[{size},{size}]", f"data.synthetic.height={size}",
-        f"data.synthetic.width={size}", "train.steps=2", "stage.validation.every=0"))
+        f"data.synthetic.width={size}", "train.steps=2", "train.log_every=1",
+        "stage.validation.every=0"))
     trainer = run_training(cfg)
     assert cfg.model.autoencoder.temporal_downsample == (8 if "LTX" in family else 4)
     ae = trainer.pipeline.autoencoder
