@@ -38,3 +38,26 @@ def make_play_model(root: Path) -> dict[str, Path]:
     shards = sorted(data.glob("synthetic-*/manifest.json"))[0].parent
     return {"run": root / "play", "pipeline": root / "play_pipeline", "shards": shards,
             "root": root}
+
+
+def replay_matches(doc: dict, folder: Path, mp4: Path, model: dict[str, Path]) -> None:
+    """Run a recording's own ``worldline-sample`` replay command (``doc`` = its actions.json,
+    ``folder`` holds actions.json + first.png) and assert it gives ``mp4``'s frames."""
+    import decord
+    import numpy as np
+
+    from _runs import cli
+
+    assert doc["replay"]["exact"]
+    res = cli("worldline-sample", *doc["replay"]["args"], "experiment=smoke",
+              f"run.root={model['root']}", f"data.root={model['root'] / '_datasets'}",
+              f"sample.out={folder / 'out'}", cwd=folder, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    def frames(p: Path) -> np.ndarray:
+        vr = decord.VideoReader(str(p))
+        return vr.get_batch(list(range(len(vr)))).asnumpy()
+
+    mine, theirs = frames(mp4), frames(folder / "out" / "generated_0.mp4")
+    assert mine.shape[1:] == (32, 32, 3)
+    np.testing.assert_array_equal(mine, theirs)  # same latents, same decode, same encoder

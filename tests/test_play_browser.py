@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from _play import replay_matches
+
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,6 +139,8 @@ def test_play_in_chromium(chromium, server, play_model, tmp_path: Path) -> None:
 
         vr = decord.VideoReader(str(downloads / "session.mp4"))
         assert len(vr) == 9 and vr[0].shape == (32, 32, 3)
+        # The downloaded recording replays with worldline-sample to the same frames.
+        replay_matches(doc, downloads, downloads / "session.mp4", play_model)
         ActionChains(driver).key_up("s").perform()
         _wait(driver, "return window.worldlinePlay.frames > 0")
         if os.environ.get("WORLDLINE_PLAY_SCREENSHOT", "1") == "1":
