@@ -144,3 +144,19 @@ def test_bad_vae_and_text_encoder_folders_are_named(tmp_path):
                                         hidden_state=-2, max_len=4)
     emb, _ = enc(["a red ball"])
     assert emb.shape == (1, 4, 16)
+
+
+def test_wan22_style_vae_patchifies_to_16x_spatial(tmp_path):
+    """Wan 2.2's VAE (residual, 2x2 pixel patching: 16x spatial, 48 channels at full size)."""
+    torch.manual_seed(0)
+    diffusers.AutoencoderKLWan(
+        base_dim=8, decoder_base_dim=8, z_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+        temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
+        out_channels=12, patch_size=2, scale_factor_spatial=16, latents_mean=[0.5] * 8,
+        latents_std=[2.0] * 8).save_pretrained(tmp_path)
+    ad = DiffusersVideoVAE.from_pretrained(tmp_path)
+    assert ad.latent_shape(9, 64, 64) == (8, 3, 4, 4)
+    raw, _ = ad.encode(torch.rand(1, 3, 9, 64, 64) * 2 - 1)
+    assert raw.shape == (1, 8, 3, 4, 4)
+    torch.testing.assert_close(ad.normalize(raw), (raw - 0.5) / 2.0)
+    assert ad.decode(raw).shape == (1, 3, 9, 64, 64)

@@ -127,6 +127,13 @@ def test_diffusers_export_generates_with_worldlines_first_step_velocity(studio,
     ours = WorldPipeline.from_pretrained(studio["run"])
     assert (_velocity(ours, x.float(), timestep.float() / 1000, text.float())
             - v.float()).abs().max() <= 1e-5
+    # WorldPipeline reads the WanPipeline folder back (DiT, VAE, T5, null text, settings).
+    back = WorldPipeline.from_pretrained(out)
+    assert back.transformer.args.arch == "wan" and back.settings == ours.settings
+    assert torch.equal(back.world_model.null_text, ours.world_model.null_text)
+    assert (_velocity(back, x.float(), timestep.float() / 1000, text.float())
+            - v.float()).abs().max() <= 1e-5
+    assert back.generate(["red a red circle"], num_steps=1).shape == (1, 3, 9, 32, 32)
 
 
 def test_sample_eval_and_resume_on_a_run_built_from_folders(studio, tmp_path) -> None:

@@ -1,5 +1,6 @@
-"""``worldline-export --format diffusers``: a Wan-architecture run as a complete diffusers
-``WanPipeline`` folder::
+"""diffusers ``WanPipeline`` folders: ``worldline-export --format diffusers`` writes a
+Wan-architecture run as one; ``pipeline_io.load_wan_pipeline`` reads one (an export, or a
+Wan release downloaded by the user) as Worldline pipeline parts::
 
     model_index.json        {"_class_name": "WanPipeline", ...}
     transformer/            WanTransformer3DModel (config.json + safetensors) + Worldline's
@@ -9,6 +10,7 @@
     text_encoder/, tokenizer/   the run's transformers encoder and tokenizer
     scheduler/              FlowMatchEulerDiscreteScheduler with the run's flow shift
     worldline_pipeline.json Worldline's PipelineSettings (conditions, shift, text length, size)
+    worldline_null_text.safetensors   the learned null text embedding (Worldline's CFG)
 
 diffusers runs full attention over a clip and feeds noisy latents only: a frame-causal
 Worldline model gives diffusers' full-attention velocity there, and the clean-frame mask
@@ -21,6 +23,8 @@ import json
 from pathlib import Path
 
 from worldline.train.pipeline import WorldPipeline
+from worldline.train.pipeline_io import WAN_NULL_TEXT as NULL_TEXT
+from worldline.train.pipeline_io import WAN_SETTINGS as SETTINGS
 
 __all__ = ["export_wan_pipeline"]
 
@@ -76,8 +80,13 @@ def export_wan_pipeline(source: str | Path, out: str | Path, use_ema: bool = Tru
              "tokenizer": ["transformers", type(text.tokenizer).__name__],
              "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
-    (out / "worldline_pipeline.json").write_text(json.dumps(
+    from safetensors.torch import save_file
+
+    save_file({"null_text": pipe.world_model.null_text.detach().cpu().contiguous()},
+              str(out / NULL_TEXT))
+    (out / SETTINGS).write_text(json.dumps(
         {"settings": dataclasses.asdict(pipe.settings), "source": str(where),
          "text_max_len": text.max_len, "frame_causal": pipe.transformer.args.frame_causal},
         indent=2, default=list))
     return out
+

@@ -50,6 +50,9 @@ CONDITIONS = ("text", "actions", "camera", "refs")
 MODEL_INDEX = "model_index.json"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
+# What a diffusers WanPipeline folder written by Worldline holds besides diffusers' own files.
+WAN_NULL_TEXT = "worldline_null_text.safetensors"
+WAN_SETTINGS = "worldline_pipeline.json"
 
 
 @dataclass
@@ -220,6 +223,8 @@ def _read_component(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
 
 def _load_folder(path: Path) -> Parts:
     index = json.loads((path / MODEL_INDEX).read_text())
+    if index.get("_class_name") == "WanPipeline":
+        return load_wan_pipeline(path)
     if index.get("_class_name") != "WorldPipeline":
         raise ValueError(f"{path / MODEL_INDEX}: not a WorldPipeline folder "
                          f"(_class_name={index.get('_class_name')!r})")
@@ -296,3 +301,37 @@ def save_pipeline(ae: nn.Module, wm: Optional[nn.Module], settings: PipelineSett
                 path / "text_encoder", wm.text_encoder.args, text, TextEncoder)
     (path / MODEL_INDEX).write_text(json.dumps(index, indent=1))
     return path
+
+
+def load_wan_pipeline(path: Path) -> Parts:
+    """Pipeline parts of a diffusers WanPipeline folder: WanDiT (+ Worldline's extras when the
+    folder is an export), the Wan VAE, the text encoder + tokenizer, and the settings an
+    export recorded. A Wan release has no learned null text embedding: it starts at zero,
+    which is what WanPipeline's zero-padded empty prompt mostly is."""
+    from safetensors.torch import load_file
+
+    from worldline.models.adapters import DiffusersVideoVAE, HFTextEncoder
+    from worldline.models.wan_dit import WanDiT
+
+    path = Path(path)
+    sf = path / WAN_SETTINGS
+    meta = json.loads(sf.read_text()) if sf.is_file() else {}
+    dit = WanDiT.from_diffusers(path / "transformer")
+    tok = path / "tokenizer"
+    text = HFTextEncoder.from_pretrained(path / "text_encoder", max_len=int(
+        meta.get("text_max_len", 512)), tokenizer=tok if tok.is_dir() else None)
+    if text.dim != dit.args.text_dim:
+        raise ValueError(f"{path}: text_encoder gives {text.dim}-wide features, the "
+                         f"transformer takes {dit.args.text_dim}")
+    vae = DiffusersVideoVAE.from_pretrained(path / "vae")
+    wm = build_on_meta(lambda: WorldModel(dit.args, None)).to_empty(device="cpu")
+    nf = path / WAN_NULL_TEXT
+    null = load_file(str(nf))["null_text"] if nf.is_file() else torch.zeros(dit.args.text_dim)
+    wm.load_state_dict({**{f"dit.{k}": v for k, v in dit.state_dict().items()},
+                        "null_text": null})
+    conditions = ["text"] + (["actions"] if dit.args.num_action_slots or dit.args.action_dim
+                             else []) + (["camera"] if dit.args.camera_dim else []) + (
+        ["refs"] if dit.args.max_refs else [])
+    settings = PipelineSettings(**meta["settings"]) if "settings" in meta else \
+        PipelineSettings(conditions=conditions, text_max_len=text.max_len)
+    return Parts(vae, wm, settings, path, text)
