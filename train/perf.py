@@ -18,10 +18,29 @@ PEAK_BF16_FLOPS = {
 }
 
 
+def _probe_size(device: torch.device, dtype: torch.dtype, n_max: int, budget: float) -> int:
+    """The largest power-of-two n <= n_max whose n×n matmul takes under ``budget`` seconds.
+    A fixed 2048 cost ~60 s per matmul for bf16 on a CPU without bf16 units (4 minutes of
+    probing before the first step); matmul efficiency is flat well below 2048."""
+    n = 256
+    while n < n_max:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        t0 = time.perf_counter()
+        a @ a
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if (time.perf_counter() - t0) * 8 > budget:  # the next size costs ~8x
+            break
+        n *= 2
+    return n
+
+
 def _probe_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048,
                         seconds: float = 0.25, trials: int = 3) -> float:
-    """Best of ``trials`` timed bursts of n×n matmuls: the best burst is the one least
-    disturbed by other processes on a shared host, i.e. closest to the machine's peak."""
+    """Best of ``trials`` timed bursts of n×n matmuls (n at most ``n``, smaller when one
+    would outlast a burst): the best burst is the one least disturbed by other processes on
+    a shared host, i.e. closest to the machine's peak."""
+    n = _probe_size(device, dtype, n, seconds)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm-up
