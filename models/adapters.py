@@ -20,12 +20,15 @@ import hashlib
 import json
 from pathlib import Path
 
+from typing import Any, Mapping
+
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 __all__ = ["DiffusersVideoVAE", "HFTextEncoder", "VAE_FAMILIES", "local_model_dir",
-           "read_component_config", "folder_fingerprint", "text_encoder_dim"]
+           "read_component_config", "folder_fingerprint", "text_encoder_dim",
+           "vae_compression", "is_diffusers_vae_folder"]
 
 
 # diffusers video VAE classes Worldline knows how to normalise (see VAE_FAMILIES).
@@ -46,9 +49,6 @@ def local_model_dir(path: str | Path, what: str = "model") -> Path:
     raise FileNotFoundError(f"{what} folder {str(path)!r} does not exist{hint}")
 
 
-_local_dir = local_model_dir  # older name, kept for callers inside this module
-
-
 def read_component_config(path: str | Path, what: str = "model") -> dict:
     """The ``config.json`` of a local diffusers/transformers folder (clear error if absent)."""
     folder = local_model_dir(path, what)
@@ -63,6 +63,15 @@ def read_component_config(path: str | Path, what: str = "model") -> dict:
 
 _TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "vocab.json", "vocab.txt",
                     "tokenizer.model")
+
+
+def is_diffusers_vae_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a local diffusers video VAE folder (config.json of a known class)."""
+    cfg = Path(str(path)) / "config.json"
+    try:
+        return cfg.is_file() and json.loads(cfg.read_text()).get("_class_name") in VAE_FAMILIES
+    except json.JSONDecodeError:
+        return False
 
 
 def text_encoder_dim(config: dict) -> int:
@@ -91,29 +100,48 @@ def folder_fingerprint(path: str | Path) -> dict:
     return {"path": str(folder.resolve()), "sha256": h.hexdigest()}
 
 
-def _vae_normalisation(vae: nn.Module) -> tuple[list | None, list | None, float, int, int]:
-    """(mean, std, scaling_factor, temporal, spatial compression) of a diffusers video VAE as
-    its own diffusers pipeline uses them:
+def vae_compression(config: Mapping[str, Any]) -> tuple[int, int]:
+    """(temporal, spatial) compression of a diffusers video VAE from its config (a loaded
+    model's ``.config`` or its folder's config.json), as the model itself computes them:
+    Wan ``scale_factor_temporal/spatial`` (Wan 2.2: 4 / 16), HunyuanVideo's ratios, LTX's
+    ratios or, when unset, its patching x 2^(scaled stages) (8 x 32 for 0.9.x: 9x64x64
+    frames -> 2x2x2 latents)."""
+    name = config.get("_class_name")
+    if name == "AutoencoderKLWan":
+        return (int(config.get("scale_factor_temporal") or 4),
+                int(config.get("scale_factor_spatial") or 8))
+    if name == "AutoencoderKLHunyuanVideo":
+        return (int(config.get("temporal_compression_ratio", 4)),
+                int(config.get("spatial_compression_ratio", 8)))
+    if name == "AutoencoderKLLTXVideo":
+        scaled = sum(bool(v) for v in config.get("spatio_temporal_scaling",
+                                                 (True, True, True, False)))
+        return (int(config.get("temporal_compression_ratio")
+                    or config.get("patch_size_t", 1) * 2 ** scaled),
+                int(config.get("spatial_compression_ratio")
+                    or config.get("patch_size", 4) * 2 ** scaled))
+    raise ValueError(f"_class_name is {name!r}, expected a diffusers video VAE "
+                     f"({' | '.join(VAE_FAMILIES)})")
 
-    * Wan (``AutoencoderKLWan``): ``(z - latents_mean) / latents_std`` (config lists);
-      compression ``scale_factor_temporal`` / ``scale_factor_spatial`` (Wan 2.2: 4 / 16).
-    * HunyuanVideo: ``z * scaling_factor`` (no shift); compression from the config.
+
+def _vae_normalisation(vae: nn.Module) -> tuple[list | None, list | None, float]:
+    """(mean, std, scaling_factor) of a diffusers video VAE as its own diffusers pipeline
+    uses them:
+
+    * Wan (``AutoencoderKLWan``): ``(z - latents_mean) / latents_std`` (config lists).
+    * HunyuanVideo: ``z * scaling_factor`` (no shift).
     * LTX-Video: ``(z - latents_mean) * scaling_factor / latents_std`` with the per-channel
-      statistics stored as buffers in the weights; compression from the model (8 x 32 for
-      0.9.x: 9x64x64 frames -> 2x2x2 latents).
+      statistics stored as buffers in the weights.
     """
     cfg = vae.config
     name = type(vae).__name__
     if name == "AutoencoderKLWan":
-        return (list(cfg.latents_mean), list(cfg.latents_std), 1.0,
-                int(cfg.scale_factor_temporal), int(cfg.scale_factor_spatial))
+        return list(cfg.latents_mean), list(cfg.latents_std), 1.0
     if name == "AutoencoderKLHunyuanVideo":
-        return (None, None, float(cfg.scaling_factor), int(cfg.temporal_compression_ratio),
-                int(cfg.spatial_compression_ratio))
+        return None, None, float(cfg.scaling_factor)
     if name == "AutoencoderKLLTXVideo":
         return (vae.latents_mean.float().tolist(), vae.latents_std.float().tolist(),
-                float(cfg.scaling_factor), int(vae.temporal_compression_ratio),
-                int(vae.spatial_compression_ratio))
+                float(cfg.scaling_factor))
     raise ValueError(f"unsupported diffusers VAE class {name}; supported: {VAE_FAMILIES}")
 
 
@@ -140,7 +168,8 @@ class DiffusersVideoVAE(nn.Module):
         self.vae = vae.eval().requires_grad_(False)
         self.family = type(vae).__name__
         self.source = source
-        mean, std, scale, tf, sf = _vae_normalisation(vae)
+        mean, std, scale = _vae_normalisation(vae)
+        tf, sf = vae_compression({**vae.config, "_class_name": self.family})
         cfg = vae.config
         self.latent_channels = int(getattr(cfg, "z_dim", None) or cfg.latent_channels)
         mean = latents_mean if latents_mean is not None else mean

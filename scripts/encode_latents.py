@@ -32,20 +32,16 @@ def load_autoencoder(checkpoint: str, device: str = "cpu") -> torch.nn.Module:
     return load(checkpoint)[0].to(device)
 
 
-def _is_diffusers_vae(path: str) -> bool:
-    from pathlib import Path
-
-    from worldline.models.adapters import VAE_FAMILIES
-
-    cfg = Path(path) / "config.json"
-    return cfg.is_file() and json.loads(cfg.read_text()).get("_class_name") in VAE_FAMILIES
-
-
 def _encoders(args: argparse.Namespace) -> tuple[torch.nn.Module, object, dict]:
     """(autoencoder, text encode callable or None, provenance for the manifest)."""
-    from worldline.models.adapters import DiffusersVideoVAE, HFTextEncoder, folder_fingerprint
+    from worldline.models.adapters import (
+        DiffusersVideoVAE,
+        HFTextEncoder,
+        folder_fingerprint,
+        is_diffusers_vae_folder,
+    )
 
-    if args.checkpoint and _is_diffusers_vae(args.checkpoint):
+    if args.checkpoint and is_diffusers_vae_folder(args.checkpoint):
         args.vae, args.checkpoint = args.checkpoint, None  # a diffusers folder given as such
     if bool(args.checkpoint) == bool(args.vae):
         raise SystemExit("worldline-encode-latents: give exactly one of --checkpoint "

@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from worldline.models.adapters import (
-    VAE_FAMILIES,
     DiffusersVideoVAE,
     HFTextEncoder,
+    is_diffusers_vae_folder,
     read_component_config,
     text_encoder_dim,
+    vae_compression,
 )
 
 log = logging.getLogger(__name__)
@@ -91,12 +92,11 @@ def pretrained_text_dim(cfg: Any) -> Optional[int]:
     return text_encoder_dim(read_component_config(path, "text encoder")) if path else None
 
 
-def pretrained_vae_channels(path: str | Path) -> int:
-    """Latent channels of a diffusers video VAE folder, read from its config.json."""
-    c = read_component_config(path, "VAE")
-    n = c.get("z_dim") or c.get("latent_channels")
+def pretrained_vae_channels(config: Mapping[str, Any]) -> int:
+    """Latent channels of a diffusers video VAE from its config.json."""
+    n = config.get("z_dim") or config.get("latent_channels")
     if not n:
-        raise ValueError(f"{path}/config.json has neither z_dim nor latent_channels")
+        raise ValueError("has neither z_dim nor latent_channels")
     return int(n)
 
 
@@ -134,24 +134,6 @@ def load_foreign(folder: Path, entry: list[str]) -> nn.Module:
     raise ValueError(f"{folder}: unknown component library {library!r}")
 
 
-def vae_compression(path: str | Path) -> tuple[int, int]:
-    """(temporal, spatial) compression of a diffusers video VAE folder from its config.json,
-    as the model itself computes them (LTX derives them from its patching and scaling)."""
-    c = read_component_config(path, "VAE")
-    name = c.get("_class_name")
-    if name == "AutoencoderKLWan":
-        return int(c.get("scale_factor_temporal") or 4), int(c.get("scale_factor_spatial") or 8)
-    if name == "AutoencoderKLHunyuanVideo":
-        return int(c.get("temporal_compression_ratio", 4)), int(c.get("spatial_compression_ratio", 8))
-    if name == "AutoencoderKLLTXVideo":
-        scaled = sum(bool(s) for s in c.get("spatio_temporal_scaling", (True, True, True, False)))
-        return (int(c.get("temporal_compression_ratio") or c.get("patch_size_t", 1) * 2 ** scaled),
-                int(c.get("spatial_compression_ratio") or c.get("patch_size", 4) * 2 ** scaled))
-    raise ValueError(f"{path}/config.json: _class_name is {name!r}, expected a diffusers "
-                     "video VAE (AutoencoderKLWan | AutoencoderKLHunyuanVideo | "
-                     "AutoencoderKLLTXVideo)")
-
-
 def latent_manifest(cfg: Any) -> Optional[dict]:
     """The manifest of ``data.shards`` when the run trains on cached latents, else None."""
     d = _sub(cfg, "data")
@@ -182,19 +164,23 @@ def resolve_pretrained(cfg: Any) -> None:
 
     model = cfg.model
     src = (cfg.get("stage") or {}).get("autoencoder_from")
-    if src and (Path(str(src)) / "config.json").is_file() and \
-            read_component_config(src).get("_class_name") in VAE_FAMILIES:
+    if src and is_diffusers_vae_folder(src):
         fail("stage.autoencoder_from", f"{src} is a diffusers VAE folder: pass it as "
              "model.vae.pretrained (stage.autoencoder_from takes Worldline autoencoder runs)")
     with open_dict(model):
         if model.dit.pretrained:
             _adopt_wan_folder(model.dit, fail)
         if model.vae.pretrained:
+            path = model.vae.pretrained
             try:
-                tf, sf = vae_compression(model.vae.pretrained)  # checks the class first
-                channels = pretrained_vae_channels(model.vae.pretrained)
+                vcfg = read_component_config(path, "VAE")
             except (FileNotFoundError, ValueError) as e:
                 fail("model.vae.pretrained", str(e))
+            try:
+                tf, sf = vae_compression(vcfg)  # the class first: no channels otherwise
+                channels = pretrained_vae_channels(vcfg)
+            except ValueError as e:
+                fail("model.vae.pretrained", f"{path}/config.json: {e}")
             if int(model.dit.in_channels) != channels:
                 fail("model.dit.in_channels",
                      f"{model.dit.in_channels} != the latent channels ({channels}) of the VAE "
