@@ -14,5 +14,6 @@ Modules (import them directly; this package stays import-light):
 - ``losses``: optional perceptual loss (user-supplied local net) and 3D PatchGAN + hinge loss.
 - ``init``: meta-device construction (``build_on_meta``, ``materialize``) and init replay.
 - ``metrics``: PSNR and SSIM.
+- ``av_sync``: audio–visual sync metric (audio envelope vs motion energy, with its baseline).
 - ``adapters``: diffusers video VAE and transformers text encoders from local folders.
 """
