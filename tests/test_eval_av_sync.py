@@ -4,11 +4,13 @@ and still video, masked audio; and the ``av_sync`` eval group on batch dicts (< 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from worldline.models.av_sync import av_sync, av_sync_metrics, motion_energy, onset_envelope
+from worldline.train.evaluate import FlowEvaluator
 
 B, T, SPF = 12, 24, 80  # clips, frames, audio samples per frame
 
@@ -182,3 +184,19 @@ def test_eval_group_scores_generated_and_real_clips_or_says_it_skipped() -> None
     skipped = av_sync_metrics({"caption": ["a"] * 6}, None, real)
     assert list(skipped) == ["av_sync/skipped"] and "no audio" in skipped["av_sync/skipped"]
 
+
+def test_eval_clips_pad_audio_of_different_lengths() -> None:
+    """The evaluator's clip gathering keeps audio whose length differs between loader batches
+    (right-padded, mask False on the padding) instead of dropping it."""
+    parts = [{"caption": ["a", "b"], "audio": torch.ones(2, 5),
+              "audio_mask": torch.ones(2, 5, dtype=torch.bool)},
+             {"caption": ["c", "d"], "audio": torch.ones(2, 3),
+              "audio_mask": torch.ones(2, 3, dtype=torch.bool)}]
+    ev = FlowEvaluator.__new__(FlowEvaluator)
+    ev.device = torch.device("cpu")
+    ev.run = SimpleNamespace(loaders=SimpleNamespace(make=lambda shuffle: iter(parts)))
+    out = ev._clips(3)
+    assert out["caption"] == ["a", "b", "c"] and out["audio"].shape == (3, 5)
+    assert out["audio_mask"].dtype == torch.bool
+    assert out["audio_mask"][2].tolist() == [True, True, True, False, False]
+    assert out["audio"][2].tolist() == [1, 1, 1, 0, 0]

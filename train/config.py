@@ -299,9 +299,10 @@ class EvalConfig:
     out: Optional[str] = None
     use_ema: bool = True
     # Which metric groups to compute (flow checkpoints); the autoencoder always reports its
-    # reconstruction PSNR/SSIM.
+    # reconstruction PSNR/SSIM. ``av_sync`` needs audio in the eval data (else it reports
+    # ``av_sync/skipped``).
     metrics: list[str] = field(default_factory=lambda: [
-        "val_loss", "reconstruction", "rollout", "action_following", "reference"])
+        "val_loss", "reconstruction", "rollout", "action_following", "reference", "av_sync"])
     # Clips used by the generative metrics, and sampler steps for them.
     num_clips: int = 4
     num_steps: int = 8

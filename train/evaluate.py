@@ -16,6 +16,9 @@ Flow checkpoints (``eval.metrics`` picks the groups):
   own error on the ground-truth video).
 * ``reference``: similarity of generated frames to the reference image with and without it
   as a condition (a local TorchScript feature extractor, or a built-in colour histogram).
+* ``av_sync``: when the clips carry ``audio`` / ``audio_mask``, whether the rollout moves in
+  sync with the audio (``av_sync/*``, models/av_sync.py) next to the same score of the real
+  clips (``av_sync_real/*``); without audio, ``av_sync/skipped`` says so.
 * FVD, only when ``eval.i3d`` names local I3D TorchScript weights.
 
 Autoencoder checkpoints report reconstruction PSNR/SSIM. Runs on one process.
@@ -31,6 +34,7 @@ from typing import Any, Optional
 import torch
 from omegaconf import DictConfig
 
+from worldline.models.av_sync import av_sync_metrics
 from worldline.models.metrics import psnr, ssim
 from worldline.train.dist import all_reduce_scalars
 from worldline.train.pipeline import to_unit_range
@@ -86,6 +90,10 @@ class FlowEvaluator:
         out: dict[str, Any] = {}
         for k in parts[0]:
             vals = [p[k] for p in parts]
+            if k in ("audio", "audio_mask"):  # variable length, masked: right-pad with 0/False
+                width = max(v.shape[-1] for v in vals)
+                vals = [torch.cat([v, v.new_zeros(*v.shape[:-1], width - v.shape[-1])], -1)
+                        for v in vals]
             if torch.is_tensor(vals[0]) and all(v.shape[1:] == vals[0].shape[1:] for v in vals):
                 out[k] = torch.cat(vals)[:n].to(self.device)
             elif not torch.is_tensor(vals[0]):
@@ -323,7 +331,8 @@ def run_eval(cfg: DictConfig) -> Optional[dict[str, Any]]:
         if "reconstruction" in metrics:
             report.update(ev.reconstruction())
         gen = None
-        if metrics & {"rollout", "action_following"} or e.i3d:
+        av = "av_sync" in metrics and "audio" in ev.batch  # no rollout just to skip
+        if metrics & {"rollout", "action_following"} or e.i3d or av:
             roll, gen = ev.rollout_metrics()
             if "rollout" in metrics:
                 report.update(roll)
@@ -332,6 +341,8 @@ def run_eval(cfg: DictConfig) -> Optional[dict[str, Any]]:
             report.update(ev.action_following(gen))
         if "reference" in metrics:
             report.update(ev.reference_consistency())
+        if "av_sync" in metrics:
+            report.update(av_sync_metrics(ev.batch, gen, ev.video))  # says if it skipped
         report.update(ev.fvd(gen) if gen is not None else {})
     report = _reduce_over_ranks(run, report)
     if run.rank != 0:
