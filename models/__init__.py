@@ -9,7 +9,8 @@ Modules (import them directly; this package stays import-light):
 - ``world_model``: text encoder + DiT with CFG dropout (``WorldModel``).
 - ``flow``: rectified-flow timesteps, path, loss, Euler/Heun samplers, CFG.
 - ``attention``: one attention entry point (flash-attn on CUDA when importable, SDPA otherwise).
-- ``conditioning``: per-frame timestep/action/camera embedder, reference-image builder.
+- ``conditioning``: per-frame timestep/action/camera/audio embedder, reference-image builder.
+- ``audio``: log-mel front end per pixel frame (``LogMelFrames``), audio cross-attention.
 - ``rollout``: autoregressive world-model rollout with a windowed KV cache and per-condition CFG.
 - ``losses``: optional perceptual loss (user-supplied local net) and 3D PatchGAN + hinge loss.
 - ``init``: meta-device construction (``build_on_meta``, ``materialize``) and init replay.

@@ -69,7 +69,7 @@ def frame_phase(num_pixel_frames: int, tf: int, device=None) -> Tensor:
 
 
 class ConditionEmbedder(nn.Module):
-    """Per-latent-frame conditioning c [B, t, D] = MLP(timestep) + actions + camera.
+    """Per-latent-frame conditioning c [B, t, D] = MLP(timestep) + actions + camera + audio.
 
     Actions and camera are embedded per pixel frame (with the frame's phase in its group),
     then mean-pooled causally into latent frames. Missing or dropped (classifier-free
@@ -79,7 +79,9 @@ class ConditionEmbedder(nn.Module):
     Args (the DiT passes its DiTArgs fields): hidden_size D; freq_dim of the sinusoidal
     timestep features; temporal_downsample tf (pixel frames per latent frame);
     num_action_slots S and num_actions (discrete actions, S = 0 disables) or action_dim
-    (continuous, 0 disables); camera_dim (0 disables); timestep=False drops the timestep
+    (continuous, 0 disables); camera_dim (0 disables); audio_dim: per-pixel-frame audio
+    features (models/audio.py LogMelFrames; 0 disables), embedded exactly like camera but
+    with per-frame validity and its own CFG dropout; timestep=False drops the timestep
     MLP, leaving :meth:`add_controls` (the controls alone, for WanDiT).
     """
 
@@ -94,6 +96,7 @@ class ConditionEmbedder(nn.Module):
         action_dim: int = 0,
         camera_dim: int = 0,
         timestep: bool = True,
+        audio_dim: int = 0,
     ) -> None:
         super().__init__()
         if num_action_slots > 0 and action_dim > 0:
@@ -101,7 +104,7 @@ class ConditionEmbedder(nn.Module):
         d, tf = hidden_size, temporal_downsample
         self.freq_dim, self.temporal_downsample = freq_dim, tf
         self.num_action_slots, self.num_actions = num_action_slots, num_actions
-        self.action_dim, self.camera_dim = action_dim, camera_dim
+        self.action_dim, self.camera_dim, self.audio_dim = action_dim, camera_dim, audio_dim
         # Attribute order is construction order, which init replay relies on (models/init.py).
         # timestep=False keeps only the controls (WanDiT embeds time with diffusers' layers).
         if timestep:
@@ -121,6 +124,11 @@ class ConditionEmbedder(nn.Module):
             self.camera_phase = nn.Parameter(torch.zeros(tf, d))
             self.camera_mlp = nn.Sequential(nn.SiLU(), nn.Linear(d, d))
             self.null_camera = nn.Parameter(torch.zeros(d))
+        if audio_dim > 0:  # after camera: models without audio keep their init draws
+            self.audio_in = nn.Linear(audio_dim, d)
+            self.audio_phase = nn.Parameter(torch.zeros(tf, d))
+            self.audio_mlp = nn.Sequential(nn.SiLU(), nn.Linear(d, d))
+            self.null_audio = nn.Parameter(torch.zeros(d))
 
     @property
     def has_actions(self) -> bool:
@@ -135,17 +143,24 @@ class ConditionEmbedder(nn.Module):
         camera: Tensor | None = None,
         drop: Tensor | None = None,
         frame_start: int = 0,
+        *,
+        audio: Tensor | None = None,
+        audio_valid: Tensor | None = None,
+        drop_audio: Tensor | None = None,
     ) -> Tensor:
         """t [B] or [B, num_frames] in [0, 1]; actions [B, T_pix, S] long (discrete) or
         [B, T_pix, action_dim] float (continuous); camera [B, T_pix, camera_dim]; drop [B]
-        bool (null actions and camera) -> [B, num_frames, D].
+        bool (null actions and camera); audio [B, T_pix, audio_dim] features, audio_valid
+        [B, T_pix] bool (False: that pixel frame has no real audio), drop_audio [B] bool
+        (null audio) -> [B, num_frames, D].
 
         frame_start > 0 (rollout): the frames are latent frames frame_start.. of a longer video,
         so T_pix = num_frames * tf (no lone first frame)."""
         if t.dim() == 1:
             t = t[:, None].expand(-1, num_frames)
         c = self.t_mlp(timestep_embedding(t, self.freq_dim).to(self.t_mlp[0].weight.dtype))
-        return self.add_controls(c, actions, camera, drop, frame_start)
+        return self.add_controls(c, actions, camera, drop, frame_start, audio=audio,
+                                 audio_valid=audio_valid, drop_audio=drop_audio)
 
     def add_controls(
         self,
@@ -154,9 +169,13 @@ class ConditionEmbedder(nn.Module):
         camera: Tensor | None = None,
         drop: Tensor | None = None,
         frame_start: int = 0,
+        *,
+        audio: Tensor | None = None,
+        audio_valid: Tensor | None = None,
+        drop_audio: Tensor | None = None,
     ) -> Tensor:
-        """c [B, num_frames, D] plus the action and camera embeddings of those frames (their
-        learned nulls when missing or dropped); arguments as in :meth:`forward`."""
+        """c [B, num_frames, D] plus the action, camera and audio embeddings of those frames
+        (their learned nulls when missing or dropped); arguments as in :meth:`forward`."""
         fs, num_frames = frame_start, c.shape[1]
         keep = None if drop is None else (~drop.bool()).view(-1, 1, 1)
         if self.has_actions:
@@ -171,7 +190,24 @@ class ConditionEmbedder(nn.Module):
                 e = self.camera_in(camera.to(c.dtype))
                 e = self._embed(e, self.camera_phase, self.camera_mlp, num_frames, fs)
             c = c + self._or_null(e, self.null_camera, keep)
+        if self.audio_dim > 0:
+            c = c + self._audio(audio, audio_valid, drop_audio, num_frames, fs, c.dtype)
         return c
+
+    def _audio(self, audio: Tensor | None, valid: Tensor | None, drop: Tensor | None,
+               num_frames: int, start: int, dtype: torch.dtype) -> Tensor:
+        """Audio embedding per latent frame [B, num_frames, D] (or the null [1, 1, D]).
+
+        Invalid pixel frames become null_audio *before* pooling, so a latent frame whose
+        audio is half missing averages real and null frames rather than real and silence."""
+        if audio is None:
+            return self.null_audio.view(1, 1, -1)
+        e = self.audio_in(audio.to(dtype))
+        e = self.audio_mlp(e + self._phase(self.audio_phase, e, start))
+        if valid is not None:
+            e = torch.where(valid.bool()[..., None], e, self.null_audio)
+        keep = None if drop is None else (~drop.bool()).view(-1, 1, 1)
+        return self._or_null(self._pool(e, num_frames, start), self.null_audio, keep)
 
     def _action_features(self, actions: Tensor, dtype: torch.dtype) -> Tensor:
         """Per-pixel-frame action features [B, T_pix, D]: the summed per-slot embeddings of

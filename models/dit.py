@@ -35,19 +35,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from worldline.models.attention import attention
+from worldline.models.audio import AudioCrossAttention, audio_cross_attn
 from worldline.models.conditioning import ConditionEmbedder
 from worldline.models.init import reset_default_parameters
 from worldline.models.kv_cache import KVBlock, kv_length
 
-__all__ = [
-    "DiTArgs",
-    "VideoDiT",
-    "rope_3d",
-    "apply_rope",
-    "frame_causal_mask",
-    "attention_layout",
-    "REF_TIME_POS",
-]
+__all__ = ["DiTArgs", "VideoDiT", "rope_3d", "apply_rope", "frame_causal_mask",
+           "attention_layout", "REF_TIME_POS"]
 
 
 @dataclass
@@ -76,6 +70,12 @@ class DiTArgs:
     # (diffusion forcing / rollout). forward(frame_causal=...) overrides per call.
     frame_causal: bool = False
     max_refs: int = 0  # reference-image slots (learned ref embeddings); 0 disables refs
+    # Audio features per pixel frame (LogMelFrames' n_mels); 0 disables. audio_mode
+    # "modulation": pooled into the per-frame conditioning like camera; "cross_attn": audio
+    # cross-attention after every audio_every-th block (models/audio.py).
+    audio_dim: int = 0
+    audio_mode: str = "modulation"
+    audio_every: int = 2
     # Which network: "worldline" = VideoDiT (this file), "wan" = WanDiT (models/wan_dit.py), a
     # weight-compatible diffusers WanTransformer3DModel. The fields below are read by "wan"
     # only; 0 means "not present" (diffusers' None), so Hydra's structured configs stay plain.
@@ -372,10 +372,12 @@ class VideoDiT(nn.Module):
             # frame) and carry a learned per-slot embedding: together these tell the model
             # "this is a reference, not frame k" without giving it a place on the timeline.
             self.ref_embed = nn.Parameter(torch.zeros(args.max_refs, d))
+        xattn = audio_cross_attn(args.audio_mode)
         self.cond_embed = ConditionEmbedder(
             d, freq_dim=args.freq_dim, temporal_downsample=args.temporal_downsample,
             num_action_slots=args.num_action_slots, num_actions=args.num_actions,
-            action_dim=args.action_dim, camera_dim=args.camera_dim)
+            action_dim=args.action_dim, camera_dim=args.camera_dim,
+            audio_dim=0 if xattn else args.audio_dim)
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         if args.text_dim > 0:
             self.context_proj = nn.Sequential(
@@ -383,6 +385,9 @@ class VideoDiT(nn.Module):
             )
         self.blocks = nn.ModuleList(DiTBlock(args) for _ in range(args.depth))
         self.final = FinalLayer(d, self.patch_dim)
+        if xattn and args.audio_dim > 0:
+            self.audio_attn = AudioCrossAttention(d, args.audio_dim, args.num_heads, args.depth,
+                                                  args.audio_every, args.qk_norm, args.rope_theta)
         # The layers' constructors already drew torch's default init; only ours is left.
         self._init_custom()
 
@@ -411,7 +416,8 @@ class VideoDiT(nn.Module):
             nn.init.normal_(ce.action_emb.weight, std=0.02)
         if hasattr(self, "ref_embed"):
             nn.init.normal_(self.ref_embed, std=0.02)
-        for name in ("action_phase", "null_action", "camera_phase", "null_camera"):
+        for name in ("action_phase", "null_action", "camera_phase", "null_camera",
+                     "audio_phase", "null_audio"):
             if hasattr(ce, name):
                 nn.init.normal_(getattr(ce, name), std=0.02)
         # adaLN-zero: modulation starts at zero (identity blocks), output starts at zero.
@@ -423,6 +429,8 @@ class VideoDiT(nn.Module):
         nn.init.zeros_(self.final.adaLN[1].bias)
         nn.init.zeros_(self.final.linear.weight)
         nn.init.zeros_(self.final.linear.bias)
+        if hasattr(self, "audio_attn"):  # last: audio-less models keep their init draws
+            self.audio_attn.init_custom()
 
     # --- patchify -------------------------------------------------------------------------
     def grid(self, t: int, h: int, w: int) -> tuple[int, int, int]:
@@ -470,6 +478,10 @@ class VideoDiT(nn.Module):
         frame_start: int = 0,
         past_kv: list[tuple[Tensor, Tensor]] | None = None,
         return_kv: bool = False,
+        audio: Tensor | None = None,
+        audio_valid: Tensor | None = None,
+        drop_audio: Tensor | None = None,
+        audio_past: int = 0,
     ) -> Tensor | tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """Predict the flow velocity.
 
@@ -488,6 +500,10 @@ class VideoDiT(nn.Module):
             frame_start, past_kv, return_kv: cached rollout (worldline.models.rollout):
                 x holds latent frames frame_start.., past_kv is per block the rotated (k, v)
                 [B, H, N_past, Dh] of earlier tokens that these frames attend to in full.
+            audio: audio features [B, audio_past + T_pix, audio_dim] (LogMelFrames), T_pix
+                as for camera; audio_valid [B, audio_past + T_pix] bool (False = no real
+                audio: null); drop_audio [B] bool (CFG: null audio); audio_past: leading
+                rows of earlier pixel frames (a cached rollout's, seen by cross_attn only).
         Returns:
             velocity [B, C, t, h, w]; with return_kv also per block (k, v) of x's tokens
             (video tokens first, then reference tokens).
@@ -499,7 +515,10 @@ class VideoDiT(nn.Module):
         if frame_start % pt:
             raise ValueError(f"frame_start {frame_start} must be a multiple of p_t={pt}")
         h = self.x_embed(self.patchify(x).to(self.x_embed.weight.dtype))
-        c = self.cond_embed(t, x.shape[2], actions, camera, drop_actions, frame_start)
+        cur = slice(audio_past, None)  # this call's rows: what modulation reads
+        c = self.cond_embed(t, x.shape[2], actions, camera, drop_actions, frame_start,
+                            audio=None if audio is None else audio[:, cur], drop_audio=drop_audio,
+                            audio_valid=None if audio_valid is None else audio_valid[:, cur])
         if pt > 1:  # several latent frames share a token frame: average them
             c = c.view(c.shape[0], grid[0], pt, -1).mean(dim=2)
         c_all, n_refs = c, 0
@@ -513,10 +532,15 @@ class VideoDiT(nn.Module):
         ctx = None
         if a.text_dim > 0 and text is not None:
             ctx = self.context_proj(text.to(h.dtype))
+        a_ctx = None if not hasattr(self, "audio_attn") else self.audio_attn.context(
+            audio, audio_valid, drop_audio, x.shape[0], grid, frame_start, pt,
+            a.temporal_downsample, audio_past)
         kvs = []
         for i, block in enumerate(self.blocks):
             past = None if past_kv is None else past_kv[i]
             h, kv = block(h, mod, rope, ctx, text_mask, mask, past)
+            if a_ctx is not None:
+                h = self.audio_attn(i, h, a_ctx)
             if return_kv:
                 kvs.append(kv)
         n_video = math.prod(grid)
@@ -580,6 +604,7 @@ class VideoDiT(nn.Module):
         k/v); P_frame: those applied once per latent frame (timestep/action/camera embedders,
         adaLN). 6 = 2 FLOPs per MAC x (1 forward + 2 backward). Attention scores and the
         weighted sum cost 2 * 2 * N * N_kv * D forward per layer, x3 for training -> 12.
+        Audio cross-attention adds its own terms (``AudioCrossAttention.flops``).
         """
         _, t, hh, ww = latent_shape
         n = math.prod(self.grid(t, hh, ww))
@@ -588,4 +613,6 @@ class VideoDiT(nn.Module):
         d = self.args.hidden_size
         dense = 6 * (p_tok * n + p_ctx * l_ctx + p_frame * t)
         attn = 12 * self.args.depth * d * (n * n + n * l_ctx)
+        if hasattr(self, "audio_attn"):  # one audio token per pixel frame
+            attn += self.audio_attn.flops(n, 1 + (t - 1) * self.args.temporal_downsample)
         return float(dense + attn)

@@ -93,6 +93,40 @@ def _controls(ctrl: Tensor | Callable[[int], Tensor] | None, start: int, frames:
     return ctrl[:, lo : 1 + (start + frames - 1) * tf]
 
 
+def audio_kwargs(dit, audio, valid, start: int, frames: int, cached: int, tf: int) -> dict:
+    """DiT audio kwargs for latent frames start..start+frames-1 (nothing when audio is None).
+
+    Cross-attention (``audio_mode="cross_attn"``) also hears the audio of the ``cached``
+    frames before ``start`` (the past that the KV cache holds), passed as ``audio_past``
+    leading rows; modulation reads this call's rows only."""
+    if audio is None:
+        return {}
+    if getattr(dit.args, "audio_mode", "modulation") != "cross_attn":
+        cached = 0
+    lo = start - cached
+
+    def first_row(j: int) -> int:  # pixel-frame row where latent frame j's controls begin
+        return 0 if j == 0 else 1 + (j - 1) * tf
+
+    return dict(audio=_controls(audio, lo, cached + frames, tf),
+                audio_past=first_row(start) - first_row(lo),
+                audio_valid=None if valid is None else _controls(valid, lo, cached + frames, tf))
+
+
+def _memo(fn: Callable[[int], Tensor] | Tensor | None):
+    """A control callable that answers each frame index once (cross-attention re-reads the
+    audio of cached frames; an interactive source must not be asked twice)."""
+    if not callable(fn):
+        return fn
+    seen: dict[int, Tensor] = {}
+
+    def get(i: int) -> Tensor:
+        if i not in seen:
+            seen[i] = fn(i)
+        return seen[i]
+    return get
+
+
 @torch.no_grad()
 def rollout(
     dit: VideoDiT,
@@ -104,6 +138,8 @@ def rollout(
     null_text: Tensor | None = None,
     actions: Tensor | Callable[[int], Tensor] | None = None,
     camera: Tensor | Callable[[int], Tensor] | None = None,
+    audio: Tensor | Callable[[int], Tensor] | None = None,
+    audio_valid: Tensor | None = None,
     refs: Tensor | None = None,
     window: int | None = None,
     num_steps: int = 8,
@@ -126,6 +162,9 @@ def rollout(
         actions, camera: controls of the whole video from pixel frame 0, [B, T_pix, ...]
             with T_pix = 1 + (n0 + num_frames - 1) * tf, or callables frame -> [B, n_pix, ...]
             (tf pixel frames per latent frame; 1 for frame 0) for interactive use.
+        audio, audio_valid: audio features [B, T_pix, audio_dim] (or a callable, as
+            camera) and their validity [B, T_pix] bool (tensor audio only); CFG's fully
+            unconditional branch drops them with the actions.
         refs: reference latents [B, K, C, h, w] (cached once, never evicted).
         window: past frames kept in the cache (None: all).
         text_scale, action_scale: guidance scales (1 = off); see flow.guided_velocity.
@@ -165,8 +204,15 @@ def rollout(
     def rep(x: Tensor | None) -> Tensor | None:
         return None if x is None else x.repeat(nb, *([1] * (x.dim() - 1)))
 
+    audio = _memo(audio)
+
     def call(x: Tensor, t: Tensor, start: int, past: KV | None, with_refs=None, kv=False):
         n = x.shape[2]
+        cached = cache.num_frames if past is not None else 0
+        aud = audio_kwargs(dit, audio, audio_valid, start, n, cached, tf)
+        if aud:
+            aud = dict(aud, audio=rep(aud["audio"]), audio_valid=rep(aud["audio_valid"]),
+                       drop_audio=drop_a)
         if dit.args.mask_channel:  # clean (t = 0) frames are the given ones: mask 1
             m = (t == 0).to(x.dtype)[:, None, :, None, None].expand(-1, 1, -1, *x.shape[3:])
             x = torch.cat([x, m], 1)
@@ -174,7 +220,7 @@ def rollout(
                 with_refs = torch.cat([with_refs, torch.ones_like(with_refs[:, :, :1])], 2)
         return dit(rep(x), rep(t), txt, tmask, rep(_controls(actions, start, n, tf)),
                    rep(_controls(camera, start, n, tf)), drop_a, frame_causal=True,
-                   refs=rep(with_refs), frame_start=start, past_kv=past, return_kv=kv)
+                   refs=rep(with_refs), frame_start=start, past_kv=past, return_kv=kv, **aud)
 
     cache = KVCache(window)
     frames: list[Tensor] = []  # clean latent frames so far (for the uncached path)

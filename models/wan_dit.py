@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from worldline.models.audio import audio_cross_attn
 from worldline.models.conditioning import ConditionEmbedder, timestep_embedding
 from worldline.models.dit import (
     DiTArgs,
@@ -81,6 +82,9 @@ class WanDiT(nn.Module):
             raise ValueError(f"patch_size must be [p_t, p_h, p_w], got {args.patch_size}")
         if args.text_dim <= 0:
             raise ValueError("arch='wan' always has text cross-attention: text_dim must be > 0")
+        if audio_cross_attn(args.audio_mode) and args.audio_dim > 0:
+            raise NotImplementedError("arch='wan' takes audio through its controls only: use "
+                                      "audio_mode='modulation' (cross_attn is VideoDiT's)")
         self.args = args
         self.head_dim = d // args.num_heads
         rope_axis_dims(self.head_dim)  # validate early
@@ -96,11 +100,13 @@ class WanDiT(nn.Module):
         self.norm_out = FP32LayerNorm(d, args.eps, elementwise_affine=False)
         self.proj_out = nn.Linear(d, self.out_channels * pt * ph * pw)
         self.scale_shift_table = nn.Parameter(torch.zeros(1, 2, d))
-        if args.num_action_slots > 0 or args.action_dim > 0 or args.camera_dim > 0:
+        if (args.num_action_slots > 0 or args.action_dim > 0 or args.camera_dim > 0
+                or args.audio_dim > 0):
             self.control_embed = ConditionEmbedder(
                 d, freq_dim=args.freq_dim, temporal_downsample=args.temporal_downsample,
                 num_action_slots=args.num_action_slots, num_actions=args.num_actions,
-                action_dim=args.action_dim, camera_dim=args.camera_dim, timestep=False)
+                action_dim=args.action_dim, camera_dim=args.camera_dim, timestep=False,
+                audio_dim=args.audio_dim)
             # Zero-init: temb + control_proj(controls) == temb exactly until trained.
             self.control_proj = nn.Linear(d, d)
         if args.max_refs > 0:
@@ -173,7 +179,8 @@ class WanDiT(nn.Module):
                     nn.init.zeros_(lin.bias)
             if hasattr(m, "action_emb"):
                 nn.init.normal_(m.action_emb.weight, std=0.02)
-            for p in ("action_phase", "null_action", "camera_phase", "null_camera"):
+            for p in ("action_phase", "null_action", "camera_phase", "null_camera",
+                      "audio_phase", "null_audio"):
                 if hasattr(m, p):
                     nn.init.normal_(getattr(m, p), std=0.02)
 
@@ -207,6 +214,10 @@ class WanDiT(nn.Module):
         past_kv: list[tuple[Tensor, Tensor]] | None = None,
         return_kv: bool = False,
         image_emb: Tensor | None = None,
+        audio: Tensor | None = None,
+        audio_valid: Tensor | None = None,
+        drop_audio: Tensor | None = None,
+        audio_past: int = 0,
     ) -> Tensor | tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """Predict the flow velocity; arguments and returns as ``VideoDiT.forward``, plus:
 
@@ -217,6 +228,8 @@ class WanDiT(nn.Module):
                 cross-attention (text and image). Wan itself has no text mask (it attends
                 zero-padded tokens); text_mask [B, L] bool masks keys when given.
             image_emb: Wan i2v CLIP image features [B, L_img, image_dim].
+            audio, audio_valid, drop_audio, audio_past: as VideoDiT (modulation mode: through
+                the zero-initialised control projection; past rows are not read).
         Returns:
             velocity [B, out_channels, t, h, w] (+ per block (k, v) with return_kv).
         """
@@ -232,7 +245,10 @@ class WanDiT(nn.Module):
         h = self.patch_embedding(self.patchify(x).to(w.dtype))
         if t.dim() == 1:
             t = t[:, None].expand(-1, x.shape[2])
-        temb = self._time_embedding(t, actions, camera, drop_actions, frame_start)
+        aud = None if audio is None else (  # this call's rows: modulation ignores the past
+            audio[:, audio_past:], None if audio_valid is None else audio_valid[:, audio_past:],
+            drop_audio)
+        temb = self._time_embedding(t, actions, camera, drop_actions, frame_start, aud)
         if pt > 1:  # several latent frames share a token frame: average them
             temb = temb.view(temb.shape[0], grid[0], pt, -1).mean(dim=2)
         temb_all, n_refs = temb, 0
@@ -261,15 +277,18 @@ class WanDiT(nn.Module):
         return (out, kvs) if return_kv else out
 
     def _time_embedding(self, t: Tensor, actions=None, camera=None, drop=None,
-                        frame_start: int = 0) -> Tensor:
+                        frame_start: int = 0, audio: tuple | None = None) -> Tensor:
         """Wan's temb per latent frame [B, t, D] from flow time t [B, t] (x1000 inside the
-        sinusoid: Wan's 0..1000 scale), plus the zero-initialised control projection."""
+        sinusoid: Wan's 0..1000 scale), plus the zero-initialised control projection;
+        audio: (features, valid, drop) of this call's pixel frames, or None (null audio)."""
         lin = self.condition_embedder.time_embedder.linear_1
         temb = self.condition_embedder.time_embedder(
             timestep_embedding(t, self.args.freq_dim).to(lin.weight.dtype))
         if hasattr(self, "control_embed"):
+            feats, valid, drop_a = audio if audio is not None else (None, None, None)
             ctrl = self.control_embed.add_controls(
-                temb.new_zeros(temb.shape), actions, camera, drop, frame_start)
+                temb.new_zeros(temb.shape), actions, camera, drop, frame_start, audio=feats,
+                audio_valid=valid, drop_audio=drop_a)
             temb = temb + self.control_proj(ctrl.to(self.control_proj.weight.dtype))
         return temb
 

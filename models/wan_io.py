@@ -47,7 +47,8 @@ EXTRA_WEIGHTS = "worldline_extra.safetensors"
 _IGNORED = ("norm_added_q",)
 # DiTArgs fields a diffusers config cannot hold; saved in worldline_extra.json.
 WORLDLINE_FIELDS = ("num_action_slots", "num_actions", "action_dim", "camera_dim",
-                     "temporal_downsample", "mask_channel", "frame_causal", "max_refs")
+                     "temporal_downsample", "mask_channel", "frame_causal", "max_refs",
+                     "audio_dim", "audio_mode", "audio_every")
 
 
 def dit_args_from_diffusers_config(cfg: dict[str, Any], **extra: Any) -> DiTArgs:

@@ -78,6 +78,9 @@ class WorldModel(nn.Module):
         text_emb: Tensor | None = None,
         refs: Tensor | None = None,
         frame_causal: bool | None = None,
+        audio: Tensor | None = None,
+        audio_valid: Tensor | None = None,
+        drop_audio: Tensor | None = None,
     ) -> Tensor:
         """Velocity prediction.
 
@@ -90,6 +93,9 @@ class WorldModel(nn.Module):
                 encoder's features, e.g. adapters.HFTextEncoder); skips the encoder.
             refs: reference latents [B, K, C, h, w] (DiTArgs.max_refs > 0).
             frame_causal: block-causal attention override (diffusion forcing); see VideoDiT.
+            audio, audio_valid, drop_audio: per-pixel-frame audio features [B, T_pix,
+                audio_dim] (LogMelFrames), their validity [B, T_pix] bool and the audio CFG
+                dropout mask [B] bool (DiTArgs.audio_dim > 0).
         Returns:
             velocity [B, C, t, h, w].
         """
@@ -111,7 +117,8 @@ class WorldModel(nn.Module):
                 # all True keeps every row valid and independent of the dropped text's length.
                 text_mask = text_mask.bool() | drop.view(b, 1)
         return self.dit(x_t, t, text_emb, text_mask, actions, camera, drop_actions, refs=refs,
-                        frame_causal=frame_causal)
+                        frame_causal=frame_causal, audio=audio, audio_valid=audio_valid,
+                        drop_audio=drop_audio)
 
     def num_params(self) -> int:
         """Number of parameters (text encoder + DiT + null text embedding)."""

@@ -49,11 +49,13 @@ def load_init_weights(model: nn.Module, path: Path) -> set[str]:
 
 @torch.no_grad()
 def zero_init_new_controls(model: nn.Module, new: set[str]) -> list[str]:
-    """Zero the last layer and null vector of every *new* action/camera embedder of the DiT.
+    """Zero the last layer and null vector of every *new* action/camera/audio embedder of the
+    DiT, and the output projections of new audio cross-attention layers.
 
-    The conditioning vector is ``c = t_emb + mlp_a(actions) + mlp_c(camera)`` (or the null
-    vectors without input), so zero output layers and nulls add exactly 0 whatever the
-    controls; their input layers keep random weights so the zeroed layers get gradients at
+    The conditioning vector is ``c = t_emb + mlp_a(actions) + mlp_c(camera) + mlp_s(audio)``
+    (or the null vectors without input), so zero output layers and nulls add exactly 0
+    whatever the controls; audio cross-attention adds ``proj(...)``, exactly 0 once proj is
+    zero. Their input layers keep random weights so the zeroed layers get gradients at
     the first step. Reference slots need no zeroing: without reference images the DiT never
     reads them. Returns the zeroed parameter names."""
     zeroed = []
@@ -61,8 +63,9 @@ def zero_init_new_controls(model: nn.Module, new: set[str]) -> list[str]:
         if name not in new:
             continue
         leaf = name.split("cond_embed.", 1)[-1]
-        if leaf in ("null_action", "null_camera") or leaf.startswith(("action_mlp.1.",
-                                                                      "camera_mlp.1.")):
+        xattn_out = ".audio_attn.layers." in f".{name}" and name.rsplit(".", 2)[-2] == "proj"
+        if xattn_out or leaf in ("null_action", "null_camera", "null_audio") or leaf.startswith(
+                ("action_mlp.1.", "camera_mlp.1.", "audio_mlp.1.")):
             p.zero_()
             zeroed.append(name)
     return zeroed
