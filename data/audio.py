@@ -92,14 +92,19 @@ def probe_audio(data: bytes) -> dict | None:
         raise AudioDecodeError(f"{type(exc).__name__}: {exc}") from None
 
 
-def _mono(frame, packer) -> np.ndarray:
-    """A decoded frame of any sample format/layout -> float32 mono (mean of channels)."""
+def packed_samples(frame, packer) -> np.ndarray:
+    """A decoded frame of any sample format/layout -> float32 ``[n, C]``. ``packer`` is an
+    ``av.AudioResampler(format="flt")`` kept per stream (format conversion only)."""
+    channels = len(frame.layout.channels) or 1
     out = [f.to_ndarray() for f in packer.resample(frame)]  # packed float32: [1, n * C]
     if not out:
-        return np.zeros(0, np.float32)
-    channels = len(frame.layout.channels) or 1
-    x = np.concatenate(out, axis=1).reshape(-1, channels)
-    return x.mean(axis=1, dtype=np.float32)
+        return np.zeros((0, channels), np.float32)
+    return np.concatenate(out, axis=1).reshape(-1, channels)
+
+
+def _mono(frame, packer) -> np.ndarray:
+    """A decoded frame of any sample format/layout -> float32 mono (mean of channels)."""
+    return packed_samples(frame, packer).mean(axis=1, dtype=np.float32)
 
 
 def _resample(x: np.ndarray, src_rate: int, rate: int) -> np.ndarray:
