@@ -51,7 +51,7 @@ def _mp4(frames: int = 24, fps: float = 16.0, rate: int = 16000, *, offset: floa
         if codec == "flac":
             a.format = "s16"
         for k in range(frames):
-            c.mux(v.encode(av.VideoFrame.from_ndarray(np.full((32, 32, 3), 10 * k, np.uint8), format="rgb24")))
+            c.mux(v.encode(av.VideoFrame.from_ndarray(np.full((32, 32, 3), 10 * k % 256, np.uint8), format="rgb24")))
         c.mux(v.encode())
         step = 1024
         for i in range(0, n, step):
