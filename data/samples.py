@@ -302,10 +302,10 @@ class PixelCodec:
     def decode(self, cand: Candidate, rng: np.random.Generator, tag: int) -> dict:
         bucket: Bucket = self.buckets[int(cand.bucket)]
         try:
-            frames, idx, timing = decode_clip(cand.video, bucket.num_frames, self.buckets.frame_stride,
-                                              self.position, rng, fps=self.buckets.fps,
-                                              num_threads=self.decode_threads, as_tensor=True,
-                                              return_timing=True)
+            frames, idx, *timing = decode_clip(cand.video, bucket.num_frames, self.buckets.frame_stride,
+                                               self.position, rng, fps=self.buckets.fps,
+                                               num_threads=self.decode_threads, as_tensor=True,
+                                               return_timing=self.audio_rate > 0)
         except ClipTooShortError as exc:
             raise Skip("too_short", str(exc)) from None
         except Exception as exc:  # decord raises RuntimeError/DECORDError on corrupt input
@@ -328,9 +328,9 @@ class PixelCodec:
         if self.with_refs:
             item["refs"] = self._refs(cand, bucket)
         if self.audio_rate:
-            n = window_samples(timing.duration, self.audio_rate)
+            n = window_samples(timing[0].duration, self.audio_rate)
             try:
-                pcm, mask = decode_audio_window(cand.video, timing.start, n / self.audio_rate, self.audio_rate)
+                pcm, mask = decode_audio_window(cand.video, timing[0].start, n / self.audio_rate, self.audio_rate)
             except AudioDecodeError as exc:
                 raise Skip("bad_audio", f"{cand.key}: {exc}") from None
             item["audio"], item["audio_mask"] = pcm, mask
