@@ -7,7 +7,9 @@ A batch holds ``B = num_samples`` samples of one bucket. Per-sample fields (the 
 - ``actions`` int64 ``[B, T, S]``, ``camera`` float32 ``[B, T, 2]``;
 - ``caption``, ``key`` list[str]; ``style`` list[list[str]]; ``epoch`` list[int];
 - optional: ``refs`` list of uint8 ``[R, 3, H, W]``; ``text_emb`` ``[B, L, D]`` and
-  ``text_mask`` ``[B, L]`` (latent caches with precomputed text).
+  ``text_mask`` ``[B, L]`` (latent caches with precomputed text); ``audio`` float32 ``[B, N]``
+  (mono, ``ShardLoader(audio_rate=...)`` Hz, the window under the clip's frames) and
+  ``audio_mask`` bool ``[B, N]`` (False where the file has no audio there, or none at all).
 
 Batch-level facts (attributes, not mapping keys, so code iterating ``batch.items()`` only
 ever sees per-sample values): ``clip_shape`` = ``(num_frames, height, width)`` of the pixel
@@ -40,7 +42,7 @@ __all__ = ["Batch", "FIELDS"]
 
 # Mapping keys, in the order the loader's dicts had them (pixel and latent batches).
 FIELDS = ("video", "latents", "actions", "camera", "caption", "key", "style", "epoch", "refs",
-          "text_emb", "text_mask")
+          "text_emb", "text_mask", "audio", "audio_mask")
 
 
 def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -68,6 +70,8 @@ class Batch(Mapping[str, Any]):
     refs: list[torch.Tensor] | None = None
     text_emb: torch.Tensor | None = None
     text_mask: torch.Tensor | None = None
+    audio: torch.Tensor | None = None
+    audio_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         # Cheap invariants only (this runs once per batch in the loader workers).

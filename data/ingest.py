@@ -20,11 +20,13 @@ the inputs already reported bad), deletes partial files and continues numbering.
 order and the shard boundaries are deterministic, the result equals an uninterrupted run's.
 
 Sample members: ``<key>.mp4``, ``<key>.json`` (``actions``, ``camera`` or ``camera_pose``,
-``caption``, ``style``, ``meta``: source path, resolution, fps, frame count, duration, codec),
+``caption``, ``style``, ``meta``: source path, resolution, fps, frame count, duration, codec,
+``audio``: ``{sample_rate, channels, duration, offset, codec}`` or null),
 ``<key>.txt`` (caption) and ``<key>.ref<i>.<ext>`` (reference images, original bytes). Inputs
 in non-ISO containers (webm, mkv, avi) are re-encoded to H.264 mp4 so every stored video can
 be header-probed cheaply by the loader. Re-encoding keeps every frame and its timestamp (VFR
-stays VFR), so per-frame annotations stay aligned.
+stays VFR), so per-frame annotations stay aligned, and re-encodes the first audio track to
+AAC with its timestamps (files stored as-is keep theirs untouched).
 
 Tiny CPU example::
 
@@ -48,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
+from worldline.data.audio import AudioDecodeError, probe_audio
 from worldline.data.probe import ProbeError, VideoLimits, is_iso_bmff, probe_video
 from worldline.data.samples import parse_actions
 from worldline.data.shards import MANIFEST, ClosedShard, Journal, ShardWriter, remove_partial_shards, write_manifest
@@ -82,11 +85,67 @@ def _even(x: float) -> int:
     return max(2, int(round(x / 2)) * 2)
 
 
+# Sample rates FFmpeg's AAC encoder takes; other rates are resampled to the next one up
+# (at most 48 kHz: the loader's audio rates are far below, and 96 kHz AAC is rarely decodable).
+_AAC_RATES = (7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
+
+
+class _AudioReencoder:
+    """The first audio stream of a transcoded file, re-encoded to AAC in step with the video:
+    each decoded frame keeps its presentation time (so a late or early audio start stays
+    where it was), at most 2 channels (more are averaged to mono, as the loader does) and an
+    AAC sample rate."""
+
+    def __init__(self, src_stream, dst):
+        import av
+
+        cc = src_stream.codec_context
+        self.src_rate = int(cc.sample_rate or src_stream.rate or 0)
+        if self.src_rate <= 0:
+            raise ValueError(f"audio stream declares sample rate {self.src_rate}")
+        self.channels = 1 if (cc.channels or 1) != 2 else 2
+        self.rate = next((r for r in _AAC_RATES if r >= self.src_rate), 48000)
+        self.layout = "mono" if self.channels == 1 else "stereo"
+        self.out = dst.add_stream("aac", rate=self.rate)
+        self.out.layout = self.layout
+        self.dst, self.packer = dst, av.AudioResampler(format="flt")
+        self.resampler = av.AudioResampler(format="fltp", layout=self.layout, rate=self.rate)
+        self.next_pts: int | None = None
+
+    def encode(self, frame) -> None:
+        import av
+
+        from worldline.data.audio import packed_samples
+
+        x = packed_samples(frame, self.packer)  # [n, C]: PyAV 18 cannot resample 8-ch planar
+        if x.shape[1] != self.channels:
+            x = x.mean(axis=1, keepdims=True)
+        planar = av.AudioFrame.from_ndarray(np.ascontiguousarray(x.T), format="fltp", layout=self.layout)
+        planar.sample_rate = frame.sample_rate or self.src_rate
+        for out in self.resampler.resample(planar):
+            self._write(out, frame)
+
+    def _write(self, out, source) -> None:
+        if self.next_pts is None:  # the stream's start: the first decoded frame's time
+            known = source is not None and source.pts is not None and source.time_base is not None
+            start = float(source.pts * source.time_base) if known else 0.0
+            self.next_pts = int(round(start * self.rate))
+        out.pts, out.time_base = self.next_pts, Fraction(1, self.rate)
+        self.next_pts += out.samples
+        self.dst.mux(self.out.encode(out))
+
+    def close(self) -> None:
+        for out in self.resampler.resample(None):
+            self._write(out, None)
+        self.dst.mux(self.out.encode())
+
+
 def transcode(data: bytes, codec: str = "libx264", crf: int = 20, max_side: int | None = None) -> bytes:
     """Re-encode video bytes to mp4 with PyAV, downscaling so ``max(H, W) <= max_side``.
 
     Every decoded frame is kept with its presentation time (VFR stays VFR); sizes are rounded
-    to even numbers for 4:2:0 chroma.
+    to even numbers for 4:2:0 chroma. The first audio stream, if any, is re-encoded to AAC
+    with its timestamps (``_AudioReencoder``), so it stays in sync with the video.
     """
     import av
 
@@ -95,6 +154,7 @@ def transcode(data: bytes, codec: str = "libx264", crf: int = 20, max_side: int 
     out_buf = io.BytesIO()
     with av.open(io.BytesIO(data)) as src:
         stream = src.streams.video[0]
+        src_audio = src.streams.audio[0] if src.streams.audio else None
         h, w = stream.codec_context.height, stream.codec_context.width
         scale = min(1.0, max_side / max(h, w)) if max_side else 1.0
         oh, ow = _even(h * scale), _even(w * scale)
@@ -109,16 +169,24 @@ def transcode(data: bytes, codec: str = "libx264", crf: int = 20, max_side: int 
             else:
                 out.bit_rate = max(200_000, int(oh * ow * float(rate)))
             out.codec_context.time_base = tb
-            last = None
-            for i, frame in enumerate(src.decode(stream)):
-                pts = frame.pts if frame.pts is not None else i
-                if last is not None and pts <= last:
-                    pts = last + 1  # broken timestamps: keep order, stay monotonic
-                last = pts
-                img = frame.reformat(width=ow, height=oh, format="yuv420p")
-                img.pts, img.time_base = pts, tb
-                dst.mux(out.encode(img))
+            sound = _AudioReencoder(src_audio, dst) if src_audio is not None else None
+            last, i = None, 0
+            # Demux both streams in file order: audio and video are re-encoded interleaved.
+            for packet in src.demux(*([stream, src_audio] if sound else [stream])):
+                for frame in packet.decode():
+                    if packet.stream.index != stream.index:
+                        sound.encode(frame)
+                        continue
+                    pts = frame.pts if frame.pts is not None else i
+                    if last is not None and pts <= last:
+                        pts = last + 1  # broken timestamps: keep order, stay monotonic
+                    last, i = pts, i + 1
+                    img = frame.reformat(width=ow, height=oh, format="yuv420p")
+                    img.pts, img.time_base = pts, tb
+                    dst.mux(out.encode(img))
             dst.mux(out.encode())
+            if sound is not None:
+                sound.close()
     return out_buf.getvalue()
 
 
@@ -236,6 +304,10 @@ def prepare(item: SourceItem, opts: IngestOptions) -> dict:
                 raise BadInput("reencode_error" if original else "not_video", f"{type(exc).__name__}: {exc}") from None
         facts = validate_video(data, full=opts.validate == "full", limits=opts.limits) \
             if original is None or opts.reencode or opts.max_side or opts.validate == "full" else original
+        try:
+            facts = {**facts, "audio": probe_audio(data)}  # None: no audio track
+        except AudioDecodeError as exc:
+            raise BadInput("bad_audio", str(exc)) from None
         meta = dict(item.meta)
         if item.meta_path:
             try:

@@ -8,7 +8,9 @@ latent shard per pixel shard, same name. Each sample is
 
 - ``<key>.safetensors``: ``latents`` ``[C, t, h, w]`` (``dtype``), ``actions`` int64
   ``[T, S]``, ``camera`` float32 ``[T, 2]`` (the per-frame deltas the pixel loader yields),
-  and ``text_emb`` / ``text_mask`` when ``text_encode`` is given. safetensors is a JSON
+  ``text_emb`` / ``text_mask`` when ``text_encode`` is given, and ``audio`` float32 ``[N]`` /
+  ``audio_mask`` bool ``[N]`` with ``audio_rate > 0`` (the clip's audio window, as the pixel
+  loader yields it; ``LatentCodec`` batches it back). safetensors is a JSON
   header plus raw buffers: loading it runs no code (unlike pickle).
 - ``<key>.json`` (caption, style, source shard, clip settings) and ``<key>.txt`` (caption).
 
@@ -97,12 +99,14 @@ def encode_latent_shards(
     seed: int = 0,
     resume: bool = True,
     provenance: dict | None = None,
+    audio_rate: int = 0,
 ) -> dict:
     """Encode every usable sample of ``shards`` into latent shards in ``out_dir``; returns the
     latent manifest. ``encode`` gets uint8 ``[B, 3, T, H, W]`` on CPU and returns float
     ``[B, C, t, h, w]`` (any device); it runs under ``torch.no_grad()``. ``provenance``
     (e.g. ``{"autoencoder": {...}, "text_encoder": {"path", "sha256", "max_len"}}``) is
-    written into the manifest, so training refuses embeddings of another encoder."""
+    written into the manifest, so training refuses embeddings of another encoder.
+    ``audio_rate > 0`` stores each clip's audio window (``PixelCodec(audio_rate=...)``)."""
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
     urls = resolve_shards(shards)
@@ -113,6 +117,8 @@ def encode_latent_shards(
     out.mkdir(parents=True, exist_ok=True)
     clip = {"num_frames": num_frames, "frame_stride": frame_stride, "fps": fps,
             "resolution": list(resolution), "position": position, "crop": crop, "seed": seed}
+    if audio_rate:  # only when on: journals of runs without audio stay resumable
+        clip["audio_rate"] = int(audio_rate)
     journal = Journal(out / JOURNAL, {"shards": names, "clip": clip, "dtype": dtype,
                                       "text": text_encode is not None,
                                       "provenance": provenance or {}})
@@ -125,7 +131,8 @@ def encode_latent_shards(
     todo = [i for i, n in enumerate(names) if n not in done]
 
     bucket = Bucket(resolution[0], resolution[1], num_frames, batch_size)
-    codec = PixelCodec(BucketSet([bucket], upscale=True, frame_stride=frame_stride, fps=fps), position, crop)
+    codec = PixelCodec(BucketSet([bucket], upscale=True, frame_stride=frame_stride, fps=fps), position, crop,
+                       audio_rate=audio_rate)
     # Open latent shards by input shard index (workers interleave shards), with their entries.
     writers: dict[int, tuple[TarShard, list[dict]]] = {}
     pending: list[tuple[int, dict]] = []
@@ -153,6 +160,9 @@ def encode_latent_shards(
                        "camera": np.ascontiguousarray(it["camera"], np.float32)}
             if emb is not None:
                 tensors.update(text_emb=emb[j].astype(np_dtype), text_mask=mask[j])
+            if "audio" in it:
+                tensors.update(audio=np.ascontiguousarray(it["audio"], np.float32),
+                               audio_mask=np.ascontiguousarray(it["audio_mask"], bool))
             meta = {"caption": it["caption"], "style": it["style"], "source_shard": names[i], "clip": clip}
             shard, entries = writer_for(i)
             shard.write({"__key__": it["key"], "safetensors": save(tensors),

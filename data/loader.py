@@ -178,6 +178,11 @@ class ShardLoader:
     transpose (10-20 % of a clip's CPU time), for a consumer that moves the batch to the GPU
     and calls ``.contiguous()`` there (or feeds channels-last convolutions directly).
 
+    ``audio_rate > 0`` (Hz) adds ``audio`` float32 ``[B, N]`` (mono) and ``audio_mask`` bool
+    ``[B, N]``: the audio under each clip's frames, ``N = round(num_frames * audio_rate /
+    frame_rate)`` with ``frame_rate = fps`` (or source fps / ``frame_stride``); see
+    ``PixelCodec``. Latent caches encoded with audio return it too. 0: nothing is decoded.
+
     Bad input is skipped, counted in ``stats`` (``skipped``, ``skipped_reasons``,
     ``shard_errors``) and warned about once with shard and key; a sub-stream whose skipped
     fraction exceeds ``max_skip_fraction`` after ``skip_check_after`` samples aborts.
@@ -214,6 +219,7 @@ class ShardLoader:
         channels_last: bool = False,
         prefetch_factor: int = 2,
         pin_memory: bool = False,
+        audio_rate: int = 0,
     ):
         self.shards = resolve_shards(shards)
         if not self.shards:
@@ -242,7 +248,8 @@ class ShardLoader:
             bucket_list = list(buckets) if explicit else [Bucket(*self.resolution, num_frames, batch_size)]
             bset = BucketSet(bucket_list, upscale=(not explicit) if upscale is None else upscale,
                              frame_stride=frame_stride, fps=fps)
-            self.codec = PixelCodec(bset, position, crop, limits, with_refs, decode_threads, channels_last)
+            self.codec = PixelCodec(bset, position, crop, limits, with_refs, decode_threads, channels_last,
+                                    audio_rate=audio_rate)
         # Sub-streams are tied to workers; 0 workers means one in-process stream.
         self.num_streams = max(1, num_workers)
         if not resample and len(self.shards) < world_size * self.num_streams:

@@ -38,6 +38,7 @@ from webdataset.tariterators import base_plus_ext
 from worldline.data.batch import Batch
 from worldline.data.buckets import Bucket, BucketSet, NoBucket
 from worldline.data.probe import ProbeError, VideoLimits, probe_video
+from worldline.data.audio import AudioDecodeError, decode_audio_window, window_samples
 from worldline.data.video import ClipTooShortError, decode_clip, resize_crop
 
 log = logging.getLogger(__name__)
@@ -244,18 +245,34 @@ class Codec(Protocol):
 
 
 class PixelCodec:
-    """mp4 samples -> ``video`` uint8 ``[B, 3, T, H, W]`` batches (see ``ShardLoader``)."""
+    """mp4 samples -> ``video`` uint8 ``[B, 3, T, H, W]`` batches (see ``ShardLoader``).
+
+    ``audio_rate > 0`` adds each clip's audio window (``audio`` float32 ``[B, N]`` mono at
+    that rate, ``audio_mask`` bool ``[B, N]``): from the clip's start (``ClipTiming.start``)
+    for ``T / frame_rate`` seconds, ``N = round(T * audio_rate / frame_rate)`` with
+    ``frame_rate = fps`` when resampling by time (one N per bucket), else the source's
+    average rate / ``frame_stride``. Under ``frame_stride`` sources of different frame rates
+    give different N; a batch then pads the shorter windows at the end (mask False) to its
+    longest, so N is fixed per bucket whenever its sources share a rate (module docs of
+    ``data.audio`` for the clocks). A file without audio gives zeros and an all-False mask;
+    undecodable audio skips the sample as ``bad_audio``.
+    """
 
     input = "pixel"
 
     def __init__(self, buckets: BucketSet, position: str = "start", crop: str = "center",
                  limits: VideoLimits | None = None, with_refs: bool = False, decode_threads: int = 1,
-                 channels_last: bool = False):
+                 channels_last: bool = False, audio_rate: int = 0):
+        if audio_rate < 0:
+            raise ValueError(f"audio_rate must be >= 0 (0: no audio), got {audio_rate}")
         self.buckets, self.position, self.crop, self.channels_last = buckets, position, crop, channels_last
         self.limits, self.with_refs, self.decode_threads = limits or VideoLimits(), with_refs, decode_threads
+        self.audio_rate = int(audio_rate)
 
     def signature(self) -> list:
-        return ["pixel", self.buckets.signature(), self.position, self.crop, self.with_refs, self.channels_last]
+        sig = ["pixel", self.buckets.signature(), self.position, self.crop, self.with_refs, self.channels_last]
+        # Only when on: states saved before audio existed keep resuming exactly.
+        return sig + [{"audio_rate": self.audio_rate}] if self.audio_rate else sig
 
     def wanted(self, ext: str) -> bool:
         return ext in VIDEO_EXTENSIONS or ext in ("json", "txt") or (self.with_refs and bool(_REF.match(ext)))
@@ -285,9 +302,10 @@ class PixelCodec:
     def decode(self, cand: Candidate, rng: np.random.Generator, tag: int) -> dict:
         bucket: Bucket = self.buckets[int(cand.bucket)]
         try:
-            frames, idx = decode_clip(cand.video, bucket.num_frames, self.buckets.frame_stride,
-                                      self.position, rng, fps=self.buckets.fps,
-                                      num_threads=self.decode_threads, as_tensor=True)
+            frames, idx, *timing = decode_clip(cand.video, bucket.num_frames, self.buckets.frame_stride,
+                                               self.position, rng, fps=self.buckets.fps,
+                                               num_threads=self.decode_threads, as_tensor=True,
+                                               return_timing=self.audio_rate > 0)
         except ClipTooShortError as exc:
             raise Skip("too_short", str(exc)) from None
         except Exception as exc:  # decord raises RuntimeError/DECORDError on corrupt input
@@ -309,6 +327,13 @@ class PixelCodec:
                 "caption": cand.caption, "key": cand.key, "style": cand.style, "epoch": tag}
         if self.with_refs:
             item["refs"] = self._refs(cand, bucket)
+        if self.audio_rate:
+            n = window_samples(timing[0].duration, self.audio_rate)
+            try:
+                pcm, mask = decode_audio_window(cand.video, timing[0].start, n / self.audio_rate, self.audio_rate)
+            except AudioDecodeError as exc:
+                raise Skip("bad_audio", f"{cand.key}: {exc}") from None
+            item["audio"], item["audio_mask"] = pcm, mask
         return item
 
     def _refs(self, cand: Candidate, bucket: Bucket) -> torch.Tensor:
@@ -369,7 +394,22 @@ class PixelCodec:
             epoch=[it["epoch"] for it in items],
             refs=[it["refs"] for it in items] if self.with_refs else None,
             clip_shape=(b.num_frames, b.height, b.width),
+            **(_stack_audio(items) if self.audio_rate else {}),
         )
+
+
+def _stack_audio(items: list[dict]) -> dict[str, torch.Tensor]:
+    """Per-sample audio windows -> ``audio`` float32 ``[B, N]`` + ``audio_mask`` bool ``[B, N]``,
+    N the longest window (shorter ones, from sources of another frame rate, padded: mask False)."""
+    n = max(len(it["audio"]) for it in items)
+    audio = shared_empty((len(items), n), torch.float32)
+    mask = shared_empty((len(items), n), torch.bool)
+    audio.zero_()
+    mask.zero_()
+    for i, it in enumerate(items):
+        audio[i, : len(it["audio"])] = torch.from_numpy(np.asarray(it["audio"], np.float32))
+        mask[i, : len(it["audio_mask"])] = torch.from_numpy(np.asarray(it["audio_mask"], bool))
+    return {"audio": audio, "audio_mask": mask}
 
 
 def _encoded_clip_shape(meta: dict) -> tuple[int, int, int] | None:
@@ -425,6 +465,11 @@ class LatentCodec:
             raise Skip("bad_latents", f"need float latents [C, t, h, w], got {None if lat is None else (lat.dtype, lat.shape)}")
         if not np.isfinite(lat).all():
             raise Skip("bad_latents", "latents contain non-finite values")
+        audio, amask = tensors.get("audio"), tensors.get("audio_mask")
+        if audio is not None and (audio.ndim != 1 or audio.dtype.kind != "f" or not np.isfinite(audio).all()
+                                  or amask is None or amask.shape != audio.shape):
+            raise Skip("bad_latents", f"audio must be finite float [N] with an audio_mask [N], got "
+                       f"{audio.dtype} {audio.shape} / {None if amask is None else amask.shape}")
         caption = raw.members["txt"].decode("utf-8", "replace") if "txt" in raw.members else str(meta.get("caption", ""))
         style = meta.get("style", [])
         style = [style] if isinstance(style, str) else list(style) if isinstance(style, list) else []
@@ -445,6 +490,9 @@ class LatentCodec:
         for name in ("text_emb", "text_mask"):
             if name in t:
                 item[name] = torch.from_numpy(np.ascontiguousarray(t[name]))
+        if t.get("audio") is not None and t.get("audio_mask") is not None:
+            item["audio"] = np.asarray(t["audio"], np.float32)
+            item["audio_mask"] = np.asarray(t["audio_mask"], bool)
         return item
 
     def place(self, acc, bucket: str, i: int, item: dict, alloc: Callable | None = None) -> None:
@@ -473,4 +521,5 @@ class LatentCodec:
         return Batch(latents=out, actions=actions, camera=camera,
                      caption=[it["caption"] for it in items], key=[it["key"] for it in items],
                      style=[it["style"] for it in items], epoch=[it["epoch"] for it in items],
-                     clip_shape=items[0]["clip_shape"], **text)
+                     clip_shape=items[0]["clip_shape"], **text,
+                     **(_stack_audio(items) if all("audio" in it for it in items) else {}))

@@ -12,6 +12,12 @@ Conventions (world pixels, origin top-left, (x, y) order):
   ``positions[t + 1] = clamp(positions[t] + step * ACTION_DELTAS[actions[t]])``; the last
   row is sampled but its effect falls outside the clip (the usual ``s_{t+1} = f(s_t, a_t)``).
 
+Sound (``audio=True``): every sprite has a pure tone of its own (``TONES_HZ``, by colour, so
+an identity sounds the same in every clip) that plays during the frame intervals in which
+the sprite moves (``positions[t] != positions[t - 1]``: frame ``t``'s interval
+``[t / fps, (t + 1) / fps)``), with 5 ms fades against clicks. The mp4 carries it as an AAC
+track from time 0; ``render_audio`` renders it for any motion (e.g. swapped-audio controls).
+
 Tiny CPU example::
 
     cfg = SyntheticWorldConfig(num_frames=9, height=32, width=32)
@@ -76,6 +82,57 @@ class SyntheticWorldConfig:
     fps: float = 8.0
     seed: int = 0
     codec: str = "libx264"
+    audio: bool = False  # a tone per moving sprite in the mp4 (module docstring)
+    audio_rate: int = 16000
+
+
+# One tone per colour (index as in COLOURS), about a fourth apart: well separated for a
+# one-frame FFT at 8 fps and below the Nyquist frequency of 8 kHz audio.
+TONES_HZ = (330.0, 440.0, 587.0, 784.0, 1046.0, 1397.0, 1865.0, 2489.0)
+_FADE_S = 0.005
+
+
+def sprite_moving(positions: np.ndarray) -> np.ndarray:
+    """bool ``[T, S]`` from sprite positions ``[S, T, 2]``: whether sprite ``s`` moved into
+    frame ``t`` (position differs from frame ``t - 1``; never at ``t = 0``)."""
+    positions = np.asarray(positions)
+    moving = np.zeros(positions.shape[:2][::-1], bool)
+    moving[1:] = (positions[:, 1:] != positions[:, :-1]).any(-1).T
+    return moving
+
+
+def render_audio(cfg: SyntheticWorldConfig, moving: np.ndarray, tones: list[float]) -> np.ndarray:
+    """The clip's sound: float32 mono ``[round(T * audio_rate / fps)]`` in [-1, 1].
+
+    ``moving`` bool ``[T, S]``: sprite ``s`` sounds its tone ``tones[s]`` (Hz) throughout frame
+    ``t``'s interval when ``moving[t, s]``; each run of moving frames fades in and out over
+    5 ms. Phase runs from time 0, so consecutive moving frames make one continuous tone.
+    """
+    moving = np.asarray(moving, bool)
+    if moving.ndim != 2 or moving.shape[1] != len(tones):
+        raise ValueError(f"moving must be [T, S] with S = len(tones) = {len(tones)}, got {moving.shape}")
+    rate, fps = int(cfg.audio_rate), float(cfg.fps)
+    T, S = moving.shape
+    n = int(round(T * rate / fps))
+    bounds = np.round(np.arange(T + 1) * rate / fps).astype(np.int64)
+    t = np.arange(n) / rate
+    out = np.zeros(n, np.float64)
+    amp = 0.8 / max(S, 1)  # the sum of all tones stays inside [-1, 1]
+    fade = max(1, int(round(_FADE_S * rate)))
+    for s in range(S):
+        env = np.zeros(n)
+        for ti in np.flatnonzero(moving[:, s]):
+            env[bounds[ti] : bounds[ti + 1]] = 1.0
+        # Raised-cosine ramps at the edges of every run (inside it, so silence stays silent).
+        edges = np.flatnonzero(np.diff(np.concatenate([[0.0], env, [0.0]])))
+        for on, off in zip(edges[0::2], edges[1::2]):
+            k = min(fade, (off - on) // 2)
+            if k:
+                ramp = 0.5 - 0.5 * np.cos(np.pi * (np.arange(k) + 0.5) / k)
+                env[on : on + k] *= ramp
+                env[off - k : off] *= ramp[::-1]
+        out += amp * env * np.sin(2 * np.pi * float(tones[s]) * t)
+    return out.astype(np.float32)
 
 
 def world_size(cfg: SyntheticWorldConfig) -> tuple[int, int]:
@@ -171,7 +228,8 @@ def render_clip(cfg: SyntheticWorldConfig, index: int) -> dict:
     Returns a dict: ``frames`` uint8 ``[T, H, W, 3]``, ``actions`` int64 ``[T, S]``,
     ``camera`` float32 ``[T, 2]`` (view top-left (x, y) in world pixels), ``caption`` str,
     ``sprites`` list of ``{"shape", "colour", "positions": int64 [T, 2]}``, ``location`` str,
-    ``pan`` str.
+    ``pan`` str. With ``cfg.audio``: ``audio`` float32 ``[round(T * audio_rate / fps)]``
+    (``render_audio``) and each sprite's ``tone_hz``.
     """
     T, H, W, S = cfg.num_frames, cfg.height, cfg.width, cfg.num_sprites
     rng = np.random.default_rng([cfg.seed, index])
@@ -223,7 +281,7 @@ def render_clip(cfg: SyntheticWorldConfig, index: int) -> dict:
         {"shape": SHAPES[shapes[i]], "colour": list(COLOURS)[colours[i]], "positions": positions[i]}
         for i in range(S)
     ]
-    return {
+    clip = {
         "frames": frames,
         "actions": actions,
         "camera": camera.astype(np.float32),
@@ -232,6 +290,12 @@ def render_clip(cfg: SyntheticWorldConfig, index: int) -> dict:
         "location": location,
         "pan": pan,
     }
+    if cfg.audio:  # after all random draws: clips are the same with and without sound
+        tones = [TONES_HZ[int(c) % len(TONES_HZ)] for c in colours]
+        for sprite, tone in zip(sprites, tones):
+            sprite["tone_hz"] = tone
+        clip["audio"] = render_audio(cfg, sprite_moving(positions), tones)
+    return clip
 
 
 def clip_to_sample(cfg: SyntheticWorldConfig, index: int, clip: dict | None = None) -> dict:
@@ -251,14 +315,19 @@ def clip_to_sample(cfg: SyntheticWorldConfig, index: int, clip: dict | None = No
         "pan": clip["pan"],
         "action_names": list(ACTION_NAMES),
     }
+    audio = {}
+    if clip.get("audio") is not None:
+        audio = {"audio": clip["audio"], "audio_rate": cfg.audio_rate}
+        meta["audio_rate"] = cfg.audio_rate
     return {
         "__key__": f"{index:08d}",
-        "mp4": encode_mp4(clip["frames"], cfg.fps, codec=cfg.codec),
+        "mp4": encode_mp4(clip["frames"], cfg.fps, codec=cfg.codec, **audio),
         "json": {
             "actions": clip["actions"].tolist(),
             "camera": clip["camera"].tolist(),
             "sprites": [
-                {"shape": s["shape"], "colour": s["colour"], "positions": s["positions"].tolist()}
+                {"shape": s["shape"], "colour": s["colour"], "positions": s["positions"].tolist(),
+                 **({"tone_hz": s["tone_hz"]} if "tone_hz" in s else {})}
                 for s in clip["sprites"]
             ],
             "caption": clip["caption"],

@@ -32,6 +32,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -84,6 +85,9 @@ def encode_mp4(
     preset: str = "veryfast",
     timestamps: Sequence[float] | None = None,
     bit_rate: int | None = None,
+    audio: np.ndarray | None = None,
+    audio_rate: int = 16000,
+    audio_codec: str = "aac",
 ) -> bytes:
     """Encode uint8 frames ``[T, H, W, 3]`` (RGB) into mp4 bytes, entirely in memory.
 
@@ -91,8 +95,19 @@ def encode_mp4(
     those presentation times (millisecond time base); otherwise frames are ``1 / fps`` apart.
     With a 4:2:0 ``pix_fmt`` odd sizes are padded to even by edge replication (module
     docstring). Codecs without CRF (``mpeg4``) get ``bit_rate`` (default ~1 bit per pixel·s).
+
+    ``audio`` (float32 mono ``[N]`` in [-1, 1], sample ``j`` at ``j / audio_rate`` s) adds an
+    ``audio_codec`` (AAC) track that starts at time 0 with the video; FFmpeg's mp4 muxer
+    writes an edit list for the AAC encoder delay, so decoders see sample 0 at time 0.
+    Without ``audio`` the output is exactly what it was before audio existed.
     """
     frames = _check_frames(frames)
+    if audio is not None:
+        audio = np.asarray(audio, np.float32)
+        if audio.ndim != 1 or not np.isfinite(audio).all() or audio_rate <= 0:
+            raise ValueError(f"audio must be finite float32 mono [N] and audio_rate > 0, got "
+                             f"{audio.dtype} {audio.shape} at {audio_rate} Hz")
+        audio = np.clip(audio, -1.0, 1.0)
     if pix_fmt.startswith(("yuv420", "nv12")):
         pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
         if pad_h or pad_w:
@@ -114,13 +129,43 @@ def encode_mp4(
             stream.bit_rate = bit_rate or max(200_000, int(height * width * fps))
         if timestamps is not None:
             stream.codec_context.time_base = Fraction(1, 1000)
+        sound = _AudioTrack(container, audio, audio_rate, audio_codec) if audio is not None else None
         for i, frame in enumerate(frames):
             video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
             if timestamps is not None:
                 video_frame.pts, video_frame.time_base = int(pts[i]), Fraction(1, 1000)
             container.mux(stream.encode(video_frame))
+            if sound is not None:  # interleave: audio up to this frame's end
+                sound.write_until(pts[i + 1] / 1000 if timestamps is not None and i + 1 < len(frames)
+                                  else (i + 1) / fps)
         container.mux(stream.encode())  # flush delayed (B-)frames
+        if sound is not None:
+            sound.close()
     return buf.getvalue()
+
+
+class _AudioTrack:
+    """A mono audio track of ``encode_mp4``, written in pieces between video frames so the
+    muxer's interleaving queue stays short. PyAV re-chunks frames to the encoder's frame size
+    and converts to its sample format (planar float for AAC, s16 for FLAC)."""
+
+    def __init__(self, container, audio: np.ndarray, rate: int, codec: str):
+        self.container, self.audio, self.rate, self.done = container, audio, int(rate), 0
+        self.stream = container.add_stream(codec, rate=self.rate)
+        self.stream.layout = "mono"
+
+    def write_until(self, seconds: float | None) -> None:
+        end = len(self.audio) if seconds is None else min(len(self.audio), int(round(seconds * self.rate)))
+        if end <= self.done:
+            return
+        frame = av.AudioFrame.from_ndarray(self.audio[None, self.done : end], format="fltp", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = self.rate, self.done, Fraction(1, self.rate)
+        self.container.mux(self.stream.encode(frame))
+        self.done = end
+
+    def close(self) -> None:
+        self.write_until(None)
+        self.container.mux(self.stream.encode())  # flush the encoder's delay
 
 
 def clip_indices(
@@ -161,8 +206,10 @@ def resample_indices(
     position: str = "start",
     rng: np.random.Generator | None = None,
     end: float | None = None,
-) -> np.ndarray:
-    """Indices ``[num_frames]`` of the frames shown at times ``t0 + k / fps``.
+    return_start: bool = False,
+) -> np.ndarray | tuple[np.ndarray, float]:
+    """Indices ``[num_frames]`` of the frames shown at times ``t0 + k / fps`` (with
+    ``return_start``: ``(indices, t0)``, the window's first sample time in seconds).
 
     ``timestamps``: presentation time (seconds) of each frame, increasing; frame ``i`` is shown
     from ``timestamps[i]`` until the next frame (the last one until ``end``, default: its own
@@ -195,7 +242,8 @@ def resample_indices(
         offset = float((rng or np.random.default_rng()).uniform(0.0, room)) if room > 0 else 0.0
     times = ts[0] + offset + np.arange(num_frames) / fps
     idx = np.searchsorted(ts, times + _TIME_EPS, side="right") - 1
-    return np.clip(idx, 0, len(ts) - 1).astype(np.int64)
+    idx = np.clip(idx, 0, len(ts) - 1).astype(np.int64)
+    return (idx, float(times[0])) if return_start else idx
 
 
 def _pyav_frames(mp4: bytes, indices: np.ndarray) -> np.ndarray:
@@ -240,6 +288,29 @@ def read_frames(reader, mp4: bytes, indices: np.ndarray, as_tensor: bool = False
     return batch.asnumpy()
 
 
+@dataclass(frozen=True)
+class ClipTiming:
+    """When a decoded clip happens, on the video's clock (decord's frame timestamps: seconds
+    from the video stream's start). The clip covers ``[start, start + duration)``.
+
+    ``start``: the first frame's presentation time (stride sampling) or the first sample
+    instant ``t0`` of fps resampling (frame ``k`` of the clip is the frame shown at ``t0 +
+    k / fps``; ``t0`` is at most one source frame after the first frame's presentation time).
+    ``frame_rate``: clip frames per second, ``fps`` when resampling by time, else the
+    source's average rate divided by the stride. ``times``: each clip frame's presentation time.
+    """
+
+    start: float
+    frame_rate: float
+    times: np.ndarray
+    num_frames: int
+
+    @property
+    def duration(self) -> float:
+        """Seconds the clip stands for: ``num_frames / frame_rate``."""
+        return self.num_frames / self.frame_rate
+
+
 def decode_clip(
     mp4: bytes,
     num_frames: int,
@@ -250,15 +321,17 @@ def decode_clip(
     fps: float | None = None,
     num_threads: int = 1,
     as_tensor: bool = False,
+    return_timing: bool = False,
 ):
     """Decode a ``num_frames`` clip from video bytes with decord (from memory, no temp file).
 
     Frames are ``stride`` apart, or sampled at ``fps`` from the frame timestamps when given.
-    Returns ``(frames uint8 [T, H, W, 3], source frame indices int64 [T])``; frames are numpy,
-    or a torch tensor viewing decord's buffer with ``as_tensor``. Raises ``ClipTooShortError``
-    (a ``ValueError``) when the video is shorter than the window and ``RuntimeError``
-    (decord's) if it cannot be decoded. ``num_threads=1`` by default because loader workers
-    already parallelise across clips.
+    Returns ``(frames uint8 [T, H, W, 3], source frame indices int64 [T])``, plus a
+    ``ClipTiming`` with ``return_timing`` (what the matching audio window needs); frames are
+    numpy, or a torch tensor viewing decord's buffer with ``as_tensor``. Raises
+    ``ClipTooShortError`` (a ``ValueError``) when the video is shorter than the window and
+    ``RuntimeError`` (decord's) if it cannot be decoded. ``num_threads=1`` by default because
+    loader workers already parallelise across clips.
     """
     import decord  # lazy: decord is heavy and only needed where clips are decoded
 
@@ -269,8 +342,21 @@ def decode_clip(
         indices = clip_indices(len(reader), num_frames, stride, position, rng)
     else:
         times = reader.get_frame_timestamp(np.arange(len(reader)))  # [N, 2] start, end (s)
-        indices = resample_indices(times[:, 0], num_frames, fps, position, rng, end=times[-1, 1])
-    return read_frames(reader, mp4, indices, as_tensor), indices
+        indices, t0 = resample_indices(times[:, 0], num_frames, fps, position, rng, end=times[-1, 1],
+                                       return_start=True)
+    frames = read_frames(reader, mp4, indices, as_tensor)
+    if not return_timing:
+        return frames, indices
+    shown = np.asarray(reader.get_frame_timestamp(indices.tolist()), np.float64)[:, 0]
+    if fps is None:
+        rate = float(reader.get_avg_fps())
+        if not rate > 0:  # no usable average rate in the headers: the first frame's duration
+            first = reader.get_frame_timestamp([int(indices[0])])[0]
+            rate = 1.0 / max(float(first[1] - first[0]), _TIME_EPS)
+        timing = ClipTiming(float(shown[0]), rate / stride, shown, num_frames)
+    else:
+        timing = ClipTiming(t0, float(fps), shown, num_frames)
+    return frames, indices, timing
 
 
 def resize_crop(
@@ -312,7 +398,8 @@ def resize_crop(
 
 
 def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float, **kwargs) -> None:
-    """Write uint8 frames ``[T, H, W, 3]`` to an mp4 file (atomically: tmp file + rename)."""
+    """Write uint8 frames ``[T, H, W, 3]`` to an mp4 file (atomically: tmp file + rename);
+    ``kwargs`` go to ``encode_mp4`` (``audio=``, ``audio_rate=`` add a sound track)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, encode_mp4(frames, fps, **kwargs))

@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--audio-rate", type=int, default=0,
+                   help="also store each clip's mono audio window at this rate (Hz); 0: none")
     p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         frame_stride=args.frame_stride, fps=args.fps, resolution=tuple(args.resolution),
         position=args.position, crop=args.crop, batch_size=args.batch_size, dtype=args.dtype,
         num_workers=args.workers, seed=args.seed, resume=not args.overwrite,
-        text_encode=text, provenance=provenance,
+        text_encode=text, provenance=provenance, audio_rate=args.audio_rate,
     )
     print(json.dumps({"out": args.out, "shards": len(manifest["shards"]), "samples": manifest["num_samples"],
                       "latent_shape": manifest["latent_shape"], "skipped": manifest["skipped_reasons"]}))
