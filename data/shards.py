@@ -319,6 +319,9 @@ def synthetic_dataset_dir(root: str | os.PathLike, cfg) -> Path:
     """``root/synthetic-<10-hex hash of (cfg, renderer version)>``."""
     fields = config_dict(cfg)
     fields["fps"] = float(fields["fps"])  # 8 and 8.0 are the same dataset
+    if not fields.get("audio"):  # silent worlds keep the names they had before sound existed
+        fields.pop("audio", None)
+        fields.pop("audio_rate", None)
     blob = json.dumps({"cfg": fields, "version": SYNTHETIC_VERSION}, sort_keys=True)
     return Path(root) / f"synthetic-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
 

@@ -222,8 +222,11 @@ def make_caption(sprites: list[dict], location: str, pan: str) -> str:
     return f"{things} in {where}, {camera}"
 
 
-def render_clip(cfg: SyntheticWorldConfig, index: int) -> dict:
-    """Render clip ``index``; deterministic in ``(cfg.seed, index)``.
+def render_clip(cfg: SyntheticWorldConfig, index: int, actions: np.ndarray | None = None,
+                pan: str | None = None) -> dict:
+    """Render clip ``index``; deterministic in ``(cfg.seed, index)``. ``actions`` int64
+    ``[T, S]`` and ``pan`` (a ``PAN_DIRECTIONS`` key) replace the drawn ones (controlled
+    experiments: every random draw still happens, so the rest of the clip is unchanged).
 
     Returns a dict: ``frames`` uint8 ``[T, H, W, 3]``, ``actions`` int64 ``[T, S]``,
     ``camera`` float32 ``[T, 2]`` (view top-left (x, y) in world pixels), ``caption`` str,
@@ -238,7 +241,8 @@ def render_clip(cfg: SyntheticWorldConfig, index: int) -> dict:
     background = location_texture(location, world_h, world_w, cfg.seed)
 
     # Camera: constant slow pan, speed capped so the whole path stays inside the world.
-    pan = list(PAN_DIRECTIONS)[rng.choice(len(PAN_DIRECTIONS), p=_PAN_PROBS)]
+    drawn = list(PAN_DIRECTIONS)[rng.choice(len(PAN_DIRECTIONS), p=_PAN_PROBS)]
+    pan = drawn if pan is None else pan
     direction = np.array(PAN_DIRECTIONS[pan], np.float64)
     room = np.array([world_w - W, world_h - H], np.float64)
     speed = min(rng.uniform(0.5, 1.0), float(room.min()) / max(T - 1, 1))
@@ -251,7 +255,11 @@ def render_clip(cfg: SyntheticWorldConfig, index: int) -> dict:
     size, step = _sprite_size(cfg), _sprite_step(cfg)
     shapes = rng.choice(len(SHAPES), size=S, replace=S > len(SHAPES))
     colours = rng.choice(len(COLOURS), size=S, replace=S > len(COLOURS))
-    actions = _sample_actions(rng, T, S)
+    drawn_actions = _sample_actions(rng, T, S)
+    if actions is None:
+        actions = drawn_actions
+    elif actions.shape != (T, S) or actions.min() < 0 or actions.max() >= NUM_ACTIONS:
+        raise ValueError(f"actions must be [{T}, {S}] in [0, {NUM_ACTIONS}), got {actions.shape}")
     positions = np.zeros((S, T, 2), np.int64)
     # Sprites start inside the first view so clips open with everything visible.
     positions[:, 0, 0] = camera[0, 0] + rng.integers(0, max(W - size, 0) + 1, size=S)
@@ -289,6 +297,7 @@ def render_clip(cfg: SyntheticWorldConfig, index: int) -> dict:
         "sprites": sprites,
         "location": location,
         "pan": pan,
+        "sprite_size": size,
     }
     if cfg.audio:  # after all random draws: clips are the same with and without sound
         tones = [TONES_HZ[int(c) % len(TONES_HZ)] for c in colours]

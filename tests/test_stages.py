@@ -2,6 +2,7 @@
 control modules, the freeze policy, the task mix and the stage config rules (~10 s)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -48,7 +49,9 @@ def _inputs(b: int = 2):
     return x, t, ids, mask, actions, camera
 
 
-def test_controllability_growth_keeps_the_pretrained_outputs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("audio_mode", ["modulation", "cross_attn"])
+def test_controllability_growth_keeps_the_pretrained_outputs(tmp_path: Path,
+                                                             audio_mode: str) -> None:
     torch.manual_seed(0)
     pre = WorldModel(stage_dit_args(DIT, ["text"]), TEXT)
     assert not hasattr(pre.dit.cond_embed, "action_emb") and not hasattr(pre.dit, "ref_embed")
@@ -58,21 +61,26 @@ def test_controllability_growth_keeps_the_pretrained_outputs(tmp_path: Path) -> 
     src = _export(pre, tmp_path / "pretrain")
 
     torch.manual_seed(1)
-    grown = WorldModel(stage_dit_args(DIT, ["text", "actions", "camera", "refs"]), TEXT)
+    grown_args = dataclasses.replace(DIT, audio_dim=16, audio_mode=audio_mode)
+    grown = WorldModel(stage_dit_args(grown_args, ["text", "actions", "camera", "refs", "audio"]),
+                       TEXT)
     new = load_init_weights(grown, src)
     assert {"dit.cond_embed.action_emb.weight", "dit.cond_embed.camera_in.weight",
             "dit.ref_embed", "dit.cond_embed.null_action"} <= new
-    assert not any(n.startswith("dit.blocks.") for n in new)
+    assert any("audio" in n for n in new)
+    assert not any(n.startswith("dit.blocks.") and ".audio" not in n for n in new)
     zero_init_new_controls(grown, new)
 
     x, t, ids, mask, actions, camera = _inputs()
+    audio = {"audio": torch.randn(2, 9, 16), "audio_valid": torch.rand(2, 9) > 0.2}
     pre.eval(), grown.eval()
     with torch.no_grad():
         want = pre(x, t, ids, mask)
         # With controls given, and with them dropped (CFG's unconditional branch).
-        got = grown(x, t, ids, mask, actions=actions, camera=camera)
+        got = grown(x, t, ids, mask, actions=actions, camera=camera, **audio)
         got_null = grown(x, t, ids, mask, actions=actions, camera=camera,
-                         drop_actions=torch.ones(2, dtype=torch.bool))
+                         drop_actions=torch.ones(2, dtype=torch.bool),
+                         drop_audio=torch.ones(2, dtype=torch.bool), **audio)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(got_null, want, rtol=0, atol=0)
 

@@ -87,6 +87,17 @@ class PretrainedTextConfig:
 
 
 @dataclass
+class AudioFrontConfig:
+    """The audio front end of an audio-conditioned world model (stage.conditions has audio):
+    clip audio resampled to ``sample_rate`` (mono) by the data loader, then log-mel features
+    (``n_mels`` bands) per pixel frame on the device (models/audio.py ``LogMelFrames``);
+    model.dit.audio_dim follows n_mels."""
+
+    sample_rate: int = 16000
+    n_mels: int = 32
+
+
+@dataclass
 class ModelConfig:
     """One model size: the autoencoder, the latent DiT and the built-in text encoder, or
     pretrained components from local folders (vae, text_encoder)."""
@@ -97,6 +108,7 @@ class ModelConfig:
     text: TextEncoderArgs = field(default_factory=TextEncoderArgs)
     vae: PretrainedVAEConfig = field(default_factory=PretrainedVAEConfig)
     text_encoder: PretrainedTextConfig = field(default_factory=PretrainedTextConfig)
+    audio: AudioFrontConfig = field(default_factory=AudioFrontConfig)
     # The largest clip this model is meant for ([height, width] in pixels, frames): the DiT's
     # RoPE has no hard limit, but attention memory and the position range a checkpoint was
     # trained on do. Data shapes and buckets above it are rejected. null: no limit.
@@ -158,6 +170,10 @@ class DataConfig:
     # into batch["refs"]; reference-conditioned stages draw from them before own-frame crops.
     # null: when stage.conditions has refs.
     with_refs: Optional[bool] = None
+    # Also decode each clip's audio window (the samples that play during its frames) into
+    # batch["audio"] / batch["audio_mask"] at model.audio.sample_rate. null: when
+    # stage.conditions has audio.
+    audio: Optional[bool] = None
     synthetic: SyntheticWorldConfig = field(default_factory=SyntheticWorldConfig)
 
 
@@ -275,6 +291,11 @@ class SampleConfig:
     use_ema: bool = True
     # Separate guidance on actions/camera (1 = none); cfg_scale guides the text.
     action_cfg_scale: float = 1.0
+    # Guidance on the audio (1 = none; audio-conditioned models).
+    audio_cfg_scale: float = 1.0
+    # An audio file (wav/flac/mp3/m4a) that drives an audio-conditioned model; its first
+    # seconds cover the generated clip, and the written mp4s carry it. None: the data's.
+    audio: Optional[str] = None
     solver: Solver = Solver.euler
     # worldline-sample inputs (None: taken from the first clips of the data spec).
     first_image: Optional[str] = None

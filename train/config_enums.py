@@ -28,7 +28,7 @@ def _enum(name: str, *values: str) -> type[ConfigEnum]:
 
 StageName = _enum("StageName", "autoencoder", "pretrain", "controllability", "finetune")
 Objective = _enum("Objective", "autoencoder", "flow")
-Condition = _enum("Condition", "text", "actions", "camera", "refs")
+Condition = _enum("Condition", "text", "actions", "camera", "refs", "audio")
 DistBackend = _enum("DistBackend", "single", "ddp", "fsdp", "deepspeed_zero1", "deepspeed_zero2",
                     "deepspeed_zero3")
 ActivationCheckpointing = _enum("ActivationCheckpointing", "none", "full", "every_k")

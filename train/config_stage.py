@@ -24,6 +24,8 @@ class FlowConfig:
     action_dropout: float = 0.1
     # Probability that a whole batch trains without its reference images.
     ref_dropout: float = 0.1
+    # Per-sample audio dropout (its own mask: "no audio" stays a valid input at sampling).
+    audio_dropout: float = 0.1
 
 
 @dataclass

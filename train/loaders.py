@@ -56,6 +56,7 @@ class LoaderFactory:
         (evaluation passes)."""
         d = self.data(over)
         with_refs = ("refs" in self.cfg.stage.conditions) if d.with_refs is None else d.with_refs
+        audio = ("audio" in self.cfg.stage.conditions) if d.get("audio") is None else d.audio
         return ShardLoader(
             self.shards(d),
             batch_size=d.batch_size,
@@ -80,6 +81,7 @@ class LoaderFactory:
             decode_threads=d.decode_threads,
             channels_last=d.channels_last,
             with_refs=with_refs,
+            audio_rate=int(self.cfg.model.audio.sample_rate) if audio else 0,
             pin_memory=self.pin_memory,
         )
 

@@ -17,9 +17,13 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
 
 
 def save_samples(out_dir: Path, videos: dict[str, torch.Tensor], fps: float,
-                 captions: Optional[list[str]] = None) -> dict[str, dict[str, Path]]:
+                 captions: Optional[list[str]] = None,
+                 audio: Optional[dict[str, torch.Tensor]] = None,
+                 audio_rate: int = 16000) -> dict[str, dict[str, Path]]:
     """Write ``<name>_<i>.mp4`` for every video of every group, plus ``contact_sheet.png`` whose
-    rows are the videos (groups in order) and columns are frames. Returns the files by W&B key."""
+    rows are the videos (groups in order) and columns are frames. ``audio``: per group, the
+    waveforms [N, S] at ``audio_rate`` that conditioned its videos; each mp4 carries its
+    clip's, muxed in sync from time 0. Returns the files by W&B key."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
@@ -27,9 +31,14 @@ def save_samples(out_dir: Path, videos: dict[str, torch.Tensor], fps: float,
     for name, video in videos.items():
         frames = to_uint8_frames(video)
         rows.append(frames)
+        sound = (audio or {}).get(name)
         for i, clip in enumerate(frames):
             path = out_dir / f"{name}_{i}.mp4"
-            write_mp4(path, clip, fps)
+            if sound is not None and i < len(sound):
+                write_mp4(path, clip, fps, audio=sound[i].detach().float().cpu().numpy(),
+                          audio_rate=audio_rate)
+            else:
+                write_mp4(path, clip, fps)
             written[f"samples/{name}_{i}"] = path
     # Groups may differ in length (e.g. 1-frame references): pad time by repeating the last frame.
     t_max = max(r.shape[1] for r in rows)

@@ -146,11 +146,14 @@ class FlowObjective:
                 refs = None
                 # Unused this step: a zero-weighted term keeps DDP's reducer fed.
                 extra = 0.0 * pipe.transformer.ref_embed.sum()
-        cond = pipe.condition_inputs(batch, b)
+        cond = pipe.condition_inputs(batch, b, pipe.pixel_frames(n))
+        drop_audio = None
+        if cond["audio"] is not None:  # drawn only for audio models: others keep their stream
+            drop_audio = torch.rand(b, generator=g, device=dev) < f.audio_dropout
         x_in, t_in, loss_mask = clean_prefix_inputs(x0, interpolate(x0, noise, t), t, prefix,
                                                     pipe.transformer.args.mask_channel)
         pred = pipe.velocity(x_in, t_in, cond, drop_text=drop_text, drop_actions=drop_actions,
-                             refs=pipe.ref_input(refs))
+                             drop_audio=drop_audio, refs=pipe.ref_input(refs))
         loss = flow_loss(pred, velocity_target(x0, noise), mask=loss_mask) + extra
         parts = {f"task_frac/{name}": (task == i).float().mean()
                  for i, name in enumerate(("t2v", "i2v", "continuation"))}
@@ -170,7 +173,7 @@ class FlowObjective:
             batch = next(it)
             x0 = self.latents(pipe, batch)
             b = x0.shape[0]
-            cond = pipe.condition_inputs(batch, b)
+            cond = pipe.condition_inputs(batch, b, pipe.pixel_frames(x0.shape[2]))
             noise = torch.randn(x0.shape, generator=g, device=pipe.device)
             refs = (self.reference_latents(pipe, batch, x0, g)
                     if "refs" in self.conditions else None)

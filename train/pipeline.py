@@ -68,6 +68,7 @@ class WorldPipeline:
         self.forward_model: Optional[Callable[..., Tensor]] = world_model
         #: Where from_pretrained read it (a checkpoint or folder), if anywhere.
         self.source: Optional[Path] = None
+        self._audio_frontend: Optional[nn.Module] = None
 
     # ------------------------------------------------------------------ components
     @property
@@ -124,6 +125,11 @@ class WorldPipeline:
         _, t, h, w = latent_shape
         pt, ph, pw = self.transformer.args.patch_size
         return (t // pt) * (h // ph) * (w // pw)
+
+    def pixel_frames(self, latent_frames: int) -> int:
+        """Pixel frames of a clip of ``latent_frames`` latent frames (causal grouping: the
+        first alone, then ``temporal_downsample`` each)."""
+        return 1 + (latent_frames - 1) * self.transformer.args.temporal_downsample
 
     def shift_for(self, latent_shape: tuple[int, ...] | list[int]) -> float:
         """The flow time shift for latents of this shape."""
@@ -187,9 +193,12 @@ class WorldPipeline:
         return self.world_model.encode_text(ids, mask), mask
 
     # ------------------------------------------------------------------ conditions
-    def condition_inputs(self, batch: Mapping[str, Any], n: int) -> dict[str, Any]:
-        """Text ids/mask (or cached embeddings), actions and camera of the first ``n``
-        samples of ``batch`` for the conditions this model takes (others None)."""
+    def condition_inputs(self, batch: Mapping[str, Any], n: int,
+                         frames: Optional[int] = None) -> dict[str, Any]:
+        """Text ids/mask (or cached embeddings), actions, camera and audio features of the
+        first ``n`` samples of ``batch`` for the conditions this model takes (others None).
+        ``frames``: pixel frames of the clip (audio is cut into one segment per frame;
+        default: the batch's ``clip_shape``)."""
         active = self.conditions
         dev = self.device
         out: dict[str, Any] = {"text_ids": None, "text_mask": None, "text_emb": None}
@@ -208,7 +217,54 @@ class WorldPipeline:
         cam = batch.get("camera")
         out["camera"] = cam[:n].to(dev).float() if ("camera" in active and cam is not None) \
             else None
+        out["audio"] = out["audio_valid"] = None
+        audio = batch.get("audio")
+        if "audio" in active and audio is not None:
+            clip = getattr(batch, "clip_shape", (None,))[0]
+            frames = frames or clip
+            if frames is None:
+                raise ValueError("audio conditioning needs the clip's pixel frame count")
+            audio, mask = audio[:n].to(dev).float(), batch.get("audio_mask")
+            mask = torch.ones_like(audio, dtype=torch.bool) if mask is None \
+                else mask[:n].to(dev).bool()
+            if clip is not None and clip != frames:  # a rollout longer/shorter than the clip
+                want = round(audio.shape[1] * frames / clip)
+                pad = max(0, want - audio.shape[1])
+                audio = torch.nn.functional.pad(audio, (0, pad))[:, :want]
+                mask = torch.nn.functional.pad(mask, (0, pad))[:, :want]
+            out["audio"], out["audio_valid"] = self.audio_frontend(audio, mask, frames)
         return out
+
+    # ------------------------------------------------------------------ audio
+    @property
+    def audio_frontend(self) -> nn.Module:
+        """The log-mel front end (no weights): audio [B, N] at ``settings.audio_rate`` →
+        per-pixel-frame features [B, T, audio_dim] and their validity [B, T]."""
+        if self._audio_frontend is None:
+            from worldline.models.audio import LogMelFrames
+
+            self._audio_frontend = LogMelFrames(self.settings.audio_rate,
+                                                self.transformer.args.audio_dim).to(self.device)
+        return self._audio_frontend
+
+    def audio_samples(self, frames: int) -> int:
+        """Audio samples that play during ``frames`` pixel frames at the trained frame rate
+        (``settings.fps``; 8 fps, the synthetic world's, when the run did not fix one)."""
+        return round(frames * self.settings.audio_rate / (self.settings.fps or 8.0))
+
+    def _audio_fields(self, n: int, audio: Optional[Tensor], frames: int) -> dict[str, Any]:
+        """A user's waveform ([N] or [n, N] at ``settings.audio_rate``) → the batch fields
+        ``audio``/``audio_mask`` covering ``frames`` pixel frames (silence-padded, masked)."""
+        if audio is None:
+            return {}
+        wav = torch.as_tensor(audio, dtype=torch.float32)
+        wav = wav[None].expand(n, -1) if wav.dim() == 1 else wav
+        want = self.audio_samples(frames)
+        out = torch.zeros((n, want))
+        mask = torch.zeros((n, want), dtype=torch.bool)
+        k = min(want, wav.shape[1])
+        out[:, :k], mask[:, :k] = wav[:, :k], True
+        return {"audio": out, "audio_mask": mask}
 
     def ref_input(self, refs: Optional[Tensor]) -> Optional[Tensor]:
         """Reference latents [B, K, C, h, w] as the DiT takes them: with the mask channel set
@@ -219,7 +275,12 @@ class WorldPipeline:
 
     def velocity(self, x_in: Tensor, t_in: Tensor, cond: Mapping[str, Any], **kw: Any) -> Tensor:
         """One world-model forward (through :attr:`forward_model`) with ``cond`` from
-        :meth:`condition_inputs`; ``kw``: drop_text, drop_actions, refs (DiT-ready)."""
+        :meth:`condition_inputs`; ``kw``: drop_text, drop_actions, drop_audio, refs
+        (DiT-ready)."""
+        if cond.get("audio") is not None:
+            kw = {**kw, "audio": cond["audio"], "audio_valid": cond["audio_valid"]}
+        else:
+            kw.pop("drop_audio", None)
         return self.forward_model(x_in, t_in, cond["text_ids"], cond["text_mask"],
                                   actions=cond["actions"], camera=cond["camera"],
                                   text_emb=cond["text_emb"], **kw)
@@ -248,7 +309,8 @@ class WorldPipeline:
                  refs: Optional[Tensor] = None, seed: int = 0, num_steps: int = 8,
                  cfg_scale: float = 1.0, action_cfg_scale: float = 1.0,
                  solver: str = "euler", latent_shape: Optional[tuple] = None,
-                 batch: Optional[Mapping[str, Any]] = None) -> Tensor:
+                 batch: Optional[Mapping[str, Any]] = None, audio: Optional[Tensor] = None,
+                 audio_cfg_scale: float = 1.0) -> Tensor:
         """Whole clips [N, 3, T, H, W] in [-1, 1] for ``prompts``.
 
         Text-to-video by default; ``first_frame`` (images [N, 3, H, W] or one [3, H, W])
@@ -256,15 +318,19 @@ class WorldPipeline:
         continuation. ``actions`` [T, S] / [N, T, S] and ``camera`` [T, 2] / [N, T, 2] give
         one control row per pixel frame; ``refs`` are reference latents [N, K, C, h, w]
         (see :meth:`encode_images`). Separate guidance scales for text and for
-        actions/camera. ``batch`` (data-loader fields) supplies controls not given."""
+        actions/camera. ``audio``: a waveform [S] / [N, S] at ``settings.audio_rate`` whose
+        first samples play during the clip (audio-conditioned models), guided by
+        ``audio_cfg_scale``: v = v_guided + (s_audio - 1) * (v_full - v_no_audio).
+        ``batch`` (data-loader fields) supplies controls not given."""
         n = len(prompts)
         f0, h0, w0 = self.settings.sample_size
         shape = tuple(latent_shape or self.latent_shape(num_frames or f0, height or h0,
                                                         width or w0))
-        frames = 1 + (shape[1] - 1) * self.transformer.args.temporal_downsample
+        frames = self.pixel_frames(shape[1])
         fields = {**(batch or {}), **self._controls(n, actions, camera, frames),
-                  "caption": list(prompts), "text_emb": None}
-        cond = self.condition_inputs(fields, n)
+                  **self._audio_fields(n, audio, frames), "caption": list(prompts),
+                  "text_emb": None}
+        cond = self.condition_inputs(fields, n, frames)
         if first_frame is not None:
             img = first_frame[None] if first_frame.dim() == 3 else first_frame
             prefix = self.encode_images(img.expand(n, -1, -1, -1))[:, :, None]
@@ -280,15 +346,22 @@ class WorldPipeline:
         none = torch.zeros(n, dtype=torch.bool, device=dev)
         mask_channel = self.transformer.args.mask_channel
 
-        def velocity(x: Tensor, t: Tensor, drop_text: Tensor, drop_act: Tensor) -> Tensor:
+        def velocity(x: Tensor, t: Tensor, drop_text: Tensor, drop_act: Tensor,
+                     drop_audio: Tensor = none) -> Tensor:
             x_in, t_in, _ = clean_prefix_inputs(x0, x, t, n_pre, mask_channel)
-            return self.velocity(x_in, t_in, cond, drop_text=drop_text,
-                                 drop_actions=drop_act, refs=refs)
+            return self.velocity(x_in, t_in, cond, drop_text=drop_text, drop_actions=drop_act,
+                                 drop_audio=drop_audio, refs=refs)
 
-        fn = multi_cfg_velocity(lambda x, t: velocity(x, t, none, none),
-                                lambda x, t: velocity(x, t, ~none, none),
-                                lambda x, t: velocity(x, t, ~none, ~none),
-                                cfg_scale, action_cfg_scale)
+        guided = multi_cfg_velocity(lambda x, t: velocity(x, t, none, none),
+                                    lambda x, t: velocity(x, t, ~none, none),
+                                    lambda x, t: velocity(x, t, ~none, ~none, ~none),
+                                    cfg_scale, action_cfg_scale)
+        fn = guided
+        if audio_cfg_scale != 1.0 and cond["audio"] is not None:
+            def fn(x: Tensor, t: Tensor) -> Tensor:
+                v_full = velocity(x, t, none, none)
+                return guided(x, t) + (audio_cfg_scale - 1.0) * (
+                    v_full - velocity(x, t, none, none, ~none))
         sampler = heun_sample if solver == "heun" else euler_sample
         z = sampler(fn, noise, num_steps, shift=self.shift_for(shape))
         if prefix is not None:
@@ -303,14 +376,17 @@ class WorldPipeline:
                 num_steps: int = 8, cfg_scale: float = 1.0, action_cfg_scale: float = 1.0,
                 seed: int = 0, height: Optional[int] = None, width: Optional[int] = None,
                 batch: Optional[Mapping[str, Any]] = None,
-                return_latents: bool = False) -> Tensor:
+                return_latents: bool = False, audio: Optional[Tensor] = None) -> Tensor:
         """Roll the world forward ``num_frames`` latent frames, one at a time with the KV
         cache (block-causal models), and decode: video [N, 3, T, H, W] in [-1, 1] with
         T = 1 + (n0 + num_frames - 1) * temporal_downsample.
 
         The start is ``context`` (clean latents [N, C, n0, h, w]), else ``first_frame``
         (images), else a first frame generated from the prompts. ``actions``/``camera``:
-        one row per pixel frame of the whole video ([T, S] or [N, T, S])."""
+        one row per pixel frame of the whole video ([T, S] or [N, T, S]); ``audio``: a
+        waveform of the whole video ([S] / [N, S] at ``settings.audio_rate``), streamed
+        to the model frame by frame (each latent frame hears only its own and earlier
+        audio)."""
         from worldline.models.rollout import rollout as kv_rollout
 
         dit = self.transformer
@@ -326,13 +402,14 @@ class WorldPipeline:
                                   width=width or w0, actions=actions, camera=camera,
                                   refs=refs, seed=seed, num_steps=num_steps,
                                   cfg_scale=cfg_scale, action_cfg_scale=action_cfg_scale,
-                                  batch=batch)
+                                  batch=batch, audio=audio)
             context = self.encode_images(first[:, :, 0])[:, :, None]
         tf = dit.args.temporal_downsample
         frames = 1 + (context.shape[2] + num_frames - 1) * tf
         fields = {**(batch or {}), **self._controls(n, actions, camera, frames),
-                  "caption": list(prompts), "text_emb": None}
-        cond = self.condition_inputs(fields, n)
+                  **self._audio_fields(n, audio, frames), "caption": list(prompts),
+                  "text_emb": None}
+        cond = self.condition_inputs(fields, n, frames)
         for k in ("actions", "camera"):
             if cond[k] is not None and cond[k].shape[1] < frames:
                 raise ValueError(f"{k}: a rollout of {num_frames} latent frames after "
@@ -347,7 +424,8 @@ class WorldPipeline:
         latent_shape = (context.shape[1], context.shape[2] + num_frames, *context.shape[3:])
         gen = kv_rollout(dit, context, num_frames, text=text, text_mask=cond["text_mask"],
                          null_text=self.world_model.null_text, actions=cond["actions"],
-                         camera=cond["camera"], refs=refs, window=window,
+                         camera=cond["camera"], audio=cond["audio"],
+                         audio_valid=cond["audio_valid"], refs=refs, window=window,
                          num_steps=num_steps, shift=self.shift_for(latent_shape),
                          text_scale=cfg_scale, action_scale=action_cfg_scale, generator=g)
         z = torch.cat([context, gen], 2)

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 __all__ = ["PipelineSettings", "autoencoder_args", "world_model_args", "pipeline_settings",
            "build_models", "load_autoencoder", "load_pipeline", "save_pipeline", "MODEL_INDEX"]
 
-CONDITIONS = ("text", "actions", "camera", "refs")
+CONDITIONS = ("text", "actions", "camera", "refs", "audio")
 MODEL_INDEX = "model_index.json"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -61,12 +61,17 @@ class PipelineSettings:
 
     ``conditions``: the inputs it was trained with (text, actions, camera, refs);
     ``shift``: the flow time shift (None: from the token count, SD3's rule);
-    ``text_max_len``: tokens per prompt; ``sample_size``: its (frames, height, width)."""
+    ``text_max_len``: tokens per prompt; ``sample_size``: its (frames, height, width);
+    ``audio_rate``: the sample rate its audio front end expects (audio-conditioned models);
+    ``fps``: the frame rate it was trained at (None: unknown), which fixes how many audio
+    samples one frame covers."""
 
     conditions: list[str] = field(default_factory=lambda: ["text"])
     shift: Optional[float] = None
     text_max_len: int = 256
     sample_size: tuple[int, int, int] = (17, 64, 64)
+    audio_rate: int = 16000
+    fps: Optional[float] = None
 
     def __post_init__(self) -> None:
         bad = set(self.conditions) - set(CONDITIONS)
@@ -104,6 +109,8 @@ def stage_dit_args(args: DiTArgs, conditions: list[str]) -> DiTArgs:
         changes["camera_dim"] = 0
     if "refs" not in active:
         changes["max_refs"] = 0
+    if "audio" not in active:
+        changes["audio_dim"] = 0
     return dataclasses.replace(args, **changes)
 
 
@@ -119,19 +126,37 @@ def world_model_args(cfg: Any) -> tuple[DiTArgs, Optional[TextEncoderArgs]]:
     model = _plain(cfg["model"])
     conditions = list(_plain(cfg["stage"]["conditions"]))
     dit = stage_dit_args(_args(DiTArgs, model["dit"]), conditions)
+    if "audio" in conditions:  # the front end's bands are the DiT's audio features
+        dit = dataclasses.replace(dit, audio_dim=int((model.get("audio") or {}).get("n_mels", 32)))
     ext_dim = pretrained_text_dim({"model": model})
     if ext_dim is not None:
         return dataclasses.replace(dit, text_dim=ext_dim), None
     return dit, _args(TextEncoderArgs, model["text"])
 
 
+def data_fps(cfg: Mapping[str, Any]) -> Optional[float]:
+    """The frame rate clips are trained at: ``data.fps`` when resampling by time, else the
+    synthetic world's rate over the frame stride; None for shards of mixed source rates."""
+    data = cfg["data"]
+    if data.get("fps"):
+        return float(data["fps"])
+    if data.get("kind") == "synthetic":
+        return float(data["synthetic"]["fps"]) / int(data.get("frame_stride") or 1)
+    return None
+
+
 def pipeline_settings(cfg: Any) -> PipelineSettings:
-    """PipelineSettings of a run config (conditions, flow shift, text length, clip size)."""
-    st, data = _plain(cfg["stage"]), _plain(cfg["data"])
+    """PipelineSettings of a run config (conditions, flow shift, text length, clip size,
+    audio rate, frame rate)."""
+    plain = _plain(cfg)
+    st, data = plain["stage"], plain["data"]
+    audio = plain["model"].get("audio") or {}
     return PipelineSettings(conditions=list(st["conditions"]),
                             shift=(st.get("flow") or {}).get("shift"),
-                            text_max_len=text_max_len(_plain(cfg)),
-                            sample_size=(int(data["num_frames"]), *map(int, data["resolution"])))
+                            text_max_len=text_max_len(plain),
+                            sample_size=(int(data["num_frames"]), *map(int, data["resolution"])),
+                            audio_rate=int(audio.get("sample_rate", 16000)),
+                            fps=data_fps(plain))
 
 
 def build_models(cfg: Any, autoencoder: bool = True

@@ -31,7 +31,7 @@ from worldline.train.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load_image", "load_controls", "run_sample"]
+__all__ = ["load_image", "load_controls", "sample_audio", "run_sample"]
 
 
 def load_image(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
@@ -70,6 +70,26 @@ def load_controls(path: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def sample_audio(cfg: DictConfig, pipe, path: Path) -> Optional[torch.Tensor]:
+    """``sample.audio`` → a mono waveform [S] at the model's audio rate (None when unset);
+    a config error for a model that was not trained with audio or a missing file."""
+    s = cfg.sample
+    if not s.audio:
+        return None
+    if "audio" not in pipe.conditions:
+        raise ConfigError(f"invalid config: sample.audio: {path} was not trained with audio "
+                          "(stage.conditions has no audio)")
+    if not Path(s.audio).is_file():
+        raise ConfigError(f"invalid config: sample.audio: no file at {s.audio}")
+    from worldline.data.audio import load_audio_file
+
+    try:
+        return torch.from_numpy(load_audio_file(s.audio, pipe.settings.audio_rate))
+    except Exception as exc:  # PyAV's errors: not audio, no stream, corrupt
+        raise ConfigError(f"invalid config: sample.audio: {s.audio}: cannot read audio "
+                          f"({type(exc).__name__}: {exc})") from exc
+
+
 def run_sample(cfg: DictConfig) -> list[Path]:
     """Generate per ``cfg.sample`` and write the files; returns their paths."""
     from worldline.train.inference import load_for_inference, probe_batch
@@ -99,9 +119,10 @@ def run_sample(cfg: DictConfig) -> list[Path]:
         imgs = torch.stack([load_image(r, size) for r in s.refs]).to(pipe.device)
         refs = pipe.encode_images(imgs)[None].expand(n, -1, -1, -1, -1)
     ctl = load_controls(s.actions) if s.actions else {}
+    audio = sample_audio(cfg, pipe, path)
     kw = dict(actions=ctl.get("actions"), camera=ctl.get("camera"), refs=refs, seed=s.seed,
               num_steps=s.num_steps, cfg_scale=s.cfg_scale,
-              action_cfg_scale=s.action_cfg_scale, batch=batch)
+              action_cfg_scale=s.action_cfg_scale, batch=batch, audio=audio)
     try:
         if s.mode == "rollout":
             if prefix is None:  # the data's first frames
@@ -110,14 +131,25 @@ def run_sample(cfg: DictConfig) -> list[Path]:
                                   **kw)
         else:
             videos = pipe.generate(prompts, num_frames=cfg.data.num_frames, height=size[0],
-                                   width=size[1], prefix=prefix, solver=s.solver, **kw)
+                                   width=size[1], prefix=prefix, solver=s.solver,
+                                   audio_cfg_scale=s.audio_cfg_scale, **kw)
     except ValueError as e:  # controls too short, a model that cannot roll out
         raise ConfigError(f"invalid config: sample.{'actions' if s.actions else 'mode'}: "
                           f"{e}") from e
     out = Path(s.out) if s.out else path.parent.parent / "samples" / "manual"
-    files = save_samples(out, {"generated": videos}, fps=8.0, captions=prompts)
+    fps = pipe.settings.fps or 8.0
+    sound = None
+    if "audio" in pipe.conditions:  # the mp4s carry the audio that drove them
+        src = audio if audio is not None else batch.get("audio")
+        if src is not None:
+            src = torch.as_tensor(src)
+            src = src[None].expand(n, -1) if src.dim() == 1 else src[:n]
+            sound = {"generated": src[:, : pipe.audio_samples(videos.shape[2])]}
+    files = save_samples(out, {"generated": videos}, fps=fps, captions=prompts, audio=sound,
+                         audio_rate=pipe.settings.audio_rate)
     (out / "sample_config.json").write_text(json.dumps({
         "checkpoint": str(path), "mode": s.mode, "seed": s.seed, "num_steps": s.num_steps,
         "cfg_scale": s.cfg_scale, "action_cfg_scale": s.action_cfg_scale,
+        "audio_cfg_scale": s.audio_cfg_scale, "audio": s.audio,
         "first_image": s.first_image, "refs": list(s.refs), "actions": s.actions}, indent=1))
     return [*files["videos"].values(), *files["images"].values()]

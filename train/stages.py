@@ -33,8 +33,9 @@ def load_init_weights(model: nn.Module, path: Path) -> set[str]:
         raise ValueError(f"stage.init_from: {path} is a LoRA run (PEFT parameter names); "
                          f"export it with worldline-lora and start from <export>/merged")
     new = {n for n, _ in model.named_parameters() if n not in saved}
+    # Audio cross-attention lives inside the blocks but is a conditioning module a stage adds.
     body = sorted(n for n in new if n.startswith(("dit.blocks.", "dit.x_embed.", "dit.final.",
-                                                  "text_encoder.")))
+                                                  "text_encoder.")) and ".audio" not in n)
     if body:
         # A stage grows conditioning modules only; a missing transformer weight means the
         # checkpoint is of another model size or layout, and partial loading would hide it.

@@ -143,12 +143,20 @@ def _validate_stage(cfg: Any) -> None:
            "image-to-video / continuation mark their clean frames with the mask channel: set "
            "model.dit.mask_channel=true")
     f = st.flow
-    for k in ("text_dropout", "action_dropout", "ref_dropout"):
+    for k in ("text_dropout", "action_dropout", "ref_dropout", "audio_dropout"):
         _check(0.0 <= f[k] <= 1.0, f"stage.flow.{k}", "must be in [0, 1]")
     _check("actions" not in active or dit.num_action_slots > 0 or dit.action_dim > 0,
            "stage.conditions", "actions need model.dit.num_action_slots or model.dit.action_dim")
     _check("camera" not in active or dit.camera_dim > 0, "stage.conditions",
            "camera needs model.dit.camera_dim > 0")
+    if "audio" in active:
+        au = cfg.model.audio
+        _check(au.sample_rate >= 1000 and au.n_mels >= 1, "model.audio",
+               "sample_rate >= 1000 and n_mels >= 1")
+        _check(dit.get("audio_mode", "modulation") in ("modulation", "cross_attn"),
+               "model.dit.audio_mode", "modulation or cross_attn")
+        _check(cfg.data.get("audio") is not False, "data.audio",
+               "stage.conditions has audio: the loader must decode it (data.audio=null/true)")
     if "refs" in active:
         _check(1 <= st.num_refs <= dit.max_refs, "stage.num_refs",
                f"must be in [1, model.dit.max_refs={dit.max_refs}] when conditions has refs")
