@@ -8,7 +8,7 @@
    modulation, with cross-attention and without audio, each measured on held-out clips with
    paired seeds, its seed noise floor and the pass threshold.
 
-    python scripts/bench_audio.py                 # both parts (~10 min on 2 CPU cores)
+    python scripts/bench_audio.py                 # both parts (~5 min on 2 CPU cores)
     python scripts/bench_audio.py --skip-steer    # step cost only
 """
 from __future__ import annotations

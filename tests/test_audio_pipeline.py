@@ -142,3 +142,30 @@ def test_audio_settings_are_checked_before_start(runs: Path) -> None:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             validate(cfg)
     torch.manual_seed(0)
+
+
+@pytest.mark.dist
+def test_fsdp_matches_ddp_with_audio(runs: Path) -> None:
+    """2 FSDP2 ranks vs 2 DDP ranks (gloo) on the audio stage: same data and per-rank noise
+    (audio CFG dropout included), only the sharding and reduction differ."""
+    import os
+    import subprocess
+    import sys
+
+    args = [*smoke_overrides(runs, "", runs / "_datasets"), f"stage.autoencoder_from={runs / 'ae'}",
+            f"stage.init_from={runs / 'pre'}", *AUDIO_STAGE, *SOUND, "train.steps=4",
+            "train.ckpt_every=4", "run.threads=1"]
+    args = [a for a in args if a != "run.name="]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", "-m", "worldline.train.main", *args]
+    for name, extra in (("ddp", ["dist=ddp", "dist.find_unused_parameters=true"]),
+                        ("fsdp", ["dist=fsdp"])):
+        r = subprocess.run([*torchrun, f"run.name={name}", *extra], capture_output=True,
+                           text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stderr[-4000:]
+        assert "terminate called" not in r.stderr
+    ddp = [r["loss"] for r in read_metrics(runs / "ddp") if "loss" in r]
+    fsdp = [r["loss"] for r in read_metrics(runs / "fsdp") if "loss" in r]
+    assert len(ddp) == len(fsdp) == 4
+    np.testing.assert_allclose(fsdp, ddp, rtol=1e-3)
