@@ -9,8 +9,12 @@ Modes (``sample.mode``):
   ``sample.rollout_frames`` latent frames one at a time with the KV cache, reading each step's
   actions/camera from ``sample.actions``.
 
-Inputs not given come from the first clips of the data spec (their actions/camera, and in
-rollout mode their first frame)::
+Audio-conditioned models take ``sample.audio=<wav|flac|mp3|m4a>`` (its first seconds drive
+the clip; ``sample.audio_cfg_scale`` guides it), and their mp4s carry the audio that drove
+them.
+
+Inputs not given come from the first clips of the data spec (their actions/camera/audio, and
+in rollout mode their first frame)::
 
     worldline-sample sample.checkpoint=runs/ctl 'sample.prompts=[a red circle in a meadow]' \
         sample.first_image=first.png 'sample.refs=[ref.png]' sample.actions=actions.json \
