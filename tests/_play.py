@@ -1,4 +1,4 @@
-"""A tiny trained action-conditioned world model for the ``worldline-play`` tests (~15 s).
+"""A tiny trained action-conditioned world model for the ``worldline-play`` tests (~10 s).
 
 An autoencoder run (2 steps) and a world-model run with ``stage.conditions=[text,actions]``
 (4 steps) on the smoke data, then a pipeline folder of that run. Four steps teach the
@@ -23,18 +23,29 @@ def make_play_model(root: Path, audio: bool = False) -> dict[str, Path]:
     (``run``, ``pipeline``, ``shards``: the synthetic shard folder)."""
     import torch
 
+    threads = torch.get_num_threads()  # the runs use 1 (run.threads); restored below
+    try:
+        return _make(root, audio)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _make(root: Path, audio: bool) -> dict[str, Path]:
+    import torch
+
     from worldline.train.main import run_training
     from worldline.train.pipeline import WorldPipeline
 
     data = root / "_datasets"
-    sound = ["data.synthetic.audio=true"] if audio else []
+    # One thread: on the shared 2-core VM two ran these tiny steps several times slower.
+    extra = ["run.threads=1", *(["data.synthetic.audio=true"] if audio else [])]
     conditions = "[text,actions,audio]" if audio else "[text,actions]"
     run_training(compose_cfg(smoke_overrides(root, "ae", data, "stage=autoencoder",
-                                             "train.steps=2", *sound)))
+                                             "train.steps=2", *extra)))
     run_training(compose_cfg(smoke_overrides(
         root, "play", data, "stage=pretrain", f"stage.conditions={conditions}",
         f"stage.autoencoder_from={root / 'ae'}", "train.steps=4", "train.ckpt_every=4",
-        "sample.num_steps=1", *sound)))
+        "sample.num_steps=1", *extra)))
     pipe = WorldPipeline.from_pretrained(root / "play")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

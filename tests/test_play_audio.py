@@ -43,6 +43,11 @@ def parts(play_audio_model, tmp_path_factory):
     from worldline.train.pipeline import WorldPipeline
     from worldline.train.play.contexts import ContextLibrary
 
+    # As worldline-play runs: 1 thread, no denormals (2 threads ran a step ~30x slower here).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+
     pipe = WorldPipeline.from_pretrained(play_audio_model["pipeline"])
     lib = ContextLibrary([play_audio_model["shards"]], (32, 32), limit=2)
     d = tmp_path_factory.mktemp("sounds")
@@ -50,7 +55,9 @@ def parts(play_audio_model, tmp_path_factory):
     sounds = {"low": _wav(d / "low.wav", _tone(1.5, 220)),
               "high": _wav(d / "high.wav", _tone(1.5, 3000, 0.9)),
               "short": _wav(d / "short.wav", _tone(0.3, 220))}
-    return pipe, lib, sounds
+    yield pipe, lib, sounds
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(False)
 
 
 def _session(pipe, lib, audio):

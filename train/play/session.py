@@ -63,7 +63,7 @@ class PlaySettings:
     action_cfg_scale: float = 1.0
     window: int = 8  # past latent frames kept in the KV cache
     seed: int = 0
-    fps: float = 8.0  # of the recorded mp4 (worldline-sample writes 8)
+    fps: float = 8.0  # of the recorded mp4: worldline-play passes the model's (as sample)
     camera_speed: float = 1.0  # view units per pixel frame while an arrow key is held
     jpeg_quality: int = 90
 
