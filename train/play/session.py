@@ -92,7 +92,7 @@ class Soundtrack:
 
     path: Path
     wave: np.ndarray
-    _live: Optional[tuple] = field(default=None, repr=False)  # features, cached (see live)
+    _live: Optional[tuple] = field(default=None, init=False, repr=False)  # see live()
 
     @classmethod
     def load(cls, path: str | Path, pipe: Any) -> "Soundtrack":
