@@ -2,6 +2,7 @@
 
     worldline-play runs/control --shards runs/_datasets/synthetic-xxx   # prints the URL
     worldline-play runs/control --script actions.json --out session.mp4  # no browser, no server
+    worldline-play runs/audio --audio song.wav ...   # an audio-conditioned model plays along
 
 RUN is a run dir, checkpoint, export or pipeline folder (WorldPipeline.from_pretrained).
 Context clips come only from the ``--shards`` folders (or an image uploaded in the page, or
@@ -13,6 +14,12 @@ row 0 for the context frame; a recording's actions.json works as is), rolls out
 (rows - 1) / temporal_downsample latent frames exactly as the live server would (the same
 code, no event loop), writes the mp4 (and the actions JSON + first frame next to it) and
 prints end-to-end fps and per-frame latency (controls read → JPEG ready).
+
+``--audio FILE`` (models trained with ``audio`` in ``stage.conditions``; exit 2 otherwise or
+when the file holds no readable audio): the model hears the file in frame time, from sample 0
+at every reset, silence after its end (train/play/session.py); the recording's mp4 carries it
+and its replay command passes ``sample.audio=FILE``. The page plays the same file from
+``GET /audio`` restarted at each reset, synchronised only approximately (by wall clock).
 """
 from __future__ import annotations
 
@@ -52,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU intra-op threads (default 1: a play step's ops are small, and "
                         "on the shared 2-core VM 2 threads ran 26x slower; BENCHMARKS.md)")
     p.add_argument("--action-names", help="comma-separated names of the discrete actions")
+    p.add_argument("--audio", metavar="FILE",
+                   help="play along to this audio file (models trained with audio)")
     p.add_argument("--script", help="headless: actions JSON (sample.actions format)")
     p.add_argument("--out", help="headless: the mp4 to write")
     p.add_argument("--stats-json", help="headless: also write the timings here")
@@ -77,6 +86,13 @@ def _load(args: argparse.Namespace):
     return pipe, ActionSpace.of(pipe, names)
 
 
+def _soundtrack(pipe, path: str):
+    """--audio: the file at the model's audio rate (ValueError: no audio model, bad file)."""
+    from worldline.train.play.session import Soundtrack
+
+    return Soundtrack.load(path, pipe)
+
+
 def _start(pipe, args: argparse.Namespace):
     """The context library (if --shards) and the context to start from."""
     from worldline.train.play.contexts import Context, ContextLibrary, image_from_bytes
@@ -99,17 +115,20 @@ def _start(pipe, args: argparse.Namespace):
     return lib, Context("generated", frame, args.prompt or "")
 
 
-def _settings(args: argparse.Namespace):
+def _settings(args: argparse.Namespace, pipe):
     from worldline.train.play.session import PlaySettings
 
+    # The recording's frame rate is the model's (worldline-sample's), so muxed audio lines up.
     return PlaySettings(num_steps=args.steps, cfg_scale=args.cfg,
-                        action_cfg_scale=args.action_cfg, window=args.window, seed=args.seed)
+                        action_cfg_scale=args.action_cfg, window=args.window, seed=args.seed,
+                        fps=pipe.settings.fps or 8.0)
 
 
 def run_headless(pipe, space, context, settings, script: Path, out: Path,
-                 prompt: Optional[str] = None) -> dict:
+                 prompt: Optional[str] = None, audio=None) -> dict:
     """Roll ``script``'s controls through a :class:`PlaySession` (the server's code path) and
-    write ``out`` (+ ``out``.actions.json, ``out``.first.png). Returns timings."""
+    write ``out`` (+ ``out``.actions.json, ``out``.first.png); ``audio``: a Soundtrack the
+    model hears. Returns timings."""
     from worldline.train.play.session import PlaySession
     from worldline.train.sampling import load_controls
 
@@ -128,7 +147,7 @@ def run_headless(pipe, space, context, settings, script: Path, out: Path,
         return a, c, seq
 
     t_start = time.perf_counter()
-    session = PlaySession(pipe, context, settings, prompt, space)
+    session = PlaySession(pipe, context, settings, prompt, space, audio)
     session.start(context, rows=rows(0, 1, 0), record=n)  # row 0 conditions the context
     lat = []
     t_loop = time.perf_counter()
@@ -148,14 +167,14 @@ def run_headless(pipe, space, context, settings, script: Path, out: Path,
             "num_steps": settings.num_steps, "device": str(pipe.device)}
 
 
-def serve(pipe, space, lib, context, args: argparse.Namespace) -> None:
+def serve(pipe, space, lib, context, args: argparse.Namespace, audio=None) -> None:
     """Run the web server until interrupted."""
     from aiohttp import web
 
     from worldline.train.play.server import PlayConfig, make_app
 
-    cfg = PlayConfig(settings=_settings(args), max_sessions=args.max_sessions,
-                     prompt=args.prompt)
+    cfg = PlayConfig(settings=_settings(args, pipe), max_sessions=args.max_sessions,
+                     prompt=args.prompt, audio=audio)
     app = make_app(pipe, cfg, lib, context, space)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"worldline-play: WARNING: binding {args.host}: anyone who can reach this "
@@ -190,13 +209,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     try:
         pipe, space = _load(args)
+        audio = _soundtrack(pipe, args.audio) if args.audio else None
         lib, context = _start(pipe, args)
     except (FileNotFoundError, KeyError, ValueError) as e:
         print(f"worldline-play: error: {e}", file=sys.stderr)
         return 2
     if args.script:
-        stats = run_headless(pipe, space, context, _settings(args), Path(args.script),
-                             Path(args.out), args.prompt)
+        stats = run_headless(pipe, space, context, _settings(args, pipe), Path(args.script),
+                             Path(args.out), args.prompt, audio)
         print(f"worldline-play: wrote {args.out}: {stats['latent_frames']} latent frames "
               f"({stats['pixel_frames']} pixel frames), {stats['fps']:.1f} fps end to end, "
               f"key-to-frame latency {stats['latency_ms_mean']:.1f} ms mean / "
@@ -205,7 +225,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.stats_json:
             Path(args.stats_json).write_text(json.dumps(stats, indent=1))
         return 0
-    serve(pipe, space, lib, context, args)
+    serve(pipe, space, lib, context, args, audio)
     return 0
 
 

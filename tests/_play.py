@@ -1,11 +1,16 @@
-"""A tiny trained action-conditioned world model for the ``worldline-play`` tests (~15 s).
+"""A tiny trained action-conditioned world model for the ``worldline-play`` tests (~10 s).
 
 An autoencoder run (2 steps) and a world-model run with ``stage.conditions=[text,actions]``
 (4 steps) on the smoke data, then a pipeline folder of that run. Four steps teach the
 zero-initialised control path almost nothing (actions change frames by ~1e-7), so the folder's
 world model gets the small parameters (adaLN gates, the action embedder) perturbed, as if
 trained much longer: a key must visibly change the frames after JPEG. The run dir itself is
-left as trained (tests load both)."""
+left as trained (tests load both).
+
+``audio=True``: the same on the synthetic world with sound (``data.synthetic.audio=true``)
+with ``stage.conditions=[text,actions,audio]``: the DiT grows its audio modules (modulation)
+because the stage lists audio, and their parameters are perturbed too, so the sound visibly
+changes the frames."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,26 +18,39 @@ from pathlib import Path
 from _runs import compose_cfg, smoke_overrides
 
 
-def make_play_model(root: Path) -> dict[str, Path]:
+def make_play_model(root: Path, audio: bool = False) -> dict[str, Path]:
     """Train the run under ``root`` and write ``root/play_pipeline``; returns the paths
     (``run``, ``pipeline``, ``shards``: the synthetic shard folder)."""
+    import torch
+
+    threads = torch.get_num_threads()  # the runs use 1 (run.threads); restored below
+    try:
+        return _make(root, audio)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _make(root: Path, audio: bool) -> dict[str, Path]:
     import torch
 
     from worldline.train.main import run_training
     from worldline.train.pipeline import WorldPipeline
 
     data = root / "_datasets"
+    # One thread: on the shared 2-core VM two ran these tiny steps several times slower.
+    extra = ["run.threads=1", *(["data.synthetic.audio=true"] if audio else [])]
+    conditions = "[text,actions,audio]" if audio else "[text,actions]"
     run_training(compose_cfg(smoke_overrides(root, "ae", data, "stage=autoencoder",
-                                             "train.steps=2")))
+                                             "train.steps=2", *extra)))
     run_training(compose_cfg(smoke_overrides(
-        root, "play", data, "stage=pretrain", "stage.conditions=[text,actions]",
+        root, "play", data, "stage=pretrain", f"stage.conditions={conditions}",
         f"stage.autoencoder_from={root / 'ae'}", "train.steps=4", "train.ckpt_every=4",
-        "sample.num_steps=1")))
+        "sample.num_steps=1", *extra)))
     pipe = WorldPipeline.from_pretrained(root / "play")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in pipe.world_model.named_parameters():
-            if p.abs().max() < 0.02 or "action" in name:
+            if p.abs().max() < 0.02 or "action" in name or "audio" in name:
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
     pipe.save_pretrained(root / "play_pipeline")
     shards = sorted(data.glob("synthetic-*/manifest.json"))[0].parent

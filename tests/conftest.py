@@ -52,3 +52,11 @@ def play_model(tmp_path_factory) -> dict:
     from _play import make_play_model
 
     return make_play_model(tmp_path_factory.mktemp("play_model"))
+
+
+@pytest.fixture(scope="session")
+def play_audio_model(tmp_path_factory) -> dict:
+    """The same, on the world with sound and conditioned on audio (tests/_play.py)."""
+    from _play import make_play_model
+
+    return make_play_model(tmp_path_factory.mktemp("play_audio_model"), audio=True)

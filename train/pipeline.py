@@ -252,6 +252,14 @@ class WorldPipeline:
         (``settings.fps``; 8 fps, the synthetic world's, when the run did not fix one)."""
         return round(frames * self.settings.audio_rate / (self.settings.fps or 8.0))
 
+    def audio_features(self, audio: Tensor, frames: int) -> tuple[Tensor, Tensor]:
+        """A waveform [S] → features [1, frames, audio_dim] and valid [1, frames] exactly as
+        :meth:`rollout` / :meth:`generate` compute them for a clip of ``frames`` pixel frames
+        (so a stepwise player that slices these replays bitwise; see train/play/session.py)."""
+        f = self._audio_fields(1, audio, frames)
+        return self.audio_frontend(f["audio"].to(self.device).float(),
+                                   f["audio_mask"].to(self.device).bool(), frames)
+
     def _audio_fields(self, n: int, audio: Optional[Tensor], frames: int) -> dict[str, Any]:
         """A user's waveform ([N] or [n, N] at ``settings.audio_rate``) → the batch fields
         ``audio``/``audio_mask`` covering ``frames`` pixel frames (silence-padded, masked)."""

@@ -11,6 +11,11 @@ session) runs on a single worker thread, never on the event loop; sessions take 
 frame. Backpressure: each session keeps at most one finished frame waiting to be sent; when
 the client is slower than the model, an unsent frame is replaced by the newer one and counted
 as dropped, so nothing queues without bound.
+
+Audio (``--audio FILE``): every session's model hears the file (train/play/session.py), and
+``GET /audio`` serves the file's bytes for the page to play along (404 without ``--audio``;
+``/api/info`` says ``audio``). The page restarts it at each reset; it follows the frames only
+by wall clock, while the model hears it in frame time, so they drift when steps are slow.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from aiohttp import WSMsgType, web
 
 from worldline.train.play.contexts import Context, ContextLibrary, image_from_base64
 from worldline.train.play.controls import ActionSpace, MessageError, parse_message
-from worldline.train.play.session import Frame, PlaySession, PlaySettings
+from worldline.train.play.session import Frame, PlaySession, PlaySettings, Soundtrack
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,11 @@ __all__ = ["PlayConfig", "make_app", "STATIC"]
 
 PLAY: web.AppKey = web.AppKey("play", object)
 STATIC = {"/": ("index.html", "text/html"), "/play.js": ("play.js", "text/javascript")}
+# GET /audio's content type by the --audio file's extension (anything else: octet-stream).
+AUDIO_TYPES = {".wav": "audio/wav", ".mp3": "audio/mpeg", ".ogg": "audio/ogg",
+               ".oga": "audio/ogg", ".opus": "audio/ogg", ".flac": "audio/flac",
+               ".m4a": "audio/mp4", ".aac": "audio/aac", ".mp4": "video/mp4",
+               ".webm": "audio/webm"}
 
 
 @dataclass
@@ -48,6 +58,7 @@ class PlayConfig:
     max_message_bytes: int = 2 << 20  # an uploaded first image fits; nothing much larger
     prompt: Optional[str] = None
     max_recordings: int = 8  # finished recordings kept in memory for download
+    audio: Optional[Soundtrack] = None  # --audio: the sessions hear it, GET /audio serves it
 
 
 class PlayServer:
@@ -158,7 +169,7 @@ async def ws_handler(request: web.Request) -> web.WebSocketResponse:
     try:
         settings = PlaySettings(**vars(server.cfg.settings))  # per-session copy
         session = await server.compute(PlaySession, server.pipe, server.default, settings,
-                                       server.cfg.prompt, server.space)
+                                       server.cfg.prompt, server.space, server.cfg.audio)
         await ws.send_str(json.dumps({"type": "hello", "space": server.space.to_json(),
                                       "settings": vars(settings),
                                       "contexts": server.contexts.ids() if server.contexts
@@ -213,7 +224,18 @@ async def info_handler(request: web.Request) -> web.Response:
     return web.json_response({"sessions": len(server.sessions),
                               "max_sessions": server.cfg.max_sessions, "stats": server.stats,
                               "space": server.space.to_json(),
-                              "source": str(server.pipe.source)})
+                              "source": str(server.pipe.source),
+                              "audio": server.cfg.audio is not None})
+
+
+async def audio_handler(request: web.Request) -> web.StreamResponse:
+    """The --audio file's bytes (only that one path, fixed at start; 404 without --audio).
+    A FileResponse answers Range requests, which browsers use to seek an <audio> to 0."""
+    audio = request.app[PLAY].cfg.audio
+    if audio is None:
+        raise web.HTTPNotFound()
+    ctype = AUDIO_TYPES.get(audio.path.suffix.lower(), "application/octet-stream")
+    return web.FileResponse(audio.path, headers={"Content-Type": ctype})
 
 
 async def download_handler(request: web.Request) -> web.Response:
@@ -238,6 +260,7 @@ def make_app(pipe: Any, cfg: PlayConfig, contexts: Optional[ContextLibrary],
         app.router.add_get(path, static_handler)
     app.router.add_get("/ws", ws_handler)
     app.router.add_get("/api/info", info_handler)
+    app.router.add_get("/audio", audio_handler)
     app.router.add_get("/download/{token}/{name}", download_handler)
 
     async def shutdown(_app: web.Application) -> None:

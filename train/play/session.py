@@ -16,6 +16,17 @@ JSON + first frame replay to the same frames::
 (the exact command is in the JSON's ``replay.command``; replay is exact when
 ``replay.exact`` is true: the settings did not change and all N frames were recorded).
 
+Audio (``worldline-play RUN --audio FILE``, models with ``audio`` in ``stage.conditions``):
+the session plays along to a :class:`Soundtrack` in *frame time*: the context frame hears
+pixel frame 0's samples, each advance the next tf pixel frames', cut exactly as
+``pipe.rollout`` / ``worldline-sample sample.audio=FILE`` cut a whole clip (pixel frame k =
+samples ``[k*rate/fps, (k+1)*rate/fps)`` when rate/fps is an integer, e.g. 16000 / 8 = 2000;
+otherwise LogMelFrames' near-equal segments of the clip). A recording computes the features of
+its 1 + N*tf pixel frames in one go, as the replay will, so it replays bitwise. After the end
+of the file the model hears silence marked invalid (its learned null audio), exactly what
+worldline-sample feeds past the end of a short file; the audio does not loop. Every reset
+(new context, record) starts the audio again at sample 0.
+
 CPU example (tiny)::
 
     s = PlaySession(WorldPipeline.from_pretrained("runs/control"), ctx, PlaySettings())
@@ -40,7 +51,7 @@ from worldline.models.stepper import RolloutStepper, StreamDecoder
 from worldline.train.play.contexts import Context
 from worldline.train.play.controls import ActionSpace
 
-__all__ = ["PlaySettings", "Frame", "PlaySession", "encode_jpeg"]
+__all__ = ["PlaySettings", "Frame", "PlaySession", "Soundtrack", "encode_jpeg"]
 
 
 @dataclass
@@ -52,7 +63,7 @@ class PlaySettings:
     action_cfg_scale: float = 1.0
     window: int = 8  # past latent frames kept in the KV cache
     seed: int = 0
-    fps: float = 8.0  # of the recorded mp4 (worldline-sample writes 8)
+    fps: float = 8.0  # of the recorded mp4: worldline-play passes the model's (as sample)
     camera_speed: float = 1.0  # view units per pixel frame while an arrow key is held
     jpeg_quality: int = 90
 
@@ -71,6 +82,59 @@ class Frame:
     reset: bool = False
     recording: Optional[dict[str, Any]] = None  # progress, or the finished files
     errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Soundtrack:
+    """An audio file a session plays along to: its absolute path (for the replay command
+    and the page's ``GET /audio``) and its waveform, float32 mono [S] at the model's
+    ``settings.audio_rate``."""
+
+    path: Path
+    wave: np.ndarray
+    _live: Optional[tuple] = field(default=None, init=False, repr=False)  # see live()
+
+    @classmethod
+    def load(cls, path: str | Path, pipe: Any) -> "Soundtrack":
+        """Read ``path`` at ``pipe``'s audio rate; ValueError (one line) when the model was
+        not trained with audio or the file holds no readable audio."""
+        from worldline.data.audio import load_audio_file
+
+        if "audio" not in pipe.conditions:
+            raise ValueError(f"--audio: {pipe.source} was not trained with audio "
+                             "(stage.conditions has no audio)")
+        p = Path(path).resolve()
+        if not p.is_file():
+            raise ValueError(f"--audio: no file at {path}")
+        try:
+            wave = load_audio_file(p, pipe.settings.audio_rate)
+        except Exception as exc:  # noqa: BLE001 - PyAV's errors: not audio, no stream, corrupt
+            raise ValueError(f"--audio: {path}: cannot read audio "
+                             f"({type(exc).__name__}: {str(exc)[:200]})") from None
+        if wave.size == 0:
+            raise ValueError(f"--audio: {path}: no audio samples")
+        return cls(p, np.ascontiguousarray(wave, dtype=np.float32))
+
+    def frames(self, pipe: Any) -> int:
+        """Pixel frames the file covers at the model's frame rate (the last one partly)."""
+        fps = pipe.settings.fps or 8.0
+        return max(1, int(np.ceil(self.wave.size * fps / pipe.settings.audio_rate)))
+
+    def features(self, pipe: Any, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features [1, frames, M] and valid [1, frames] of a clip of ``frames`` pixel frames
+        from sample 0, as pipe.rollout computes them."""
+        return pipe.audio_features(torch.from_numpy(self.wave), frames)
+
+    def live(self, pipe: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole file's features (computed once; sessions share them)."""
+        if self._live is None:
+            self._live = self.features(pipe, self.frames(pipe))
+        return self._live
+
+    def samples(self, pipe: Any, frames: int) -> np.ndarray:
+        """The samples that play during ``frames`` pixel frames, silence after the file."""
+        n = pipe.audio_samples(frames)
+        return np.pad(self.wave[:n], (0, max(0, n - self.wave.size)))
 
 
 def encode_jpeg(frame: np.ndarray, quality: int = 90) -> bytes:
@@ -94,8 +158,11 @@ class PlaySession:
     """A live rollout from ``context`` (see the module docstring)."""
 
     def __init__(self, pipe: Any, context: Context, settings: PlaySettings,
-                 prompt: Optional[str] = None, space: Optional[ActionSpace] = None) -> None:
+                 prompt: Optional[str] = None, space: Optional[ActionSpace] = None,
+                 audio: Optional[Soundtrack] = None) -> None:
         self.pipe, self.settings, self.prompt = pipe, settings, prompt
+        # A model that does not hear ignores the soundtrack (the server may offer it anyway).
+        self.audio = audio if audio is not None and "audio" in pipe.conditions else None
         self.space = space or ActionSpace.of(pipe)
         self.tf = pipe.transformer.args.temporal_downsample
         self._controls = ([0] * self.space.slots, [0.0] * self.space.camera_dim, 0)
@@ -131,6 +198,26 @@ class PlaySession:
             c = torch.tensor(rows, dtype=torch.float32, device=dev)[None]
         return a, c, seq
 
+    def audio_rows(self, lo: int, n: int, track: Optional[tuple] = None
+                    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Audio features [1, n, M] and valid [1, n] of pixel frames lo..lo+n-1 (None, None
+        without a soundtrack) from ``track`` (default: the recording's own while one runs,
+        else the whole file's); past its end silence marked invalid (the DiT's null audio,
+        as worldline-sample feeds past the end of a short file)."""
+        if self.audio is None:
+            return None, None
+        rec = self.recording
+        if track is None:
+            track = rec["audio"] if rec is not None and rec["audio"] is not None \
+                else self.audio.live(self.pipe)
+        feats, valid = track
+        feats, valid = feats[:, lo:lo + n], valid[:, lo:lo + n]
+        short = n - feats.shape[1]
+        if short > 0:
+            feats = torch.cat([feats, feats.new_zeros(1, short, feats.shape[2])], 1)
+            valid = torch.cat([valid, valid.new_zeros(1, short)], 1)
+        return feats, valid
+
     # ------------------------------------------------------------------ compute
     def _shift(self, frames: int) -> float:
         c, _, h, w = self.pipe.latent_shape(1, *self.context.frame.shape[1:])
@@ -156,6 +243,12 @@ class PlaySession:
         z0 = pipe.encode_images(context.frame[None].to(pipe.device))[:, :, None]
         self._camera_pos = [0.0] * self.space.camera_dim
         a0, c0, seq = rows if rows is not None else self._rows(1)
+        self.recording = None  # a reset ends a recording (its audio track too)
+        # A recording hears its 1 + N*tf pixel frames' features computed in one go, exactly
+        # as its replay (pipe.rollout) will; live play slices the whole file's.
+        track = self.audio.features(pipe, 1 + record * self.tf) if record and self.audio \
+            else None
+        s0, v0 = self.audio_rows(0, 1, track)  # the context frame hears pixel frame 0
         # Live play uses the shift of the model's training clip; a recording the one
         # pipe.rollout uses for 1 + N frames (shift_for depends on the token count).
         f_lat = pipe.latent_shape(pipe.settings.sample_size[0], *context.frame.shape[1:])[1]
@@ -163,9 +256,9 @@ class PlaySession:
             pipe.transformer, z0, text=text, text_mask=cond["text_mask"],
             null_text=pipe.world_model.null_text, window=st.window, num_steps=st.num_steps,
             shift=self._shift(1 + record if record else f_lat), text_scale=st.cfg_scale,
-            action_scale=st.action_cfg_scale, context_actions=a0, context_camera=c0)
+            action_scale=st.action_cfg_scale, context_actions=a0, context_camera=c0,
+            context_audio=s0, context_audio_valid=v0)
         self.generator = torch.Generator(device=pipe.device).manual_seed(st.seed)
-        self.recording = None
         if record:
             # pipe.rollout's draw: one [1, C, N, h, w] tensor from a fresh seeded generator.
             g = torch.Generator(device=pipe.device).manual_seed(st.seed)
@@ -173,7 +266,7 @@ class PlaySession:
                                 device=g.device).to(z0.device, z0.dtype)
             self.recording = {"frames": record, "noise": noise, "latents": [z0],
                               "actions": [a0], "camera": [c0], "prompt": prompt,
-                              "settings": asdict(st), "exact": True}
+                              "settings": asdict(st), "exact": True, "audio": track}
         self.decoder.reset()
         return self._finish(0, z0, seq, a0, t0, reset=True)
 
@@ -237,7 +330,8 @@ class PlaySession:
             c, h, w = self._latent_chw()
             noise = torch.randn((1, c, 1, h, w), generator=self.generator,
                                 device=self.generator.device).to(self.pipe.device)
-        z = self.stepper.step(noise, acts, cam)
+        aud, aud_valid = self.audio_rows(1 + (i - 1) * self.tf, self.tf)
+        z = self.stepper.step(noise, acts, cam, aud, aud_valid)
         out = self._finish(i, z, seq, acts, t0)
         out.errors = errors
         if rec is not None:
@@ -269,7 +363,10 @@ class PlaySession:
         rec, pipe = self.recording, self.pipe
         n = len(rec["latents"]) - 1
         video = pipe.decode(torch.cat(rec["latents"], 2))
-        mp4 = encode_mp4(to_uint8_frames(video)[0], rec["settings"]["fps"])
+        frames = to_uint8_frames(video)[0]
+        sound = None if self.audio is None else self.audio.samples(pipe, frames.shape[0])
+        mp4 = encode_mp4(frames, rec["settings"]["fps"], audio=sound,
+                         audio_rate=pipe.settings.audio_rate)
         doc: dict[str, Any] = {}
         if rec["actions"][0] is not None:
             doc["actions"] = torch.cat(rec["actions"], 1)[0].tolist()
@@ -284,6 +381,8 @@ class PlaySession:
                f"sample.cfg_scale={s['cfg_scale']}",
                f"sample.action_cfg_scale={s['action_cfg_scale']}",
                f"sample.window={s['window']}", f"data.resolution=[{h},{w}]"]
+        if self.audio is not None:
+            cmd.append(f"sample.audio={self.audio.path}")
         doc["replay"] = {"command": shlex.join(cmd), "args": cmd[1:], "frames": n,
                          "exact": rec["exact"] and n == rec["frames"], "settings": s,
                          "prompt": rec["prompt"], "context": self.context.id}

@@ -34,6 +34,8 @@ document.addEventListener("keydown", (e) => {
   const k = keyName(e);
   if (!space || !(k in space.keys || k in space.camera) || e.target.tagName === "INPUT") return;
   e.preventDefault();
+  const a = $("sound");  // browsers allow play() only after a gesture: start it on the first key
+  if (state.audio && a.paused && !a.ended && !state.paused) a.play().catch(() => {});
   if (!held.includes(k)) { held.push(k); update(); }
 });
 document.addEventListener("keyup", (e) => {
@@ -49,6 +51,7 @@ ws.onmessage = (ev) => {
     return;
   }
   const msg = JSON.parse(ev.data);
+  if (msg.type === "frame" && msg.reset) restartSound();
   if (msg.type === "hello") hello(msg);
   else if (msg.type === "busy") { $("busy").textContent = msg.message; }
   else if (msg.type === "error") { $("error").textContent = msg.message; }
@@ -117,8 +120,20 @@ function recording(r) {
 }
 
 $("reset").onclick = () => send({ type: "reset", context: $("contexts").value });
+// --audio: the page plays the file from 0 at every reset (context, record), as the model
+// hears it. Only by wall clock: the model hears it in frame time, so slow steps drift.
+function restartSound() {
+  const a = $("sound");
+  if (!state.audio) return;
+  a.currentTime = 0; state.soundRestarts = (state.soundRestarts || 0) + 1;
+  if (!state.paused) a.play().catch(() => {});  // blocked until the first key press/click
+}
+$("mute").onclick = () => {
+  const a = $("sound"); a.muted = !a.muted; $("mute").textContent = a.muted ? "unmute" : "mute";
+};
 $("pause").onclick = () => {
   state.paused = !state.paused; $("pause").textContent = state.paused ? "resume" : "pause";
+  if (state.audio) { if (state.paused) $("sound").pause(); else $("sound").play().catch(() => {}); }
   send({ type: "pause", paused: state.paused });
 };
 $("apply").onclick = () => send({ type: "settings", num_steps: +$("steps").value,
@@ -131,4 +146,10 @@ $("upload").onchange = () => {
   r.onload = () => send({ type: "reset", image: r.result });
   r.readAsDataURL(f);
 };
-fetch("/api/info").then((r) => r.json()).then((i) => { $("source").textContent = i.source; });
+fetch("/api/info").then((r) => r.json()).then((i) => {
+  $("source").textContent = i.source;
+  if (i.audio) {
+    state.audio = true; $("sound").src = "/audio"; $("soundrow").hidden = false;
+    restartSound();  // the first context frame may have come before this answer
+  }
+});
