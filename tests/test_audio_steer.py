@@ -30,6 +30,7 @@ def test_audio_moves_the_sprite_it_belongs_to() -> None:
 def test_a_model_without_audio_fails_the_threshold() -> None:
     # Without an audio input both sounds give the same clip whatever the training, so a short
     # training shows the threshold cannot be met by seed noise alone.
-    report = run_steering(dataclasses.replace(SteerSetup(), audio_mode="none", steps=60))
+    report = run_steering(dataclasses.replace(SteerSetup(), audio_mode="none", steps=60,
+                                              train_clips=32, eval_clips=12))
     assert report["steer"] == 0.0 and report["sign_accuracy"] == 0.0
     assert report["noise_floor"] > 0 and not report["passed"]
