@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 try:  # Optional dependency; import errors (missing wheel, ABI mismatch) mean "not available".
     from flash_attn import flash_attn_func as _flash_attn_func
@@ -45,7 +45,7 @@ _CPU_MATMUL_CHUNK_SCORES = 1 << 18  # per head and query chunk: 512 KiB of bf16 
 # backward: 2^24 elements (32 MiB bf16 per layer) bounds that whatever the batch and heads.
 _CPU_MATMUL_MAX_SCORES = 1 << 24
 
-__all__ = ["attention", "flash_attn_available"]
+__all__ = ["attention", "flash_attn_available", "CrossAttentionProjections"]
 
 
 def flash_attn_available() -> bool:
@@ -172,3 +172,19 @@ def attention(
     if use_matmul:
         return _matmul_attention(q, k, v, attn_mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+
+
+class CrossAttentionProjections(nn.Module):
+    """The projections of a cross-attention from tokens to a context: ``q``, fused ``kv``,
+    ``proj`` and per-head QK RMSNorms (identity without ``qk_norm``). The text cross-attention
+    (models/dit.py) and the audio cross-attention (models/audio.py) add their forwards."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        head_dim = dim // num_heads
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from worldline.models.attention import attention
+from worldline.models.attention import CrossAttentionProjections, attention
 
 __all__ = ["LogMelFrames", "mel_filterbank", "AudioCrossAttention", "audio_pixel_positions",
            "audio_cross_attn", "LOG_MEL_OFFSET", "LOG_MEL_SCALE"]
@@ -176,19 +176,12 @@ def _rotate(x: Tensor, rot: Tensor) -> Tensor:
     return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
 
 
-class _AudioAttnLayer(nn.Module):
+class _AudioAttnLayer(CrossAttentionProjections):
     """Pre-norm cross-attention of video tokens to audio tokens; ``proj`` starts at zero."""
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
-        head_dim = dim // num_heads
-        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        super().__init__(dim, num_heads, qk_norm)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)  # no random init: the draws stay in order
 
     def forward(self, x: Tensor, ctx: "AudioContext") -> Tensor:
         """x [B, N, D] video tokens -> update [B, N, D] (add it to x)."""

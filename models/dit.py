@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from worldline.models.attention import attention
+from worldline.models.attention import CrossAttentionProjections, attention
 from worldline.models.audio import AudioCrossAttention, audio_cross_attn
 from worldline.models.conditioning import ConditionEmbedder
 from worldline.models.init import reset_default_parameters
@@ -257,18 +257,8 @@ class SelfAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, d)), kv
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(CrossAttentionProjections):
     """Video tokens attend to (projected) text tokens; no RoPE on either side."""
-
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
-        head_dim = dim // num_heads
-        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
 
     def forward(self, x: Tensor, ctx: Tensor, ctx_mask: Tensor | None) -> Tensor:
         """x [B, N, D] attends ctx [B, L, D] (ctx_mask [B, L] bool, True = real) -> [B, N, D]."""
