@@ -32,12 +32,18 @@ def test_fsdp_bf16_ac_hsdp_accumulation(root: Path) -> None:
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [4]
 
 
+@pytest.fixture(scope="module")
+def ae(root: Path) -> Path:
+    """A 2-step autoencoder run the flow-stage tests start from."""
+    return launch(root, "ae", root / "_datasets", 1, "dist=single", "train.steps=2",
+                  "train.ckpt_every=2")
+
+
 @pytest.mark.dist
-def test_fsdp_context_parallel_flow_equals_single_process(root: Path) -> None:
+def test_fsdp_context_parallel_flow_equals_single_process(root: Path, ae: Path) -> None:
     """dp=1 x cp=2: both ranks hold half the tokens of the same clips, so the losses equal a
     single process's (same data, same noise) up to float reduction order."""
     data = root / "_datasets"
-    ae = launch(root, "ae", data, 1, "dist=single", "train.steps=2", "train.ckpt_every=2")
     # 13 frames -> 4 latent frames (cp=2 must divide the token frames).
     flow = ["stage=pretrain", f"stage.autoencoder_from={ae}", "data.num_frames=13",
             "data.synthetic.num_frames=13", "train.steps=3", "train.ckpt_every=3",
@@ -48,6 +54,25 @@ def test_fsdp_context_parallel_flow_equals_single_process(root: Path) -> None:
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for s in a:
         assert b[s] == pytest.approx(a[s], rel=1e-4), (s, a[s], b[s])
+
+
+@pytest.mark.dist
+def test_ddp_flow_equals_one_process_with_two_streams(root: Path, ae: Path) -> None:
+    """dp=2 on a flow stage started from an autoencoder run: one process with two loader
+    streams and accumulation 2 reads the same two batches per step and draws the same noise
+    as the two ranks. It also needs the same latent statistics: they are measured on the
+    same first clips whatever the layout (before, each rank measured its own shards and the
+    ranks trained on differently normalised latents: 7 % apart from step 1)."""
+    data = root / "_datasets"
+    flow = ["stage=pretrain", f"stage.autoencoder_from={ae}", "train.steps=3",
+            "train.ckpt_every=3"]
+    single = launch(root, "flow2s", data, 1, "dist=single", "data.num_workers=2",
+                    "train.grad_accum=2", *flow)
+    ddp = launch(root, "flowddp", data, 2, "dist=ddp", *flow)
+    a, b = losses(single), losses(ddp)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-3), (s, a[s], b[s])
 
 
 def test_async_save_single_process(tmp_path: Path) -> None:

@@ -184,7 +184,12 @@ def _frozen_autoencoder(cfg: DictConfig, device: torch.device,
     if src:
         _, _, key = load_autoencoder(src, into=ae)
         if key == "model":  # straight from an autoencoder run: no statistics yet
-            measure_latent_stats(WorldPipeline(ae), loaders.make(shuffle=False))
+            # The same clips on every rank and for every loader layout (rank 0 of 1, one
+            # stream): per-rank statistics would train each rank on differently normalised
+            # latents, and a single process would not match its distributed twin.
+            first = LoaderFactory(cfg, pin_memory=loaders.pin_memory)
+            measure_latent_stats(WorldPipeline(ae), first.make({"num_workers": 0},
+                                                               shuffle=False))
     return ae
 
 
