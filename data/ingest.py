@@ -228,7 +228,7 @@ def _load_array(value, what: str):
             if path.suffix.lower() == ".npy":
                 return np.load(path, allow_pickle=False)  # never unpickle
             return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: deep nesting
             raise BadInput(f"bad_{what}", f"{path.name}: {type(exc).__name__}: {exc}") from None
     return value
 
@@ -312,7 +312,7 @@ def prepare(item: SourceItem, opts: IngestOptions) -> dict:
         if item.meta_path:
             try:
                 extra = json.loads(Path(item.meta_path).read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, RecursionError) as exc:  # RecursionError: deep nesting
                 raise BadInput("bad_json", f"{Path(item.meta_path).name}: {exc}") from None
             if not isinstance(extra, dict):
                 raise BadInput("bad_json", f"{Path(item.meta_path).name}: not a JSON object")

@@ -220,6 +220,7 @@ class ShardLoader:
         prefetch_factor: int = 2,
         pin_memory: bool = False,
         audio_rate: int = 0,
+        num_actions: int = 0,
     ):
         self.shards = resolve_shards(shards)
         if not self.shards:
@@ -242,14 +243,14 @@ class ShardLoader:
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
         self.codec: PixelCodec | LatentCodec
         if input == "latent":
-            self.codec = LatentCodec(batch_size, (num_frames, *self.resolution))
+            self.codec = LatentCodec(batch_size, (num_frames, *self.resolution), num_actions)
         else:
             explicit = buckets is not None
             bucket_list = list(buckets) if explicit else [Bucket(*self.resolution, num_frames, batch_size)]
             bset = BucketSet(bucket_list, upscale=(not explicit) if upscale is None else upscale,
                              frame_stride=frame_stride, fps=fps)
             self.codec = PixelCodec(bset, position, crop, limits, with_refs, decode_threads, channels_last,
-                                    audio_rate=audio_rate)
+                                    audio_rate=audio_rate, num_actions=num_actions)
         # Sub-streams are tied to workers; 0 workers means one in-process stream.
         self.num_streams = max(1, num_workers)
         if not resample and len(self.shards) < world_size * self.num_streams:

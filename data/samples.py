@@ -151,14 +151,20 @@ def _parse_json(raw: RawSample, required: bool) -> dict:
         meta = json.loads(data.decode("utf-8"))
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise Skip("bad_json", str(exc)) from None
+    except RecursionError:  # a hostile nesting depth: the parser's recursion limit
+        raise Skip("bad_json", "nested too deeply") from None
     if not isinstance(meta, dict):
         raise Skip("bad_json", f"top level is {type(meta).__name__}, not an object")
     return meta
 
 
-def parse_actions(value) -> np.ndarray:
+def parse_actions(value, num_actions: int = 0) -> np.ndarray:
     """Per-frame actions -> int64 ``[N, S]`` (a flat list is ``S = 1``); ``ValueError`` if
-    ragged, non-finite (NaN/inf) or not integral."""
+    ragged, non-finite (NaN/inf), not integral, booleans, or (``num_actions`` > 0) outside
+    ``[0, num_actions)``: an id out of range would index another slot's embedding rows."""
+    if np.asarray(value).dtype == bool or any(
+            isinstance(v, (bool, np.bool_)) for v in np.asarray(value, dtype=object).ravel()):
+        raise ValueError("actions must be integers, not booleans")
     arr = np.asarray(value, dtype=np.float64)
     if arr.ndim == 1:
         arr = arr[:, None]
@@ -168,6 +174,9 @@ def parse_actions(value) -> np.ndarray:
         raise ValueError("actions contain non-finite values (NaN/inf)")
     if (arr != np.round(arr)).any():
         raise ValueError("actions must be integers")
+    if num_actions > 0 and arr.size and (arr.min() < 0 or arr.max() >= num_actions):
+        raise ValueError(f"action ids must be in [0, {num_actions}) (model.dit.num_actions), "
+                         f"got {int(arr.min())}..{int(arr.max())}")
     return arr.astype(np.int64)
 
 
@@ -181,9 +190,11 @@ def parse_camera(value) -> np.ndarray:
     return arr
 
 
-def _annotations(raw: RawSample, meta: dict) -> tuple[np.ndarray, np.ndarray | None, str, list[str]]:
+def _annotations(raw: RawSample, meta: dict, num_actions: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray | None, str, list[str]]:
     try:
-        actions = parse_actions(meta["actions"]) if meta.get("actions") is not None else np.zeros((0, 0), np.int64)
+        actions = parse_actions(meta["actions"], num_actions) if meta.get("actions") is not None \
+            else np.zeros((0, 0), np.int64)
     except (ValueError, TypeError) as exc:
         raise Skip("bad_actions", str(exc)) from None
     try:
@@ -262,12 +273,15 @@ class PixelCodec:
 
     def __init__(self, buckets: BucketSet, position: str = "start", crop: str = "center",
                  limits: VideoLimits | None = None, with_refs: bool = False, decode_threads: int = 1,
-                 channels_last: bool = False, audio_rate: int = 0):
+                 channels_last: bool = False, audio_rate: int = 0, num_actions: int = 0):
         if audio_rate < 0:
             raise ValueError(f"audio_rate must be >= 0 (0: no audio), got {audio_rate}")
         self.buckets, self.position, self.crop, self.channels_last = buckets, position, crop, channels_last
         self.limits, self.with_refs, self.decode_threads = limits or VideoLimits(), with_refs, decode_threads
         self.audio_rate = int(audio_rate)
+        # Not in the signature: a filter of bad samples, fixed for a model, and runs saved
+        # before it existed keep resuming.
+        self.num_actions = int(num_actions)
 
     def signature(self) -> list:
         sig = ["pixel", self.buckets.signature(), self.position, self.crop, self.with_refs, self.channels_last]
@@ -290,7 +304,7 @@ class PixelCodec:
         if len(video) == 0:
             raise Skip("empty_video", f"0-byte .{ext}")
         meta = _parse_json(raw, required=True)
-        actions, camera, caption, style = _annotations(raw, meta)
+        actions, camera, caption, style = _annotations(raw, meta, self.num_actions)
         try:
             info = probe_video(video, self.limits)
             bucket = self.buckets.assign(info)
@@ -432,9 +446,11 @@ class LatentCodec:
 
     input = "latent"
 
-    def __init__(self, batch_size: int, clip_shape: tuple[int, int, int] = (17, 64, 64)):
+    def __init__(self, batch_size: int, clip_shape: tuple[int, int, int] = (17, 64, 64),
+                 num_actions: int = 0):
         self._batch_size = batch_size
         self.clip_shape = clip_shape
+        self.num_actions = int(num_actions)  # as PixelCodec: ids outside it are bad_actions
         self._warned_mixed = False
 
     def signature(self) -> list:
@@ -473,9 +489,15 @@ class LatentCodec:
         caption = raw.members["txt"].decode("utf-8", "replace") if "txt" in raw.members else str(meta.get("caption", ""))
         style = meta.get("style", [])
         style = [style] if isinstance(style, str) else list(style) if isinstance(style, list) else []
+        actions = tensors.get("actions", np.zeros((0, 0), np.int64))
+        try:
+            if actions.size:
+                parse_actions(actions, self.num_actions)
+        except (ValueError, TypeError) as exc:
+            raise Skip("bad_actions", str(exc)) from None
         bucket = "x".join(str(s) for s in lat.shape)
-        return Candidate(raw.key, bucket, None, meta, tensors.get("actions", np.zeros((0, 0), np.int64)),
-                         tensors.get("camera"), caption, style, tensors=tensors)
+        return Candidate(raw.key, bucket, None, meta, actions, tensors.get("camera"), caption,
+                         style, tensors=tensors)
 
     def decode(self, cand: Candidate, rng: np.random.Generator, tag: int) -> dict:
         t = cand.tensors

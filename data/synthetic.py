@@ -92,6 +92,11 @@ TONES_HZ = (330.0, 440.0, 587.0, 784.0, 1046.0, 1397.0, 1865.0, 2489.0)
 _FADE_S = 0.005
 
 
+def tone_of(colour: str) -> float:
+    """The tone (Hz) of a sprite of ``colour`` (a ``COLOURS`` name) in the world with sound."""
+    return TONES_HZ[list(COLOURS).index(colour) % len(TONES_HZ)]
+
+
 def sprite_moving(positions: np.ndarray) -> np.ndarray:
     """bool ``[T, S]`` from sprite positions ``[S, T, 2]``: whether sprite ``s`` moved into
     frame ``t`` (position differs from frame ``t - 1``; never at ``t = 0``)."""
@@ -300,7 +305,7 @@ def render_clip(cfg: SyntheticWorldConfig, index: int, actions: np.ndarray | Non
         "sprite_size": size,
     }
     if cfg.audio:  # after all random draws: clips are the same with and without sound
-        tones = [TONES_HZ[int(c) % len(TONES_HZ)] for c in colours]
+        tones = [tone_of(s["colour"]) for s in sprites]
         for sprite, tone in zip(sprites, tones):
             sprite["tone_hz"] = tone
         clip["audio"] = render_audio(cfg, sprite_moving(positions), tones)

@@ -76,7 +76,17 @@ def bad_cases(tmp_path: Path) -> dict[str, tuple[list[tuple[str, bytes]], str]]:
     nan_meta = {**meta, "actions": [[float("nan")] * 3] * 9}
     inf_cam = {**meta, "camera": [[0.0, float("inf")]] * 9}
     evil = pickle.dumps(_Boom(str(tmp_path / "pwned")))
+    deep = b"[" * 100_000 + b"]" * 100_000  # past json's recursion limit: RecursionError
+    # Ids outside [0, num_actions) would index another slot's embedding rows (7, -5) or fail
+    # deep in training (-1000000); booleans are not action ids.
+    out_of_range = {**meta, "actions": [[7, 0, 0]] * 9}
+    negative = {**meta, "actions": [[0, -1000000, 0]] * 9}
+    booleans = {**meta, "actions": [[True, False, True]] * 9}
     return {
+        "deep_json": (members({"__key__": "b_deep", "mp4": mp4, "json": deep}), "bad_json"),
+        "action_above_range": (members({"__key__": "b_range", "mp4": mp4, "json": out_of_range}), "bad_actions"),
+        "action_negative": (members({"__key__": "b_neg", "mp4": mp4, "json": negative}), "bad_actions"),
+        "action_booleans": (members({"__key__": "b_bool", "mp4": mp4, "json": booleans}), "bad_actions"),
         "truncated_mdat": (members({"__key__": "b_trunc1", "mp4": mp4[: len(mp4) // 2], "json": meta}), "truncated_video"),
         "truncated_moov": (members({"__key__": "b_trunc2", "mp4": mp4[:-40], "json": meta}), "truncated_video"),
         "zero_bytes": (members({"__key__": "b_empty", "mp4": b"", "json": meta}), "empty_video"),
@@ -121,11 +131,12 @@ def test_every_hostile_case_is_skipped_counted_and_named(tmp_path, caplog, monke
 
     monkeypatch.setattr(torch, "load", forbidden)
     loader = ShardLoader([str(s) for s in shards], batch_size=2, num_frames=4, resolution=(32, 32),
-                         shuffle_shards=False, max_skip_fraction=1.0)
+                         shuffle_shards=False, max_skip_fraction=1.0, num_actions=5)
     with caplog.at_level(logging.WARNING, logger="worldline.data.loader"):
-        batches = list(itertools.islice(loader, 4))
+        batches = list(itertools.islice(loader, len(cases) // 4))
     keys = [k for b in batches for k in b["key"]]
-    assert keys == [f"g{i}" for i in range(8)]  # every good sample, in order, nothing else
+    # every good sample, in order, nothing else (one good after every second bad case)
+    assert keys == [f"g{i}" for i in range(len(cases) // 2)]
     expected: dict[str, int] = {}
     for _, reason in cases.values():
         expected[reason] = expected.get(reason, 0) + 1

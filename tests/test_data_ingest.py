@@ -46,12 +46,13 @@ def webm(frames: np.ndarray, fps: float) -> bytes:
 
 
 GOOD = ["cam/a", "cam/b_vfr", "c_hevc", "d_webm", "e_npy", "f_meta"]
-BAD = {"x_text": "not_video", "y_trunc": "truncated_video", "z_len": "bad_actions", "w_nan": "bad_actions"}
+BAD = {"x_text": "not_video", "y_trunc": "truncated_video", "z_len": "bad_actions", "w_nan": "bad_actions",
+       "v_deep": "bad_actions"}
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
-    """A folder of real videos with every kind of sidecar, plus four bad inputs."""
+    """A folder of real videos with every kind of sidecar, plus five bad inputs."""
     root = tmp_path_factory.mktemp("ingest_src")
     (root / "cam").mkdir()
     write = lambda rel, data: (root / rel).write_bytes(data)  # noqa: E731
@@ -78,6 +79,8 @@ def source(tmp_path_factory) -> Path:
     (root / "z_len.actions.json").write_text(json.dumps([1, 2, 3]))
     write("w_nan.mp4", mp4)
     np.save(root / "w_nan.actions.npy", np.full((8, 1), np.nan))
+    write("v_deep.mp4", mp4)  # a sidecar nested past json's recursion limit
+    (root / "v_deep.actions.json").write_text("[" * 100_000 + "]" * 100_000)
     return root
 
 

@@ -30,7 +30,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from worldline.data.synthetic import SyntheticWorldConfig, render_audio, render_clip
+from worldline.data.synthetic import SyntheticWorldConfig, render_audio, render_clip, tone_of
 from worldline.models.audio import LogMelFrames
 from worldline.models.dit import DiTArgs, VideoDiT
 from worldline.models.flow import (euler_sample, flow_loss, interpolate, sample_timesteps,
@@ -71,16 +71,21 @@ class SteerSetup:
                                     num_sprites=2, audio=True)
 
 
-def _clip(cfg: SyntheticWorldConfig, index: int, direction: int) -> dict[str, Any]:
+def _clip(cfg: SyntheticWorldConfig, index: int, direction: int,
+          colours: list[str]) -> Optional[dict[str, Any]]:
     """Clip ``index``: one random sprite moves (``direction``, or a random one), the other
-    stays."""
+    stays; None when its sprites are not of ``colours`` (sorted; empty: any). Rendered
+    silent, its sound made only for kept clips (the tones cost more than the pictures)."""
     rng = np.random.default_rng([cfg.seed, index, 31])
     mover = int(rng.integers(2))
     actions = np.zeros((cfg.num_frames, 2), np.int64)
     drawn = int(rng.integers(1, 5))  # up/down/left/right, held
     actions[:, mover] = direction or drawn
-    clip = render_clip(cfg, index, actions=actions, pan="static")
-    tones = [s["tone_hz"] for s in clip["sprites"]]
+    clip = render_clip(dataclasses.replace(cfg, audio=False), index, actions=actions,
+                       pan="static")
+    if colours and sorted(s["colour"] for s in clip["sprites"]) != colours:
+        return None
+    tones = [tone_of(s["colour"]) for s in clip["sprites"]]
     moving = np.zeros((cfg.num_frames, 2), bool)
     moving[1:] = np.any(np.diff(np.stack([s["positions"] for s in clip["sprites"]], 1), axis=0)
                         != 0, axis=-1)
@@ -89,7 +94,6 @@ def _clip(cfg: SyntheticWorldConfig, index: int, direction: int) -> dict[str, An
     boxes = [(p[0] - clip["camera"][0]).astype(int).tolist() for p in
              (s["positions"] for s in clip["sprites"])]
     return {"frames": clip["frames"], "audio": render_audio(cfg, moving, tones),
-            "colours": [s["colour"] for s in clip["sprites"]],
             "swapped": render_audio(cfg, swapped, tones), "mover": mover,
             "boxes": [(x, y, size) for x, y in boxes]}
 
@@ -101,9 +105,9 @@ def sound_world(setup: SteerSetup, start: int, n: int) -> dict[str, Any]:
     clips, index = [], start
     want = sorted(setup.colours)
     while len(clips) < n:
-        clip = _clip(cfg, index, setup.direction)
+        clip = _clip(cfg, index, setup.direction, want)
         index += 1
-        if not want or sorted(clip["colours"]) == want:
+        if clip is not None:
             clips.append(clip)
     video = torch.from_numpy(np.stack([c["frames"] for c in clips])).permute(0, 4, 1, 2, 3)
     return {"video": video.float() / 127.5 - 1.0,

@@ -82,6 +82,11 @@ class LoaderFactory:
             channels_last=d.channels_last,
             with_refs=with_refs,
             audio_rate=int(self.cfg.model.audio.sample_rate) if audio else 0,
+            # Action ids outside the model's vocabulary are skipped (bad_actions) before they
+            # can index another slot's embedding rows.
+            num_actions=int(self.cfg.model.dit.num_actions)
+            if "actions" in self.cfg.stage.conditions and self.cfg.model.dit.num_action_slots
+            else 0,
             pin_memory=self.pin_memory,
         )
 
