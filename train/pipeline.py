@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from worldline.models.flow import (
     euler_sample,
+    guided_velocity,
     heun_sample,
     multi_cfg_velocity,
     resolution_shift,
@@ -367,9 +368,12 @@ class WorldPipeline:
         fn = guided
         if audio_cfg_scale != 1.0 and cond["audio"] is not None:
             def fn(x: Tensor, t: Tensor) -> Tensor:
-                v_full = velocity(x, t, none, none)
-                return guided(x, t) + (audio_cfg_scale - 1.0) * (
-                    v_full - velocity(x, t, none, none, ~none))
+                v_full = velocity(x, t, none, none)  # once: the text/action guidance uses it
+                v = v_full if cfg_scale == 1.0 and action_cfg_scale == 1.0 else \
+                    guided_velocity(v_full, velocity(x, t, ~none, none),
+                                    velocity(x, t, ~none, ~none, ~none), cfg_scale,
+                                    action_cfg_scale)
+                return v + (audio_cfg_scale - 1.0) * (v_full - velocity(x, t, none, none, ~none))
         sampler = heun_sample if solver == "heun" else euler_sample
         z = sampler(fn, noise, num_steps, shift=self.shift_for(shape))
         if prefix is not None:
@@ -412,8 +416,7 @@ class WorldPipeline:
                                   cfg_scale=cfg_scale, action_cfg_scale=action_cfg_scale,
                                   batch=batch, audio=audio)
             context = self.encode_images(first[:, :, 0])[:, :, None]
-        tf = dit.args.temporal_downsample
-        frames = 1 + (context.shape[2] + num_frames - 1) * tf
+        frames = self.pixel_frames(context.shape[2] + num_frames)
         fields = {**(batch or {}), **self._controls(n, actions, camera, frames),
                   **self._audio_fields(n, audio, frames), "caption": list(prompts),
                   "text_emb": None}
