@@ -67,12 +67,16 @@ def _wait(driver, js: str, timeout: float = 90):
 
 
 def _frame_hash(driver) -> str:
-    b64 = driver.execute_script("""
-        const img = document.getElementById('view'), c = document.createElement('canvas');
+    # The page swaps the <img> src for every frame: while the new one decodes, naturalWidth is
+    # 0 and a canvas copy would be the empty "data:," for every key alike (a CI flake), so wait
+    # for a decoded image.
+    return _wait(driver, """
+        const img = document.getElementById('view');
+        if (!img.complete || !img.naturalWidth) return null;
+        const c = document.createElement('canvas');
         c.width = img.naturalWidth; c.height = img.naturalHeight;
         c.getContext('2d').drawImage(img, 0, 0);
         return c.toDataURL('image/png');""")
-    return b64
 
 
 def _hold(driver, key: str, frames: int = 4) -> list[str]:
