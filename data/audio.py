@@ -33,6 +33,7 @@ from __future__ import annotations
 import io
 import math
 import os
+from pathlib import Path
 from fractions import Fraction
 
 import numpy as np
@@ -234,3 +235,20 @@ def load_audio_file(path: str | os.PathLike, rate: int) -> np.ndarray:
     except (av.FFmpegError, OSError, ValueError) as exc:
         raise AudioDecodeError(f"{os.fspath(path)}: {type(exc).__name__}: {exc}") from None
     return _resample(src, src_rate, rate)
+
+
+def read_audio_control(path: str | os.PathLike, rate: int, flag: str) -> np.ndarray:
+    """A user-given audio control file (``sample.audio``, ``worldline-play --audio``) as float32
+    mono ``[N]`` at ``rate``; a one-line ``ValueError`` starting with ``flag`` when there is no
+    such file, it holds no decodable audio, or no samples."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{flag}: no file at {path}")
+    try:
+        wave = load_audio_file(p, rate)
+    except Exception as exc:  # noqa: BLE001 - PyAV's errors: not audio, no stream, corrupt
+        raise ValueError(f"{flag}: {path}: cannot read audio "
+                         f"({type(exc).__name__}: {str(exc)[:200]})") from None
+    if wave.size == 0:
+        raise ValueError(f"{flag}: {path}: no audio samples")
+    return np.ascontiguousarray(wave, dtype=np.float32)

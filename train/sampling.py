@@ -83,15 +83,13 @@ def sample_audio(cfg: DictConfig, pipe, path: Path) -> Optional[torch.Tensor]:
     if "audio" not in pipe.conditions:
         raise ConfigError(f"invalid config: sample.audio: {path} was not trained with audio "
                           "(stage.conditions has no audio)")
-    if not Path(s.audio).is_file():
-        raise ConfigError(f"invalid config: sample.audio: no file at {s.audio}")
-    from worldline.data.audio import load_audio_file
+    from worldline.data.audio import read_audio_control
 
     try:
-        return torch.from_numpy(load_audio_file(s.audio, pipe.settings.audio_rate))
-    except Exception as exc:  # PyAV's errors: not audio, no stream, corrupt
-        raise ConfigError(f"invalid config: sample.audio: {s.audio}: cannot read audio "
-                          f"({type(exc).__name__}: {exc})") from exc
+        return torch.from_numpy(read_audio_control(s.audio, pipe.settings.audio_rate,
+                                                   "sample.audio"))
+    except ValueError as exc:
+        raise ConfigError(f"invalid config: {exc}") from None
 
 
 def run_sample(cfg: DictConfig) -> list[Path]:

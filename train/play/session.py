@@ -98,22 +98,13 @@ class Soundtrack:
     def load(cls, path: str | Path, pipe: Any) -> "Soundtrack":
         """Read ``path`` at ``pipe``'s audio rate; ValueError (one line) when the model was
         not trained with audio or the file holds no readable audio."""
-        from worldline.data.audio import load_audio_file
+        from worldline.data.audio import read_audio_control
 
         if "audio" not in pipe.conditions:
             raise ValueError(f"--audio: {pipe.source} was not trained with audio "
                              "(stage.conditions has no audio)")
-        p = Path(path).resolve()
-        if not p.is_file():
-            raise ValueError(f"--audio: no file at {path}")
-        try:
-            wave = load_audio_file(p, pipe.settings.audio_rate)
-        except Exception as exc:  # noqa: BLE001 - PyAV's errors: not audio, no stream, corrupt
-            raise ValueError(f"--audio: {path}: cannot read audio "
-                             f"({type(exc).__name__}: {str(exc)[:200]})") from None
-        if wave.size == 0:
-            raise ValueError(f"--audio: {path}: no audio samples")
-        return cls(p, np.ascontiguousarray(wave, dtype=np.float32))
+        return cls(Path(path).resolve(), read_audio_control(path, pipe.settings.audio_rate,
+                                                            "--audio"))
 
     def frames(self, pipe: Any) -> int:
         """Pixel frames the file covers at the model's frame rate (the last one partly)."""
