@@ -131,6 +131,18 @@ class Batch(Mapping[str, Any]):
         types (``pin_memory=True``). ``device`` is accepted for that API and ignored."""
         return self._apply(lambda t: t.pin_memory())
 
+    @classmethod
+    def concat(cls, batches: list[Batch]) -> Batch:
+        """One batch of every sample of ``batches`` in order (same clip shape and fields):
+        tensors concatenated on dim 0, per-sample lists joined."""
+        first = batches[0]
+        if any(b.clip_shape != first.clip_shape or set(b) != set(first) for b in batches):
+            raise ValueError("Batch.concat: batches differ in clip_shape or fields")
+        fields = {name: (torch.cat([b[name] for b in batches]) if torch.is_tensor(value)
+                         else [x for b in batches for x in b[name]])
+                  for name, value in first.items()}
+        return dataclasses.replace(first, **fields)
+
     def select(self, index: int | slice) -> Batch:
         """The first ``index`` samples (an ``int``), or the samples of a ``slice``."""
         part = slice(index) if isinstance(index, int) else index

@@ -49,6 +49,17 @@ def test_batch_validates_its_shape():
         make_batch(caption=["a", "b"])
 
 
+def test_batch_concat_joins_samples_in_order():
+    a = make_batch(2, refs=[torch.zeros(1, 3, 8, 8, dtype=torch.uint8)] * 2)
+    b = make_batch(1, key=["z"], video=torch.ones(1, 3, 4, 8, 8, dtype=torch.uint8),
+                   refs=[torch.ones(1, 3, 8, 8, dtype=torch.uint8)])
+    c = Batch.concat([a, b])
+    assert c.num_samples == 3 and c["key"] == ["k0", "k1", "z"] and len(c["refs"]) == 3
+    assert c["video"][:2].eq(0).all() and c["video"][2].eq(1).all() and c.clip_shape == (4, 8, 8)
+    with pytest.raises(ValueError, match="clip_shape or fields"):
+        Batch.concat([a, make_batch(1)])  # no refs in the second
+
+
 def test_batch_to_select_pickle_and_pin(monkeypatch):
     cl = torch.zeros(2, 4, 8, 8, 3, dtype=torch.uint8).permute(0, 4, 1, 2, 3)  # channels_last view
     b = make_batch(2, video=cl, refs=[torch.zeros(0, 3, 8, 8, dtype=torch.uint8)] * 2)

@@ -68,11 +68,13 @@ def test_eval_cli_reports_deterministic_metrics(quickstart: Path, tmp_path: Path
 def test_sample_cli_writes_mp4_and_contact_sheet(quickstart: Path, tmp_path: Path) -> None:
     r = cli("worldline-sample", f"sample.checkpoint={quickstart / 'quickstart-world'}",
             "experiment=smoke", f"run.root={quickstart}", f"sample.out={tmp_path}",
-            "sample.prompts=[a red circle in a meadow]", "sample.num_steps=3", timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert (tmp_path / "generated_0.mp4").is_file()
+            "sample.prompts=[a red circle in a meadow,a blue square,a green dot]",
+            "data.batch_size=2", "sample.num_steps=3", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]  # more prompts than data.batch_size
+    assert all((tmp_path / f"generated_{i}.mp4").is_file() for i in range(3))
     assert (tmp_path / "contact_sheet.png").is_file()
-    assert (tmp_path / "captions.txt").read_text().strip() == "a red circle in a meadow"
+    assert (tmp_path / "captions.txt").read_text().splitlines() == [
+        "a red circle in a meadow", "a blue square", "a green dot"]
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:

@@ -107,7 +107,10 @@ def run_sample(cfg: DictConfig) -> list[Path]:
                           "checkpoint; sampling needs a world-model stage")
     prompts = list(s.prompts)
     n = len(prompts)
-    batch = probe_batch(run, n)
+    try:
+        batch = probe_batch(run, n)
+    except ValueError as e:
+        raise ConfigError(f"invalid config: sample.prompts: {e}") from None
     size = tuple(cfg.data.resolution)
     prefix: Optional[torch.Tensor] = None
     if s.first_image:
