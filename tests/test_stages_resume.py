@@ -82,6 +82,12 @@ def test_full_finetune_early_stopping_survives_a_resume(setup) -> None:
     assert all(p.requires_grad for p in t.module.parameters())  # full fine-tuning
     stop = json.loads((root / "ft" / "early_stopping.json").read_text())
     assert stop["stopped_at_step"] == 7 and stop["best_step"] == 2 and t.state.step == 7
+    from worldline.train.tracking import read_metrics
+
+    def val_steps(run: Path) -> list[int]:
+        return [r["step"] for r in read_metrics(run) if "val/val_loss" in r]
+
+    assert val_steps(root / "ft") == [2, 4, 6, 7]  # the last step is validated too
     resumed = root / "ft_resumed"
     shutil.copytree(root / "ft", resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_7")
@@ -90,3 +96,4 @@ def test_full_finetune_early_stopping_survives_a_resume(setup) -> None:
     t2 = run_training(compose_cfg(smoke_overrides(root, "ft_resumed", datasets, *common)))
     assert t2.state.step == 7
     assert json.loads((resumed / "early_stopping.json").read_text()) == stop
+    assert val_steps(resumed) == [2, 4, 6, 7]

@@ -167,7 +167,7 @@ def test_lora_finetune_stops_early_and_exports(workflow: Path, monkeypatch) -> N
                     "best_val_loss": stop["best_val_loss"], "patience": 1}
     assert [s for s, _ in list_checkpoints(run_dir / "checkpoints")][-1] == 9
     vals = [r for r in read_metrics(run_dir) if "val/val_loss" in r]
-    assert [r["step"] for r in vals] == [4, 8]
+    assert [r["step"] for r in vals] == [4, 8, 9]  # 9: the last step is validated too
     export = run_dir / "export"
     import torch
     from safetensors.torch import load_file

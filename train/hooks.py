@@ -119,8 +119,17 @@ class ValidationHook(Hook):
         if self.v.every and done > 0 and done % self.v.every == 0:
             self.validate(trainer, done)
 
+    def after_step(self, trainer: TrainerView, step: int) -> None:
+        # The weights a run ends with are validated too (the periodic check runs before the
+        # next step, which the last step never has); not on a stop signal, which must be fast.
+        if self.v.every and step == trainer.max_steps and trainer.stopped_by is None:
+            self.validate(trainer, step, final=True)
+
     @torch.no_grad()
-    def validate(self, trainer: TrainerView, step: int) -> None:
+    def validate(self, trainer: TrainerView, step: int, final: bool = False) -> None:
+        """Log ``val/*`` at ``step``; on the periodic schedule also track it for early
+        stopping (a ``final`` validation off the schedule is logged only, so patience counts
+        as in a longer run that continued past it)."""
         v = self.v
         with trainer.eval_mode():
             rep = self.objective.evaluate(trainer.pipeline, self.loaders.validation(),
@@ -136,10 +145,12 @@ class ValidationHook(Hook):
 
             self.history_read = True
             for row in read_metrics(trainer.run_dir):
-                if "val/val_loss" in row and row["step"] < step:
+                if "val/val_loss" in row and row["step"] < step and row["step"] % v.every == 0:
                     self._track(row["step"], row["val/val_loss"])
+        if step % v.every:
+            return
         self._track(step, val)
-        if v.patience and self.bad >= v.patience:
+        if v.patience and self.bad >= v.patience and not final:
             # End at the step now being taken: it still checkpoints and samples as the last.
             trainer.stop_after(step + 1)
             info = {"stopped_at_step": step + 1, "best_step": self.best[0],

@@ -84,8 +84,12 @@ class Tracker:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None:
             # Rows past the checkpoint describe work that was lost with the crash; the resumed
-            # run logs those steps again, so keep the file one row per step.
-            rows = [r for r in _read_jsonl(self.metrics_path) if r.get("step", 0) <= resume_step]
+            # run logs those steps again, so keep the file one row per step. The validation
+            # "at" the checkpoint's step runs before the next step, after the save, so the
+            # resumed run repeats it: its row goes too.
+            rows = [r for r in _read_jsonl(self.metrics_path)
+                    if r.get("step", 0) < resume_step
+                    or (r.get("step", 0) == resume_step and "val/val_loss" not in r)]
             self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         self._metrics_file = open(self.metrics_path, "a", buffering=1)
         if logger_cfg.kind == "wandb" and logger_cfg.mode != "disabled":
