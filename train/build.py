@@ -35,6 +35,7 @@ from worldline.train.config import to_container
 from worldline.train.dist import init_distributed, pick_device
 from worldline.train.guard import NonFiniteGuard
 from worldline.train.loaders import LoaderFactory
+from worldline.train.lr import WarmupCosineLR
 from worldline.models.init import build_on_meta
 from worldline.train.materialize import materialize
 from worldline.train.objectives import AutoencoderObjective, FlowObjective
@@ -59,29 +60,13 @@ from worldline.train.weights import load_module_weights
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_trainer", "train_steps", "run_name", "lr_lambda"]
+__all__ = ["build_trainer", "train_steps", "run_name"]
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def lr_lambda(optim: Any, steps: int):
-    """Linear warmup to 1, then cosine (or constant) to ``min_lr_ratio``; a pure function of the
-    step so the schedule needs no state beyond the step to resume exactly."""
-    warm, floor, schedule = optim.warmup_steps, optim.min_lr_ratio, str(optim.schedule)
-
-    def fn(step: int) -> float:
-        if warm > 0 and step < warm:
-            return (step + 1) / warm
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warm) / max(1, steps - warm))
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return fn
 
 
 def num_training_samples(cfg: DictConfig) -> int:
@@ -294,7 +279,7 @@ def build_trainer(cfg: DictConfig) -> Trainer:
         pipe = WorldPipeline(module, None, pipeline_settings(cfg))
         objective = AutoencoderObjective(cfg.stage.ae, device, dims.world_size > 1)
     optimizer = _optimizer(module, cfg.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, steps))
+    scheduler = WarmupCosineLR(optimizer, cfg.optim, steps)
     if deepspeed_stage(cfg.dist.backend) is not None:
         # DeepSpeed JIT-builds ops (on CPU: its shared-memory comm op, ~1 min) into
         # TORCH_EXTENSIONS_DIR: keep that cache under the run root, shared by its runs.
