@@ -54,7 +54,7 @@ from worldline.data.probe import ProbeError, VideoLimits, is_iso_bmff, probe_vid
 from worldline.data.samples import parse_actions
 from worldline.data.shards import MANIFEST, ClosedShard, Journal, ShardWriter, remove_partial_shards, write_manifest
 from worldline.data.sources import IMAGE_SUFFIXES, SourceItem, discover
-from worldline.data.transcode import transcode
+from worldline.data.transcode import DECORD_UNDECODABLE, reencode_reason, transcode
 from worldline.data.video import read_frames
 
 log = logging.getLogger(__name__)
@@ -186,15 +186,30 @@ def prepare(item: SourceItem, opts: IngestOptions) -> dict:
             raise BadInput("unreadable", f"{type(exc).__name__}: {exc}") from None
         if len(data) == 0:
             raise BadInput("empty_video", "0 bytes")
-        # Check the original before handing it to an encoder, then the result again.
-        original = validate_video(data, full=False, limits=opts.limits) if is_iso_bmff(data) else None
-        if opts.reencode or opts.max_side or original is None:
+        original_bytes = data
+        # Check the original before handing it to an encoder, then the result again. Inputs
+        # the loader cannot read correctly as they are (reencode_reason) are always re-encoded.
+        try:
+            header = probe_video(data, opts.limits) if is_iso_bmff(data) else None
+        except ProbeError as exc:
+            raise BadInput(exc.reason, str(exc)) from None
+        why = reencode_reason(header)
+        undecodable = header is not None and header.codec in DECORD_UNDECODABLE
+        original = None if why in ("container", "codec") else validate_video(data, full=False, limits=opts.limits)
+        if opts.reencode or opts.max_side or why:
             try:
-                data = transcode(data, opts.reencode or "libx264", opts.crf, opts.max_side)
+                data = transcode(data, opts.reencode or "libx264", opts.crf, opts.max_side, opts.limits)
+            except ProbeError as exc:  # the displayed size (e.g. an absurd pixel aspect ratio)
+                raise BadInput(exc.reason, f"re-encoded {exc}") from None
             except Exception as exc:
+                if undecodable:
+                    raise BadInput("unsupported_codec", f"{DECORD_UNDECODABLE[header.codec]} video cannot be "
+                                   f"decoded here ({type(exc).__name__}: {exc}); re-encode it to H.264 first "
+                                   f"(e.g. worldline-shards --reencode libx264 on a machine whose FFmpeg "
+                                   f"decodes it)") from None
                 raise BadInput("reencode_error" if original else "not_video", f"{type(exc).__name__}: {exc}") from None
         facts = validate_video(data, full=opts.validate == "full", limits=opts.limits) \
-            if original is None or opts.reencode or opts.max_side or opts.validate == "full" else original
+            if original is None or data is not original_bytes or opts.validate == "full" else original
         try:
             facts = {**facts, "audio": probe_audio(data)}  # None: no audio track
         except AudioDecodeError as exc:
