@@ -24,9 +24,12 @@ Sample members: ``<key>.mp4``, ``<key>.json`` (``actions``, ``camera`` or ``came
 ``audio``: ``{sample_rate, channels, duration, offset, codec}`` or null),
 ``<key>.txt`` (caption) and ``<key>.ref<i>.<ext>`` (reference images, original bytes). Inputs
 in non-ISO containers (webm, mkv, avi) are re-encoded to H.264 mp4 so every stored video can
-be header-probed cheaply by the loader. Re-encoding keeps every frame and its timestamp (VFR
-stays VFR), so per-frame annotations stay aligned, and re-encodes the first audio track to
-AAC with its timestamps (files stored as-is keep theirs untouched).
+be header-probed cheaply by the loader; so are mp4/mov files decord cannot read as they are
+(AV1, a rotation in the track matrix, non-square pixels: ``transcode.reencode_reason``).
+Re-encoding keeps every frame and its timestamp (VFR stays VFR), so per-frame annotations
+stay aligned, keeps colours (range and matrix read per frame, output tagged) and stores the
+displayed orientation and shape, and re-encodes the first audio track to AAC with its
+timestamps (files stored as-is keep theirs untouched). See ``worldline.data.transcode``.
 
 Tiny CPU example::
 

@@ -80,6 +80,36 @@ def ffmpeg_rgb(data: bytes) -> np.ndarray:
     return np.stack(out)
 
 
+def ffmpeg_reencode(data: bytes) -> bytes:
+    """``ffmpeg -i src -c:v libx264 -crf 20 -pix_fmt yuv420p out.mp4``: FFmpeg's automatic
+    conversion (same range and matrix as the source, tagged), the baseline for quality."""
+    buf = io.BytesIO()
+    with av.open(io.BytesIO(data)) as c, av.open(buf, "w", format="mp4") as o:
+        stream = c.streams.video[0]
+        graph = av.filter.Graph()
+        chain = [graph.add_buffer(template=stream), graph.add("format", "pix_fmts=yuv420p|yuvj420p"),
+                 graph.add("buffersink")]
+        chain[0].link_to(chain[1])
+        chain[1].link_to(chain[2])
+        graph.configure()
+        out = o.add_stream("libx264", rate=8)
+        out.width, out.height = stream.codec_context.width, stream.codec_context.height
+        out.options = {"crf": "20", "preset": "veryfast"}
+        for i, frame in enumerate(c.decode(stream)):
+            graph.push(frame)
+            img = graph.pull()
+            if i == 0:
+                out.pix_fmt = img.format.name
+                out.codec_context.color_range, out.codec_context.colorspace = img.color_range, img.colorspace
+            o.mux(out.encode(img))
+        o.mux(out.encode())
+    return buf.getvalue()
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(255**2 / ((a.astype(np.float64) - b) ** 2).mean()))
+
+
 def decord_rgb(mp4: bytes) -> np.ndarray:
     """What the loader sees: decord's RGB frames of a stored mp4."""
     reader = decord.VideoReader(io.BytesIO(mp4), num_threads=1)
@@ -129,8 +159,9 @@ def test_reencoded_colours_match_ffmpegs_decode(colour_sources, tmp_path, reenco
         assert got.shape == ref.shape, key
         shift = (got - ref).reshape(-1, 3).mean(0)
         assert np.abs(shift).max() < 1.0, (key, shift.round(2))
-        psnr = 10 * np.log10(255**2 / ((got - ref) ** 2).mean())
-        assert psnr > 29.0, (key, psnr)  # 4:2:0 of 64x48 colour bars: ~30-42 dB
+        # As good as FFmpeg's own re-encode at the same CRF (before: gray/RGB lost up to 10 dB)
+        own = psnr(decord_rgb(ffmpeg_reencode(source)), ref)
+        assert psnr(got, ref) > own - 1.5, (key, psnr(got, ref), own)
         with av.open(io.BytesIO(mp4)) as c:
             frame = next(c.decode(video=0))
             assert int(frame.color_range) == 1, key  # tagged limited (tv) range
