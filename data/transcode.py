@@ -184,25 +184,39 @@ def _output_matrix(frame) -> tuple[str, int]:
 
 
 class _Converter:
-    """The first decoded frame's FFmpeg filter graph: rotate, resample to square pixels and the
-    output size, convert to limited-range ``yuv420p`` (the source's BT.601/BT.709 matrix, else
+    """FFmpeg filter graph per input format: rotate, resample to square pixels and the output
+    size, convert to limited-range ``yuv420p`` (the source's BT.601/BT.709 matrix, else
     BT.709). ``scale``'s input matrix and range come from the frames themselves (``buffer``
-    declares the first frame's), which is what ``ffmpeg`` itself does; PyAV's ``reformat``
-    treats every frame as limited range (full-range sources came out +4 to +12 too bright)."""
+    declares them), which is what ``ffmpeg`` itself does; PyAV's ``reformat`` treats every
+    frame as limited range (full-range sources came out +4 to +12 too bright). The output
+    geometry and tags are fixed by the first frame; a stream whose frame size or format
+    changes midway gets a new graph to the same output (``ffmpeg`` reconfigures the same way)."""
 
     def __init__(self, frame, sar: Fraction, time_base: Fraction, max_side: int | None,
                  limits: VideoLimits | None):
-        import av
-
+        self.sar, self.time_base = sar, time_base
         self.rotation = _rotation(frame)
         self.height, self.width = _display_size(frame.height, frame.width, sar, self.rotation, max_side)
         if limits is not None:  # an absurd SAR must not make the encoder allocate a giant frame
             limits.check(VideoInfo(self.height, self.width, 1, 1.0, 1.0, 0.0))
-        matrix, self.colorspace = _output_matrix(frame)
+        self.matrix, self.colorspace = _output_matrix(frame)
+        self.primaries = frame.color_primaries if frame.color_primaries not in (None, _UNSPECIFIED) else _BT709
+        rgb_like = frame.format.name.startswith(("gray", "rgb", "bgr", "gbr", "argb", "abgr", "rgba", "bgra", "pal8"))
+        default_trc = _SRGB_TRC if rgb_like else _BT709
+        self.trc = frame.color_trc if frame.color_trc not in (None, _UNSPECIFIED) else default_trc
+        self.graph, self.source = None, None
+
+    @staticmethod
+    def _signature(frame) -> tuple:
+        return (frame.width, frame.height, frame.format.name, int(frame.colorspace or 0), int(frame.color_range or 0))
+
+    def _build(self, frame) -> None:
+        import av
+
         self.graph = graph = av.filter.Graph()
+        tb, sar = self.time_base, self.sar
         args = (f"video_size={frame.width}x{frame.height}:pix_fmt={frame.format.name}"
-                f":time_base={time_base.numerator}/{time_base.denominator}"
-                f":pixel_aspect={sar.numerator}/{sar.denominator}")
+                f":time_base={tb.numerator}/{tb.denominator}:pixel_aspect={sar.numerator}/{sar.denominator}")
         if frame.colorspace not in (None, _UNSPECIFIED):
             args += f":colorspace={int(frame.colorspace)}"
         if frame.color_range:
@@ -212,7 +226,7 @@ class _Converter:
         for spec in turn.get(self.rotation, []):
             name, _, opts = spec.partition("=")
             chain.append(graph.add(name, opts or None))
-        chain.append(graph.add("scale", f"w={self.width}:h={self.height}:out_color_matrix={matrix}"
+        chain.append(graph.add("scale", f"w={self.width}:h={self.height}:out_color_matrix={self.matrix}"
                                ":out_range=tv:flags=bicubic+accurate_rnd"))
         chain.append(graph.add("format", "pix_fmts=yuv420p"))
         chain.append(graph.add("setsar", "1"))
@@ -220,10 +234,7 @@ class _Converter:
         for a, b in zip(chain, chain[1:]):
             a.link_to(b)
         graph.configure()
-        self.primaries = frame.color_primaries if frame.color_primaries not in (None, _UNSPECIFIED) else _BT709
-        rgb_like = frame.format.name.startswith(("gray", "rgb", "bgr", "gbr", "argb", "abgr", "rgba", "bgra", "pal8"))
-        default_trc = _SRGB_TRC if rgb_like else _BT709
-        self.trc = frame.color_trc if frame.color_trc not in (None, _UNSPECIFIED) else default_trc
+        self.source = self._signature(frame)
 
     def tag(self, stream) -> None:
         """Colour tags of the output stream (written into the H.264 VUI and mp4 ``colr``)."""
@@ -231,8 +242,16 @@ class _Converter:
         cc.color_range, cc.colorspace = _TV_RANGE, self.colorspace
         cc.color_primaries, cc.color_trc = self.primaries, self.trc
 
-    def __call__(self, frame):
+    def __call__(self, frame) -> list:
         """Converted frames for ``frame`` (``None``: flush), tagged like the stream."""
+        out = []
+        if frame is not None and self.source != self._signature(frame):
+            if self.graph is not None:  # drain the old graph before switching
+                out = self._push(None)
+            self._build(frame)
+        return out + self._push(frame)
+
+    def _push(self, frame) -> list:
         import av
 
         self.graph.vpush(frame)

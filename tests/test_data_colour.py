@@ -64,15 +64,19 @@ def lavfi_video(spec: str, fmt: str, codec: str, pix_fmt: str, *, frames: int = 
     return buf.getvalue()
 
 
-def ffmpeg_rgb(data: bytes) -> np.ndarray:
-    """FFmpeg's own RGB decode of ``data`` (its filter graph converts with each frame's tags)."""
+def ffmpeg_rgb(data: bytes, size: tuple[int, int] | None = None) -> np.ndarray:
+    """FFmpeg's own RGB decode of ``data`` (its filter graph converts with each frame's tags),
+    scaled to ``size`` (H, W) if given."""
     out = []
     with av.open(io.BytesIO(data)) as c:
         stream = c.streams.video[0]
         graph = av.filter.Graph()
-        chain = [graph.add_buffer(template=stream), graph.add("format", "pix_fmts=rgb24"), graph.add("buffersink")]
-        chain[0].link_to(chain[1])
-        chain[1].link_to(chain[2])
+        chain = [graph.add_buffer(template=stream)]
+        if size is not None:
+            chain.append(graph.add("scale", f"{size[1]}:{size[0]}"))
+        chain += [graph.add("format", "pix_fmts=rgb24"), graph.add("buffersink")]
+        for a, b in zip(chain, chain[1:]):
+            a.link_to(b)
         graph.configure()
         for frame in c.decode(stream):
             graph.push(frame)
@@ -271,3 +275,22 @@ def test_options_reencode_is_checked_too(tmp_path):
     m = make_shards(tmp_path / "src", tmp_path / "out", max_count=8, processes=0,
                     options=IngestOptions(reencode="h265"))
     assert m["skipped"] and m["skipped"][0]["reason"] == "reencode_error", m["skipped"]
+
+
+def test_a_size_and_range_change_midway_keeps_every_frame(tmp_path):
+    """Two MPEG-TS streams back to back (64x48 limited range, then 80x56 full range): the
+    re-encode switches its conversion per format and keeps all 6 frames at the first size, the
+    second part's colours right (a filter graph fixed to the first frame would fail here)."""
+    first = lavfi_video(TEST, "mpegts", "libx264", "yuv420p", frames=3)
+    second = lavfi_video("smptebars=size=80x56:rate=8", "mpegts", "libx264", "yuv420p", frames=3,
+                         options={"crf": "10"}, colorspace="ITU709", full_range=True)
+    (tmp_path / "src").mkdir()
+    # MPEG-TS bytes under a listed suffix: FFmpeg probes the content, not the name
+    (tmp_path / "src" / "joined.mkv").write_bytes(first + second)
+    m = make_shards(tmp_path / "src", tmp_path / "out", max_count=8, processes=0)
+    assert not m["skipped"], m["skipped"]
+    (entry,) = m["samples"]
+    assert entry["num_frames"] == 6 and entry["resolution"] == [48, 64]
+    got = decord_rgb(stored(tmp_path / "out")["joined"]["mp4"]).astype(np.float64)
+    ref = ffmpeg_rgb(second, size=(48, 64))  # FFmpeg's own decode, scaled to the stored size
+    assert np.abs((got[3:] - ref).reshape(-1, 3).mean(0)).max() < 1.5
