@@ -57,7 +57,7 @@ from worldline.data.probe import ProbeError, VideoLimits, is_iso_bmff, probe_vid
 from worldline.data.samples import parse_actions
 from worldline.data.shards import MANIFEST, ClosedShard, Journal, ShardWriter, remove_partial_shards, write_manifest
 from worldline.data.sources import IMAGE_SUFFIXES, SourceItem, discover
-from worldline.data.transcode import DECORD_UNDECODABLE, reencode_reason, transcode
+from worldline.data.transcode import DECORD_UNDECODABLE, check_encoder, reencode_reason, transcode
 from worldline.data.video import read_frames
 
 log = logging.getLogger(__name__)
@@ -333,6 +333,8 @@ def make_shards(
         raise ValueError("give max_count (samples per shard) and/or max_bytes (bytes per shard)")
     if (max_count is not None and max_count < 1) or (max_bytes is not None and max_bytes < 1):
         raise ValueError("max_count and max_bytes must be >= 1")
+    if options.reencode:  # before any work: an unknown encoder used to skip every input
+        check_encoder(options.reencode)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     journal = Journal(out / JOURNAL, {"source": str(Path(source).resolve()), "pattern": pattern,
