@@ -217,6 +217,9 @@ def test_rotated_and_non_square_pixel_files_stored_and_bucketed_as_shown(tmp_pat
     assert _bucketed((src / "rot90.mp4").read_bytes()) == Bucket(48, 80, 2, 1)  # the raw header's
     assert _bucketed(samples["sar2"]["mp4"]) == Bucket(48, 144, 2, 1)
     assert _bucketed(samples["sar_half"]["mp4"]) == Bucket(96, 64, 2, 1)
+    # --max-side applies to the shown shape: the longer (now vertical) side of rot90 is 40
+    small = make_shards(src, tmp_path / "small", max_count=8, processes=0, options=IngestOptions(max_side=40))
+    assert {e["key"]: e["resolution"] for e in small["samples"]}["rot90"] == [40, 28]
 
 
 def test_absurd_pixel_aspect_ratio_is_a_counted_skip(tmp_path):
