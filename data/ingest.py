@@ -24,9 +24,12 @@ Sample members: ``<key>.mp4``, ``<key>.json`` (``actions``, ``camera`` or ``came
 ``audio``: ``{sample_rate, channels, duration, offset, codec}`` or null),
 ``<key>.txt`` (caption) and ``<key>.ref<i>.<ext>`` (reference images, original bytes). Inputs
 in non-ISO containers (webm, mkv, avi) are re-encoded to H.264 mp4 so every stored video can
-be header-probed cheaply by the loader. Re-encoding keeps every frame and its timestamp (VFR
-stays VFR), so per-frame annotations stay aligned, and re-encodes the first audio track to
-AAC with its timestamps (files stored as-is keep theirs untouched).
+be header-probed cheaply by the loader; so are mp4/mov files decord cannot read as they are
+(AV1, a rotation in the track matrix, non-square pixels: ``transcode.reencode_reason``).
+Re-encoding keeps every frame and its timestamp (VFR stays VFR), so per-frame annotations
+stay aligned, keeps colours (range and matrix read per frame, output tagged) and stores the
+displayed orientation and shape, and re-encodes the first audio track to AAC with its
+timestamps (files stored as-is keep theirs untouched). See ``worldline.data.transcode``.
 
 Tiny CPU example::
 
@@ -45,7 +48,6 @@ import string
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +57,7 @@ from worldline.data.probe import ProbeError, VideoLimits, is_iso_bmff, probe_vid
 from worldline.data.samples import parse_actions
 from worldline.data.shards import MANIFEST, ClosedShard, Journal, ShardWriter, remove_partial_shards, write_manifest
 from worldline.data.sources import IMAGE_SUFFIXES, SourceItem, discover
+from worldline.data.transcode import DECORD_UNDECODABLE, check_encoder, reencode_reason, transcode
 from worldline.data.video import read_frames
 
 log = logging.getLogger(__name__)
@@ -79,115 +82,6 @@ class IngestOptions:
     limits: VideoLimits = field(default_factory=VideoLimits)
     # A CSV/JSONL manifest may only name files under this folder (None: anywhere).
     source_root: str | None = None
-
-
-def _even(x: float) -> int:
-    return max(2, int(round(x / 2)) * 2)
-
-
-# Sample rates FFmpeg's AAC encoder takes; other rates are resampled to the next one up
-# (at most 48 kHz: the loader's audio rates are far below, and 96 kHz AAC is rarely decodable).
-_AAC_RATES = (7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
-
-
-class _AudioReencoder:
-    """The first audio stream of a transcoded file, re-encoded to AAC in step with the video:
-    each decoded frame keeps its presentation time (so a late or early audio start stays
-    where it was), at most 2 channels (more are averaged to mono, as the loader does) and an
-    AAC sample rate."""
-
-    def __init__(self, src_stream, dst):
-        import av
-
-        cc = src_stream.codec_context
-        self.src_rate = int(cc.sample_rate or src_stream.rate or 0)
-        if self.src_rate <= 0:
-            raise ValueError(f"audio stream declares sample rate {self.src_rate}")
-        self.channels = 1 if (cc.channels or 1) != 2 else 2
-        self.rate = next((r for r in _AAC_RATES if r >= self.src_rate), 48000)
-        self.layout = "mono" if self.channels == 1 else "stereo"
-        self.out = dst.add_stream("aac", rate=self.rate)
-        self.out.layout = self.layout
-        self.dst, self.packer = dst, av.AudioResampler(format="flt")
-        self.resampler = av.AudioResampler(format="fltp", layout=self.layout, rate=self.rate)
-        self.next_pts: int | None = None
-
-    def encode(self, frame) -> None:
-        import av
-
-        from worldline.data.audio import packed_samples
-
-        x = packed_samples(frame, self.packer)  # [n, C]: PyAV 18 cannot resample 8-ch planar
-        if x.shape[1] != self.channels:
-            x = x.mean(axis=1, keepdims=True)
-        planar = av.AudioFrame.from_ndarray(np.ascontiguousarray(x.T), format="fltp", layout=self.layout)
-        planar.sample_rate = frame.sample_rate or self.src_rate
-        for out in self.resampler.resample(planar):
-            self._write(out, frame)
-
-    def _write(self, out, source) -> None:
-        if self.next_pts is None:  # the stream's start: the first decoded frame's time
-            known = source is not None and source.pts is not None and source.time_base is not None
-            start = float(source.pts * source.time_base) if known else 0.0
-            self.next_pts = int(round(start * self.rate))
-        out.pts, out.time_base = self.next_pts, Fraction(1, self.rate)
-        self.next_pts += out.samples
-        self.dst.mux(self.out.encode(out))
-
-    def close(self) -> None:
-        for out in self.resampler.resample(None):
-            self._write(out, None)
-        self.dst.mux(self.out.encode())
-
-
-def transcode(data: bytes, codec: str = "libx264", crf: int = 20, max_side: int | None = None) -> bytes:
-    """Re-encode video bytes to mp4 with PyAV, downscaling so ``max(H, W) <= max_side``.
-
-    Every decoded frame is kept with its presentation time (VFR stays VFR); sizes are rounded
-    to even numbers for 4:2:0 chroma. The first audio stream, if any, is re-encoded to AAC
-    with its timestamps (``_AudioReencoder``), so it stays in sync with the video.
-    """
-    import av
-
-    from worldline.data.video import _codec_options
-
-    out_buf = io.BytesIO()
-    with av.open(io.BytesIO(data)) as src:
-        stream = src.streams.video[0]
-        src_audio = src.streams.audio[0] if src.streams.audio else None
-        h, w = stream.codec_context.height, stream.codec_context.width
-        scale = min(1.0, max_side / max(h, w)) if max_side else 1.0
-        oh, ow = _even(h * scale), _even(w * scale)
-        rate = stream.average_rate or stream.guessed_rate or Fraction(25)
-        tb = stream.time_base or Fraction(1, 1000)
-        with av.open(out_buf, mode="w", format="mp4") as dst:
-            out = dst.add_stream(codec, rate=Fraction(rate).limit_denominator(1001))
-            out.width, out.height, out.pix_fmt = ow, oh, "yuv420p"
-            options = _codec_options(codec, crf, "veryfast")
-            if options:
-                out.options = options
-            else:
-                out.bit_rate = max(200_000, int(oh * ow * float(rate)))
-            out.codec_context.time_base = tb
-            sound = _AudioReencoder(src_audio, dst) if src_audio is not None else None
-            last, i = None, 0
-            # Demux both streams in file order: audio and video are re-encoded interleaved.
-            for packet in src.demux(*([stream, src_audio] if sound else [stream])):
-                for frame in packet.decode():
-                    if packet.stream.index != stream.index:
-                        sound.encode(frame)
-                        continue
-                    pts = frame.pts if frame.pts is not None else i
-                    if last is not None and pts <= last:
-                        pts = last + 1  # broken timestamps: keep order, stay monotonic
-                    last, i = pts, i + 1
-                    img = frame.reformat(width=ow, height=oh, format="yuv420p")
-                    img.pts, img.time_base = pts, tb
-                    dst.mux(out.encode(img))
-            dst.mux(out.encode())
-            if sound is not None:
-                sound.close()
-    return out_buf.getvalue()
 
 
 def validate_video(data: bytes, full: bool = False, limits: VideoLimits | None = None) -> dict:
@@ -295,15 +189,30 @@ def prepare(item: SourceItem, opts: IngestOptions) -> dict:
             raise BadInput("unreadable", f"{type(exc).__name__}: {exc}") from None
         if len(data) == 0:
             raise BadInput("empty_video", "0 bytes")
-        # Check the original before handing it to an encoder, then the result again.
-        original = validate_video(data, full=False, limits=opts.limits) if is_iso_bmff(data) else None
-        if opts.reencode or opts.max_side or original is None:
+        original_bytes = data
+        # Check the original before handing it to an encoder, then the result again. Inputs
+        # the loader cannot read correctly as they are (reencode_reason) are always re-encoded.
+        try:
+            header = probe_video(data, opts.limits) if is_iso_bmff(data) else None
+        except ProbeError as exc:
+            raise BadInput(exc.reason, str(exc)) from None
+        why = reencode_reason(header)
+        undecodable = header is not None and header.codec in DECORD_UNDECODABLE
+        original = None if why in ("container", "codec") else validate_video(data, full=False, limits=opts.limits)
+        if opts.reencode or opts.max_side or why:
             try:
-                data = transcode(data, opts.reencode or "libx264", opts.crf, opts.max_side)
+                data = transcode(data, opts.reencode or "libx264", opts.crf, opts.max_side, opts.limits)
+            except ProbeError as exc:  # the displayed size (e.g. an absurd pixel aspect ratio)
+                raise BadInput(exc.reason, f"re-encoded {exc}") from None
             except Exception as exc:
+                if undecodable:
+                    raise BadInput("unsupported_codec", f"{DECORD_UNDECODABLE[header.codec]} video cannot be "
+                                   f"decoded here ({type(exc).__name__}: {exc}); re-encode it to H.264 first "
+                                   f"(e.g. worldline-shards --reencode libx264 on a machine whose FFmpeg "
+                                   f"decodes it)") from None
                 raise BadInput("reencode_error" if original else "not_video", f"{type(exc).__name__}: {exc}") from None
         facts = validate_video(data, full=opts.validate == "full", limits=opts.limits) \
-            if original is None or opts.reencode or opts.max_side or opts.validate == "full" else original
+            if original is None or data is not original_bytes or opts.validate == "full" else original
         try:
             facts = {**facts, "audio": probe_audio(data)}  # None: no audio track
         except AudioDecodeError as exc:
@@ -424,6 +333,8 @@ def make_shards(
         raise ValueError("give max_count (samples per shard) and/or max_bytes (bytes per shard)")
     if (max_count is not None and max_count < 1) or (max_bytes is not None and max_bytes < 1):
         raise ValueError("max_count and max_bytes must be >= 1")
+    if options.reencode:  # before any work: an unknown encoder used to skip every input
+        check_encoder(options.reencode)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     journal = Journal(out / JOURNAL, {"source": str(Path(source).resolve()), "pattern": pattern,

@@ -28,6 +28,7 @@ import io
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
@@ -82,6 +83,11 @@ class VideoInfo:
     vfr: bool = False
     codec: str = ""
     container: str = "mp4"
+    # Display geometry (mp4/mov only): clockwise degrees the track matrix (tkhd) turns the
+    # frame by when shown, and the pixel aspect ratio (pasp). Decoders (decord) ignore both,
+    # so ingest re-encodes such files upright with square pixels (``transcode``).
+    rotation: int = 0
+    sar: Fraction = Fraction(1)
 
 
 def is_iso_bmff(data: bytes) -> bool:
@@ -143,7 +149,7 @@ def _video_track(buf: bytes, trak: tuple[int, int]) -> dict | None:
         p, e = kids[b"tkhd"][0]
         _need(e - p >= 84, "tkhd")
         w, h = struct.unpack_from(">II", buf, e - 8)
-        track.update(width=w >> 16, height=h >> 16)
+        track.update(width=w >> 16, height=h >> 16, rotation=_matrix_rotation(buf, e - 44))
     p, e = mdia_kids.get(b"mdhd", [(0, 0)])[0]
     _need(e - p >= 24, "mdhd")
     if buf[p] == 1:
@@ -162,6 +168,7 @@ def _video_track(buf: bytes, trak: tuple[int, int]) -> dict | None:
         _need(e - p >= 8 + 36, "stsd")
         track["codec"] = buf[p + 12 : p + 16].decode("latin-1")
         sw, sh = struct.unpack_from(">HH", buf, p + 8 + 32)
+        track["sar"] = _pasp(buf, p + 8, e)
         # Trust the larger of the two declarations: the check is about what may be allocated.
         track.update(width=max(track["width"], sw), height=max(track["height"], sh))
     if b"stsz" in tables:  # sample sizes: one uniform size, or a table
@@ -189,6 +196,31 @@ def _video_track(buf: bytes, trak: tuple[int, int]) -> dict | None:
         _need(e - p >= 8 + 8 * count, "stts")
         track["deltas"] = [struct.unpack_from(">II", buf, p + 8 + 8 * i) for i in range(count)]
     return track
+
+
+def _matrix_rotation(buf: bytes, off: int) -> int:
+    """Clockwise degrees (0/90/180/270) of the tkhd matrix at ``off`` ({a, b, u, c, d, v, x, y,
+    w}, 16.16 fixed point); what players (and ``ffmpeg``'s autorotate) turn the frame by."""
+    a, b, _, c, d = struct.unpack_from(">iiiii", buf, off)
+    turns = {(1, 0, 0, 1): 0, (0, 1, -1, 0): 90, (-1, 0, 0, -1): 180, (0, -1, 1, 0): 270}
+    key = tuple(int(np.sign(x)) for x in (a, b, c, d))
+    return turns.get(key, 0)  # skews and mirrors: shown as stored
+
+
+def _pasp(buf: bytes, entry: int, end: int) -> Fraction:
+    """Pixel aspect ratio of the VisualSampleEntry at ``entry`` (its ``pasp`` child; 1 if none).
+    The entry's child boxes start after its 86-byte fixed part (78 + 8-byte header)."""
+    size = struct.unpack_from(">I", buf, entry)[0]
+    stop, off = min(end, entry + size), entry + 86
+    while off + 16 <= stop:
+        box, kind = struct.unpack_from(">I4s", buf, off)
+        if box < 8:
+            break
+        if kind == b"pasp":
+            h, v = struct.unpack_from(">II", buf, off + 8)
+            return Fraction(h, v) if h and v else Fraction(1)
+        off += box
+    return Fraction(1)
 
 
 def _fragment_frames(buf: bytes, top: dict[bytes, list[tuple[int, int]]]) -> int:
@@ -224,7 +256,8 @@ def _probe_iso(buf: bytes) -> VideoInfo | None:
     if num_frames == 0:
         frames = _fragment_frames(buf, top)
         if frames:  # fragmented: size is known, timing needs the PyAV probe
-            return VideoInfo(t["height"], t["width"], frames, 0.0, 0.0, 0.0, codec=t["codec"])
+            return VideoInfo(t["height"], t["width"], frames, 0.0, 0.0, 0.0, codec=t["codec"],
+                             rotation=t.get("rotation", 0), sar=t.get("sar", Fraction(1)))
         raise ProbeError("not_video", "video track has no samples")
     total = sum(c * d for c, d in t["deltas"])
     scale = t["timescale"] or 1
@@ -232,7 +265,8 @@ def _probe_iso(buf: bytes) -> VideoInfo | None:
     span = (total - t["deltas"][-1][1]) / scale
     fps = num_frames / duration if duration > 0 else 0.0
     vfr = len({d for _, d in t["deltas"]}) > 1
-    return VideoInfo(t["height"], t["width"], num_frames, fps, duration, span, vfr, t["codec"])
+    return VideoInfo(t["height"], t["width"], num_frames, fps, duration, span, vfr, t["codec"],
+                     rotation=t.get("rotation", 0), sar=t.get("sar", Fraction(1)))
 
 
 def _probe_pyav(data: bytes) -> VideoInfo:
@@ -275,6 +309,6 @@ def probe_video(data: bytes, limits: VideoLimits | None = None) -> VideoInfo:
     full = _probe_pyav(data)
     if info is not None:  # fragmented mp4: keep the box-derived size and count
         full = VideoInfo(info.height, info.width, info.num_frames, full.fps, full.duration,
-                         full.span, False, info.codec, "mp4")
+                         full.span, False, info.codec, "mp4", info.rotation, info.sar)
     limits.check(full)
     return full

@@ -24,6 +24,7 @@ import sys
 
 from worldline.data.ingest import IngestOptions, make_shards
 from worldline.data.probe import VideoLimits
+from worldline.data.transcode import check_encoder
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 10**12, "tb": 10**12}
@@ -37,6 +38,15 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+def video_encoder(name: str) -> str:
+    """``--reencode``'s type: an encoder whose mp4 output the loader decodes, checked before any
+    work starts (an unknown name used to skip every input and exit 0)."""
+    try:
+        return check_encoder(name)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="worldline-shards", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="worker processes")
     p.add_argument("--validate", choices=("fast", "full"), default="fast",
                    help="decode first + last frame (fast) or every frame (full)")
-    p.add_argument("--reencode", metavar="CODEC", help="re-encode every video (e.g. libx264)")
+    p.add_argument("--reencode", metavar="CODEC", type=video_encoder,
+                   help="re-encode every video with this encoder (e.g. libx264; checked first)")
     p.add_argument("--max-side", type=int, help="downscale so the longer side is <= this (re-encodes)")
     p.add_argument("--crf", type=int, default=20, help="quality when re-encoding")
     p.add_argument("--max-video-side", type=int, default=VideoLimits.max_side,
