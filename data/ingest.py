@@ -55,7 +55,7 @@ from worldline.data.probe import ProbeError, VideoLimits, is_iso_bmff, probe_vid
 from worldline.data.samples import parse_actions
 from worldline.data.shards import MANIFEST, ClosedShard, Journal, ShardWriter, remove_partial_shards, write_manifest
 from worldline.data.sources import IMAGE_SUFFIXES, SourceItem, discover
-from worldline.data.video import read_frames
+from worldline.data.video import open_reader, read_frames
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +191,13 @@ def transcode(data: bytes, codec: str = "libx264", crf: int = 20, max_side: int 
 
 
 def validate_video(data: bytes, full: bool = False, limits: VideoLimits | None = None) -> dict:
-    """Header probe + decord check; returns the manifest facts (``resolution`` [H, W], ``fps``,
-    ``num_frames``, ``duration``, ``codec``, ``vfr``) or raises ``BadInput``."""
+    """Header probe + decode check; returns the manifest facts (``resolution`` [H, W], ``fps``,
+    ``num_frames``, ``duration``, ``codec``, ``vfr``, ``open_gop``) or raises ``BadInput``.
+
+    ``fps`` and ``vfr`` are measured from the frame timestamps (``probe_video``), not the
+    container's declared rate; ``open_gop`` records that decord cannot seek this stream
+    exactly, so the loader reads it with ``video.ExactReader`` (the flag is informational:
+    the loader re-derives it from the same headers, so older shards are read exactly too)."""
     import decord
 
     try:
@@ -200,7 +205,7 @@ def validate_video(data: bytes, full: bool = False, limits: VideoLimits | None =
     except ProbeError as exc:
         raise BadInput(exc.reason, str(exc)) from None
     try:
-        reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
+        reader = open_reader(data) if info.open_gop else decord.VideoReader(io.BytesIO(data), num_threads=1)
         n = len(reader)
         if n == 0:
             raise BadInput("decode_error", "decord finds no frames")
@@ -210,13 +215,13 @@ def validate_video(data: bytes, full: bool = False, limits: VideoLimits | None =
         else:
             shape = read_frames(reader, data, np.array([0, n - 1])).shape
         end = float(reader.get_frame_timestamp([n - 1])[0][1])
-        fps = float(reader.get_avg_fps())
+        fps = info.fps if info.fps > 0 else float(reader.get_avg_fps())
     except BadInput:
         raise
     except Exception as exc:  # decord raises RuntimeError / DECORDError on corrupt input
         raise BadInput("decode_error", f"{type(exc).__name__}: {exc}") from None
     return {"resolution": [int(shape[1]), int(shape[2])], "fps": fps, "num_frames": n,
-            "duration": end, "codec": info.codec, "vfr": info.vfr}
+            "duration": end, "codec": info.codec, "vfr": info.vfr, "open_gop": info.open_gop}
 
 
 def _load_array(value, what: str):
