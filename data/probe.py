@@ -290,7 +290,7 @@ def _timing(pts: np.ndarray, keys: np.ndarray | None, tick: float, duration: flo
     ``tick`` seconds, decode order) and the decode-order indices of the keyframes (``None``:
     every frame is one); ``duration`` (s) is the fallback rate's denominator, ``declared``
     the container's rate (used only where the timestamps agree with it)."""
-    shown = np.sort(pts)
+    shown = np.sort(pts) if (np.diff(pts) < 0).any() else pts  # reordered by B-frames
     span = float(shown[-1] - shown[0]) * tick
     steps = np.diff(shown)
     # Timestamps are exact to a tick and (mkv/webm, or files muxed from them) to a millisecond.
@@ -302,12 +302,10 @@ def _timing(pts: np.ndarray, keys: np.ndarray | None, tick: float, duration: flo
         fps = len(shown) / duration if duration > 0 else 0.0
     open_gop = False
     if keys is not None and len(keys):
-        bounds = np.append(np.unique(keys), len(pts))
-        for k, nxt in zip(bounds[:-1], bounds[1:]):
-            # A frame after keyframe k (decode order) shown before it: a leading picture.
-            if nxt > k + 1 and pts[k + 1 : nxt].min() < pts[k]:
-                open_gop = True
-                break
+        # A frame after a keyframe (decode order) but shown before it: a leading picture.
+        marker = np.full(len(pts), np.iinfo(np.int64).min, np.int64)
+        marker[keys] = pts[keys]
+        open_gop = bool((pts < np.maximum.accumulate(marker)).any())
     return fps, span, vfr, open_gop
 
 

@@ -140,6 +140,7 @@ def test_corpus_is_what_it_claims(shards):
             got = read_code(decord.VideoReader(io.BytesIO(mp4), num_threads=1).get_batch([i]).asnumpy()[0])
             wrong += [i] if got != i else []
         assert wrong, f"{name}: decord seeks this file exactly; the corpus no longer tests anything"
+        print(f"{name}: decord's single-frame reads wrong at {len(wrong)} of {n} indices")
         reader = open_reader(mp4)
         assert isinstance(reader, ExactReader) and len(reader) == n
         assert [read_code(read_frames(reader, mp4, np.array([i]))[0]) for i in range(n)] == list(range(n))
