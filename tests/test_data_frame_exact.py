@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import zlib
 from fractions import Fraction
 from pathlib import Path
 
@@ -204,3 +205,28 @@ def test_resample_with_millisecond_timestamps():
             for seed in seeds:
                 idx = resample_indices(ts, 16, rate, position, np.random.default_rng(seed), end=ts[-1] + 1 / rate)
                 assert np.diff(idx).tolist() == [1] * 15, (rate, position, seed, idx.tolist())
+
+
+def test_validate_full_catches_inexact_seeks(tmp_path):
+    """A stream decord mis-seeks that the headers cannot route to the exact reader (an mp4
+    whose sync-sample table was dropped: every frame then claims to be a keyframe) is refused
+    by ``--validate full`` as ``inexact_seek``, naming the file; the same check passes on the
+    intact file and would have caught open GOP before ``ExactReader`` existed."""
+    from worldline.data.ingest import _seek_mismatches
+
+    good = encode(40, 25, "libx264", "mp4", X264_CLOSED)
+    at = good.index(b"stss")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src/intact.mp4").write_bytes(good)
+    (tmp_path / "src/no_stss.mp4").write_bytes(good[:at] + b"free" + good[at + 4 :])
+    assert ffmpeg_codes((tmp_path / "src/no_stss.mp4").read_bytes()) == list(range(40))  # decodable
+    manifest = make_shards(tmp_path / "src", tmp_path / "out", max_count=4, processes=0,
+                           options=IngestOptions(validate="full"))
+    assert [e["key"] for e in manifest["samples"]] == ["intact"]
+    (skip,) = manifest["skipped"]
+    assert skip["reason"] == "inexact_seek" and skip["path"].endswith("no_stss.mp4"), skip
+    # The detector itself on an open-GOP file read through decord (what the loader used to do).
+    mp4 = encode(40, 25, "libx264", "mp4", X264_OPEN)
+    reader = decord.VideoReader(io.BytesIO(mp4), num_threads=1)
+    frames = reader.get_batch(list(range(40))).asnumpy()
+    assert _seek_mismatches(reader, mp4, [zlib.crc32(f.tobytes()) for f in frames])
