@@ -3,10 +3,11 @@
 Why a hand-written ISO-BMFF (mp4/mov) box walk instead of PyAV: opening a container with
 FFmpeg (``av.open``) runs ``avformat_find_stream_info``, which may decode frames, costs ~0.7 ms
 per clip (≈8 % of a whole small-clip decode in the loader) and is exactly what a hostile file
-with absurd dimensions should never reach. Reading ``tkhd``/``stsd``/``mdhd``/``stts`` takes
-microseconds and lets the loader reject a file *before* any decoder allocates frames. Anything
-that is not ISO-BMFF (webm, mkv, avi) and fragmented mp4 without sample tables fall back to a
-PyAV header probe.
+with absurd dimensions should never reach. Reading ``tkhd``/``stsd``/``mdhd``/``stts`` (plus
+``ctts``/``stss`` for the timing below: 0.5-0.6 ms for a 300- or 3000-frame B-frame mp4 on a
+loaded 2-core machine, 0.1-0.2 ms before) lets the loader reject a file *before* any decoder
+allocates frames. Anything that is not ISO-BMFF (webm, mkv, avi) and fragmented mp4 without
+sample tables fall back to a PyAV probe, which demuxes (never decodes) the packets for timing.
 
 What is checked: the boxes are well formed and complete (a cut file is ``truncated_video``),
 a video track exists (else ``not_video``), its sample tables agree with each other and stay

@@ -420,7 +420,7 @@ class ClipTiming:
 
     ``start``: the first frame's presentation time (stride sampling) or the first sample
     instant ``t0`` of fps resampling (frame ``k`` of the clip is the frame shown at ``t0 +
-    k / fps``; ``t0`` is at most one source frame after the first frame's presentation time).
+    k / fps``; ``t0`` is the first frame's presentation time: resampled windows start on a frame).
     ``frame_rate``: clip frames per second, ``fps`` when resampling by time, else the
     source's average rate divided by the stride. ``times``: each clip frame's presentation time.
     """
