@@ -1,7 +1,8 @@
 """worldline.data: bytes on disk -> batches.
 
-- ``video``: mp4 encode (PyAV) / decode (decord), clip sampling, uint8 resize/crop, previews;
-- ``probe``: decode-free container-header facts and sanity limits;
+- ``video``: mp4 encode (PyAV) / decode (decord; frame-exact PyAV ``ExactReader`` for open-GOP
+  streams), clip sampling, uint8 resize/crop, previews;
+- ``probe``: decode-free container-header facts (rate, VFR, open GOP from timestamps) and limits;
 - ``synthetic``: the procedural world used as the embedded default dataset;
 - ``sources`` + ``ingest``: folder / CSV / JSONL of videos -> validated shards (``worldline-shards``);
 - ``shards``: the one shard writer (rolling tar shards, resume journal, manifest),

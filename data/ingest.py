@@ -45,6 +45,7 @@ import logging
 import os
 import re
 import string
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -58,7 +59,7 @@ from worldline.data.samples import parse_actions
 from worldline.data.shards import MANIFEST, ClosedShard, Journal, ShardWriter, remove_partial_shards, write_manifest
 from worldline.data.sources import IMAGE_SUFFIXES, SourceItem, discover
 from worldline.data.transcode import DECORD_UNDECODABLE, check_encoder, reencode_reason, transcode
-from worldline.data.video import read_frames
+from worldline.data.video import open_reader, read_frames
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,16 @@ class IngestOptions:
 
 
 def validate_video(data: bytes, full: bool = False, limits: VideoLimits | None = None) -> dict:
-    """Header probe + decord check; returns the manifest facts (``resolution`` [H, W], ``fps``,
-    ``num_frames``, ``duration``, ``codec``, ``vfr``) or raises ``BadInput``."""
+    """Header probe + decode check; returns the manifest facts (``resolution`` [H, W], ``fps``,
+    ``num_frames``, ``duration``, ``codec``, ``vfr``, ``open_gop``) or raises ``BadInput``.
+
+    ``fps`` and ``vfr`` are measured from the frame timestamps (``probe_video``), not the
+    container's declared rate; ``open_gop`` records that decord cannot seek this stream
+    exactly, so the loader reads it with ``video.ExactReader`` (the flag is informational:
+    the loader re-derives it from the same headers, so older shards are read exactly too).
+    ``full`` decodes every frame and then checks that decord's seeks land on the frames of
+    that sequential decode (``_seek_mismatches``); a file where they do not, and that the
+    headers cannot route to the exact reader, is ``inexact_seek``."""
     import decord
 
     try:
@@ -94,23 +103,44 @@ def validate_video(data: bytes, full: bool = False, limits: VideoLimits | None =
     except ProbeError as exc:
         raise BadInput(exc.reason, str(exc)) from None
     try:
-        reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
+        reader = open_reader(data) if info.open_gop else decord.VideoReader(io.BytesIO(data), num_threads=1)
         n = len(reader)
         if n == 0:
             raise BadInput("decode_error", "decord finds no frames")
         if full:
+            crcs: list[int] = []
             for start in range(0, n, 32):
-                shape = read_frames(reader, data, np.arange(start, min(n, start + 32))).shape
+                frames = read_frames(reader, data, np.arange(start, min(n, start + 32)))
+                crcs += [zlib.crc32(np.ascontiguousarray(f).tobytes()) for f in frames]
+            shape = frames.shape
+            wrong = [] if info.open_gop else _seek_mismatches(reader, data, crcs)
+            if wrong:
+                raise BadInput("inexact_seek", f"decord's seek returns another frame than a sequential decode "
+                               f"at frames {wrong[:4]} (of {n}): the stream's keyframe table is wrong")
         else:
             shape = read_frames(reader, data, np.array([0, n - 1])).shape
         end = float(reader.get_frame_timestamp([n - 1])[0][1])
-        fps = float(reader.get_avg_fps())
+        fps = info.fps if info.fps > 0 else float(reader.get_avg_fps())
     except BadInput:
         raise
     except Exception as exc:  # decord raises RuntimeError / DECORDError on corrupt input
         raise BadInput("decode_error", f"{type(exc).__name__}: {exc}") from None
     return {"resolution": [int(shape[1]), int(shape[2])], "fps": fps, "num_frames": n,
-            "duration": end, "codec": info.codec, "vfr": info.vfr}
+            "duration": end, "codec": info.codec, "vfr": info.vfr, "open_gop": info.open_gop}
+
+
+def _seek_mismatches(reader, data: bytes, crcs: list[int], checks: int = 8) -> list[int]:
+    """Frames (up to ``checks``, evenly spaced, read last first so that every read is a
+    backward seek) where decord's random access differs from its sequential decode, whose
+    per-frame CRC32s are ``crcs``. The same decoder from the same keyframe is bit-exact, so
+    any difference means the seek started from a frame that is not a true keyframe."""
+    picks = np.unique(np.linspace(1, len(crcs) - 1, min(checks, len(crcs) - 1)).round().astype(np.int64))
+    wrong = []
+    for i in picks[::-1]:
+        frame = read_frames(reader, data, np.array([i]))[0]
+        if zlib.crc32(np.ascontiguousarray(frame).tobytes()) != crcs[i]:
+            wrong.append(int(i))
+    return sorted(wrong)
 
 
 def _load_array(value, what: str):

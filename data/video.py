@@ -1,13 +1,35 @@
 """Codec I/O: uint8 frames <-> in-memory mp4 bytes, clip sampling, resize/crop, previews.
 
 Encoding uses PyAV (libx264 by default; mpeg4, libvpx-vp9 and libx265 work too), decoding uses
-decord on in-memory bytes, because decord is what the loader workers use (frame-accurate
-``get_batch`` on a random-access reader, no temp files).
+decord on in-memory bytes, because decord is what the loader workers use (random-access
+``get_batch``, no temp files).
+
+Frame-exact decoding. Frame ``i`` of a video is the ``i``-th frame a full FFmpeg decode
+outputs, and a clip holds exactly those frames. decord seeks to the keyframe before a frame and
+counts decoded frames from there, which is exact only for closed GOPs: in an open-GOP stream
+(x264 ``open-gop=1``, x265's default CRA keyframes) the frames that follow a keyframe in
+decode order but are shown before it (leading pictures) cannot be decoded from it, the count
+slips, and decord returns later frames than asked (``tests/test_data_frame_exact.py``, keyint
+8, 40 frames: 20 of 40 single-frame reads wrong for x264, 16 of 40 for x265; 8-frame clips at
+``center`` all 8 frames 2-3 late) while the actions taken at the asked indices belong to other
+frames. ``probe_video`` finds such streams from the
+container's sample tables (a keyframe followed by a frame shown before it: ``open_gop``,
+decode-free) and ``open_reader`` sends them to ``ExactReader``: PyAV, seeking to the last
+keyframe shown at or before the first wanted frame and picking frames by presentation time,
+never by count (~35-45 ms for a 16-frame 256x256 clip of a 300-frame file, decord on the same
+file closed-GOP ~90-100 ms: only the GOP before the clip is decoded). Its index of presentation
+times comes from demuxing every packet on each open (~8 us a packet: 5 ms for 300 frames, 25 ms
+for 3,000), so very long open-GOP files pay that per clip. Closed-GOP files (B-frames
+included), VFR and every frame rate go through decord as before. Ingest records the flag in
+each sample's ``meta.open_gop``; the loader re-derives it, so older shards are read exactly too.
 
 Clip sampling. A clip is ``num_frames`` frames taken either every ``stride`` source frames or
 at a target ``fps`` resampled from the source's per-frame timestamps (so variable-frame-rate
 video is sampled in real time, not in frame counts; frames repeat when the target rate is
-above the source's). ``position`` places the window at the ``start``, the ``center`` or a
+above the source's). Resampled windows start on a frame, and a frame counts as shown at a
+sample time it starts up to 1/8 frame after, so timestamps rounded by the container (mkv/webm
+milliseconds: 24 fps frames at 0, 42, 83 ms) still give every frame at ``fps`` = the source
+rate (before: ``[0, 1, 1, 3, 4, 4, ...]``). ``position`` places the window at the ``start``, the ``center`` or a
 ``random`` point. A video shorter than the window raises ``ClipTooShortError``; the loader
 counts that as ``too_short`` (or, with buckets, routes the video to a shorter bucket).
 
@@ -216,6 +238,12 @@ def resample_indices(
     start). So a VFR video is sampled by time, and a target rate above the source's repeats
     frames. All sample times must fall before ``end``: the video must last longer than the
     window's ``(num_frames - 1) / fps`` seconds.
+
+    ``t0`` is the start of a frame (the one shown at the drawn start), and a frame counts as
+    shown at ``t`` if it starts up to ``_slack(timestamps)`` (1/8 of the median frame step)
+    after it: timestamps are quantised by the container (mkv/webm store milliseconds, so 24 fps
+    frames start at 0, 42, 83 ms, not k/24 s), and without both a target equal to the source
+    rate would repeat one frame and drop the next. With them it returns every frame.
     """
     if num_frames < 1 or not fps > 0:
         raise ValueError(f"num_frames must be >= 1 and fps > 0, got {num_frames}, {fps}")
@@ -224,11 +252,12 @@ def resample_indices(
     ts = np.asarray(timestamps, np.float64)
     if len(ts) == 0:
         raise ClipTooShortError("video has no frames")
+    slack = _slack(ts)
     # Last admissible start for the final sample: just before the last frame stops showing.
     last = float(end) - _TIME_EPS if end is not None and end > ts[-1] else float(ts[-1])
     span = (num_frames - 1) / fps
     room = last - float(ts[0]) - span
-    if room < -_TIME_EPS:
+    if room < -slack - _TIME_EPS:
         raise ClipTooShortError(
             f"video too short: lasts {last - ts[0] + _TIME_EPS:.3f} s ({len(ts)} frames), needs "
             f"{span:.3f} s (num_frames={num_frames}, fps={fps:g})"
@@ -240,25 +269,115 @@ def resample_indices(
         offset = room / 2
     else:
         offset = float((rng or np.random.default_rng()).uniform(0.0, room)) if room > 0 else 0.0
-    times = ts[0] + offset + np.arange(num_frames) / fps
-    idx = np.searchsorted(ts, times + _TIME_EPS, side="right") - 1
+    first = max(0, int(np.searchsorted(ts, ts[0] + offset + _TIME_EPS, side="right")) - 1)
+    times = ts[first] + np.arange(num_frames) / fps
+    idx = np.searchsorted(ts, times + slack + _TIME_EPS, side="right") - 1
     idx = np.clip(idx, 0, len(ts) - 1).astype(np.int64)
     return (idx, float(times[0])) if return_start else idx
 
 
-def _pyav_frames(mp4: bytes, indices: np.ndarray) -> np.ndarray:
-    """Frames ``indices`` (presentation order) decoded with PyAV: ``uint8 [T, H, W, 3]``."""
-    wanted = {int(i) for i in indices}
-    last, got = max(wanted), {}
-    with av.open(io.BytesIO(mp4)) as container:
-        stream = container.streams.video[0]
-        stream.thread_count = 1
-        for i, frame in enumerate(container.decode(stream)):
-            if i in wanted:
-                got[i] = frame.to_ndarray(format="rgb24")
-            if i >= last:
-                break
-    return np.stack([got[int(i)] for i in indices])
+def _slack(ts: np.ndarray) -> float:
+    """How far after a sample instant a frame may start and still count as shown at it: 1/8
+    of the median frame step, far above timestamp rounding (<= 1 ms) at any real frame rate
+    and far below a frame, so VFR sampling keeps its meaning."""
+    steps = np.diff(ts)
+    steps = steps[steps > 0]
+    return float(np.median(steps)) / 8 if len(steps) else 0.0
+
+
+class ExactReader:
+    """Frame-exact random access over PyAV, with the part of ``decord.VideoReader``'s interface
+    that ``decode_clip`` uses (``len``, ``get_frame_timestamp``, ``get_avg_fps``, frames by
+    index through ``read_frames``).
+
+    Frame ``i`` is the ``i``-th presentation time among the stream's packets (what a full
+    FFmpeg decode outputs as frame ``i``), found by its timestamp, never by counting: decoding
+    starts at the last keyframe shown at or before the first wanted frame, steps back one
+    keyframe if that one's leading pictures were among the wanted frames, and decodes from the
+    start of the file as the last resort. For streams decord seeks inexactly (open GOP:
+    module docstring), and frame sizes decord cannot copy out.
+    """
+
+    def __init__(self, data: bytes):
+        self.data = data
+        pts, keys, durations = [], [], []
+        with av.open(io.BytesIO(data)) as container:
+            stream = container.streams.video[0]
+            self.time_base = float(stream.time_base)
+            for packet in container.demux(stream):
+                if packet.size == 0:
+                    continue  # the demuxer's flush packet
+                if packet.pts is None:
+                    raise ValueError("video packets without timestamps: no frame-exact access")
+                pts.append(packet.pts)
+                durations.append(packet.duration or 0)
+                if packet.is_keyframe:
+                    keys.append(packet.pts)
+        if not pts:
+            raise ValueError("video stream has no packets")
+        order = np.argsort(pts, kind="stable")
+        self.pts = np.asarray(pts, np.int64)[order]
+        self.keys = np.unique(np.asarray(keys, np.int64))
+        steps = np.diff(self.pts)
+        last = int(np.asarray(durations)[order][-1]) or (int(np.median(steps)) if len(steps) else 1)
+        starts = self.pts * self.time_base
+        self._times = np.stack([starts, np.append(starts[1:], (self.pts[-1] + last) * self.time_base)], 1)
+
+    def __len__(self) -> int:
+        return len(self.pts)
+
+    def get_frame_timestamp(self, indices) -> np.ndarray:
+        """``[len(indices), 2]`` (start, end) presentation times in seconds, as decord's."""
+        return self._times[np.asarray(indices, np.int64)]
+
+    def get_avg_fps(self) -> float:
+        """Frames per second of presentation time."""
+        return len(self) / max(float(self._times[-1, 1] - self._times[0, 0]), _TIME_EPS)
+
+    def frames(self, indices: np.ndarray) -> np.ndarray:
+        """Frames ``indices`` (presentation order) as ``uint8 [T, H, W, 3]``."""
+        wanted = {int(self.pts[int(i)]) for i in indices}
+        first = min(wanted)
+        starts = [int(k) for k in self.keys[self.keys <= first][::-1][:2]] + [None]
+        for start in starts:
+            got = self._decode(start, wanted)
+            if len(got) == len(wanted):
+                return np.stack([got[int(self.pts[int(i)])] for i in indices])
+        missing = sorted(wanted - set(got))
+        raise RuntimeError(f"frames at pts {missing[:4]} were never decoded")
+
+    def _decode(self, start: int | None, wanted: set[int]) -> dict[int, np.ndarray]:
+        last, got = max(wanted), {}
+        with av.open(io.BytesIO(self.data)) as container:
+            stream = container.streams.video[0]
+            stream.thread_count = 1  # loader workers already decode clips in parallel
+            if start is not None:
+                container.seek(start, backward=True, any_frame=False, stream=stream)
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    continue
+                if frame.pts in wanted:
+                    got[frame.pts] = frame.to_ndarray(format="rgb24")
+                if frame.pts >= last:
+                    break
+        return got
+
+
+def open_reader(mp4: bytes, num_threads: int = 1):
+    """decord's ``VideoReader`` on ``mp4``, or an ``ExactReader`` for a stream decord cannot
+    seek exactly (``probe_video(...).open_gop``). An unprobeable file goes to decord, which
+    reports its own error."""
+    from worldline.data.probe import ProbeError, probe_video
+
+    try:
+        exact = probe_video(mp4).open_gop
+    except ProbeError:
+        exact = False
+    if exact:
+        return ExactReader(mp4)
+    import decord  # lazy: decord is heavy and only needed where clips are decoded
+
+    return decord.VideoReader(io.BytesIO(mp4), num_threads=num_threads)
 
 
 def read_frames(reader, mp4: bytes, indices: np.ndarray, as_tensor: bool = False):
@@ -268,14 +387,22 @@ def read_frames(reader, mp4: bytes, indices: np.ndarray, as_tensor: bool = False
 
     decord 0.6 cannot copy out frames of a few small widths (a scan of 2..2100 px found 2-8,
     12, 16, 24, 48 and 72 px; it raises "DECORDArrayCopyFromTo: The size must exactly
-    match"), so those clips fall back to a PyAV decode of the same frames.
+    match"), so those clips fall back to a PyAV decode of the same frames (``ExactReader``,
+    which is also what ``reader`` is for streams decord cannot seek exactly).
     """
+    if isinstance(reader, ExactReader):
+        frames = reader.frames(indices)
+        if as_tensor:
+            import torch
+
+            return torch.from_numpy(frames)
+        return frames
     try:
         batch = reader.get_batch(indices.tolist())
     except Exception as exc:  # decord's DECORDError is not importable as a stable name
         if "DECORDArrayCopyFromTo" not in str(exc):
             raise
-        frames = _pyav_frames(mp4, indices)
+        frames = ExactReader(mp4).frames(indices)
         if as_tensor:
             import torch
 
@@ -295,7 +422,7 @@ class ClipTiming:
 
     ``start``: the first frame's presentation time (stride sampling) or the first sample
     instant ``t0`` of fps resampling (frame ``k`` of the clip is the frame shown at ``t0 +
-    k / fps``; ``t0`` is at most one source frame after the first frame's presentation time).
+    k / fps``; ``t0`` is the first frame's presentation time: resampled windows start on a frame).
     ``frame_rate``: clip frames per second, ``fps`` when resampling by time, else the
     source's average rate divided by the stride. ``times``: each clip frame's presentation time.
     """
@@ -333,11 +460,9 @@ def decode_clip(
     ``RuntimeError`` (decord's) if it cannot be decoded. ``num_threads=1`` by default because
     loader workers already parallelise across clips.
     """
-    import decord  # lazy: decord is heavy and only needed where clips are decoded
-
     if len(mp4) == 0:
         raise ValueError("empty mp4 (0 bytes)")
-    reader = decord.VideoReader(io.BytesIO(mp4), num_threads=num_threads)
+    reader = open_reader(mp4, num_threads)
     if fps is None:
         indices = clip_indices(len(reader), num_frames, stride, position, rng)
     else:
