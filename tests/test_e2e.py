@@ -77,6 +77,27 @@ def test_sample_cli_writes_mp4_and_contact_sheet(quickstart: Path, tmp_path: Pat
         "a red circle in a meadow", "a blue square", "a green dot"]
 
 
+def test_sample_takes_the_clip_size_from_the_checkpoint(quickstart: Path, tmp_path: Path) -> None:
+    """The model was trained on 9 frames of 32x32 (experiment=smoke); sampled without that
+    experiment (data defaults: 17 frames of 64x64) it still makes 9 frames of 32x32, and says
+    so. An explicit data.num_frames wins."""
+    world = ["data.synthetic.num_clips=16", "data.synthetic.clips_per_shard=4",
+             "data.synthetic.num_frames=9", "data.synthetic.height=32",
+             "data.synthetic.width=32", "data.batch_size=2", "data.num_workers=0"]
+    common = [f"sample.checkpoint={quickstart / 'quickstart-world'}", f"run.root={quickstart}",
+              "sample.prompts=[a red circle]", "sample.num_steps=2", "logger=none", *world]
+    r = cli("worldline-sample", *common, f"sample.out={tmp_path / 'a'}", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    said = r.stdout + r.stderr
+    assert "data.num_frames=9" in said and "data.resolution=[32, 32]" in said
+    vr = decord.VideoReader(str(tmp_path / "a" / "generated_0.mp4"))
+    assert len(vr) == 9 and vr[0].shape == (32, 32, 3)
+    r = cli("worldline-sample", *common, "data.num_frames=5", f"sample.out={tmp_path / 'b'}",
+            timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(decord.VideoReader(str(tmp_path / "b" / "generated_0.mp4"))) == 5
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     r = cli("worldline-eval", f"eval.checkpoint={tmp_path / 'nope'}", timeout=120)
     assert r.returncode == 2

@@ -442,3 +442,17 @@ def load_model_config(name: str) -> DictConfig:
 def _model_conf_dir() -> Path:
     # conf/ installs as the worldline.conf package; its model group holds one file per size.
     return Path(str(resources.files("worldline.conf"))) / "model"
+
+
+def command_line_keys() -> Optional[set[str]]:
+    """The config keys set on the running Hydra app's command line (``data.resolution`` for
+    ``data.resolution=[96,80]``; a group such as ``experiment=smoke`` counts as
+    ``experiment``); None outside a Hydra app (programmatic callers: their config is taken
+    as given)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        task = HydraConfig.get().overrides.task
+    except ValueError:  # HydraConfig was not set: not under @hydra.main
+        return None
+    return {str(o).split("=", 1)[0].lstrip("+~") for o in task}

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from worldline.train.config import ConfigError
+from worldline.train.config import ConfigError, command_line_keys
 from worldline.train.dist import init_distributed, pick_device
 from worldline.train.loaders import LoaderFactory
 from worldline.train.objectives import AutoencoderObjective, FlowObjective
@@ -39,6 +39,26 @@ class InferenceRun:
     @property
     def device(self) -> torch.device:
         return self.pipeline.device
+
+
+def _clip_size_from_model(cfg: DictConfig, pipe: WorldPipeline, path: Path) -> DictConfig:
+    """``data.num_frames``/``data.resolution`` of the model's training clips (its
+    ``sample_size``) unless the command line sets them: a 96x80 model must not be evaluated
+    or sampled at the 64x64 default without anyone asking."""
+    given = command_line_keys()
+    if given is None:  # a programmatic caller's config is taken as given
+        return cfg
+    frames, h, w = pipe.settings.sample_size
+    new: dict[str, Any] = {}
+    if "data.num_frames" not in given and int(cfg.data.num_frames) != frames:
+        new["num_frames"] = frames
+    if "data.resolution" not in given and list(cfg.data.resolution) != [h, w]:
+        new["resolution"] = [h, w]
+    if new:
+        log.info("clip size from %s: %s (set data.num_frames / data.resolution to override)",
+                 path, ", ".join(f"data.{k}={v}" for k, v in new.items()))
+        cfg = OmegaConf.merge(cfg, {"data": new})
+    return cfg
 
 
 def load_for_inference(cfg: DictConfig, checkpoint: str, use_ema: bool) -> InferenceRun:
@@ -71,6 +91,7 @@ def load_for_inference(cfg: DictConfig, checkpoint: str, use_ema: bool) -> Infer
         if pipe.world_model is not None:
             stage["autoencoder_from"] = str(path)
         cfg = OmegaConf.merge(cfg, {"stage": stage})
+    cfg = _clip_size_from_model(cfg, pipe, path)
     validate(cfg)
     info = init_distributed(cfg.dist.timeout_s)  # no-op for one process
     pipe.to(pick_device())

@@ -101,6 +101,7 @@ def run_sample(cfg: DictConfig) -> list[Path]:
     if not s.checkpoint:
         raise ConfigError("invalid config: sample.checkpoint: required (a run or checkpoint dir)")
     run = load_for_inference(cfg, s.checkpoint, s.use_ema)
+    cfg = run.cfg  # the clip size and conditions the checkpoint was trained with
     pipe, path = run.pipeline, run.path
     if pipe.world_model is None:
         raise ConfigError(f"invalid config: sample.checkpoint: {path} is an autoencoder "
