@@ -53,6 +53,15 @@ class SourceItem:
     meta_path: str | None = None  # <stem>.json sidecar, read by the worker
 
 
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks (never the whole file in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def make_key(rel: str) -> str:
     """``"a/b c.v2.mp4"`` -> ``"a_b_c_v2"``: a webdataset-safe sample key."""
     stem = rel[: -len(Path(rel).suffix)] if Path(rel).suffix else rel
