@@ -185,3 +185,70 @@ def test_merge_states_sums_provenance_counters(tmp_path):
     assert one.stats["samples"] == 4 and sum(one.stats["licenses"].values()) == 4
     summary = summarize_states([states[0], states[1], states[1]])
     assert summary["samples"] == 3 and summary["licenses"] == merged["licenses"]
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_provenance_end_to_end(tmp_path, capsys):
+    """Ingest with licences -> opt one clip out after sharding -> train 2 gloo ranks, resume
+    resharded on 1 -> export: provenance.json / DATA_CARD.md count exactly the samples consumed
+    and the opted-out clip (the only one under its licence) was never consumed."""
+    from tests.faults._helpers import run, train_args
+    from worldline.scripts.export import main as export_main
+
+    src = tmp_path / "clips"
+    src.mkdir()
+    licences = ["CC-BY-4.0", "CC-BY-4.0", "CC0-1.0", "CC0-1.0", "CC-BY-4.0", "CC0-1.0", "CC0-1.0",
+                "Withdrawn-1.0"]
+    for i, lic in enumerate(licences):
+        (src / f"k{i}.mp4").write_bytes(clip(40 + i))
+        (src / f"k{i}.json").write_text(json.dumps({"license": lic, "caption": f"clip {i}"}))
+    shards = tmp_path / "shards"
+    m = make_shards(src, shards, max_count=2, processes=0)
+    assert m["num_samples"] == 8 and m["provenance"]["licenses"]["Withdrawn-1.0"] == 1
+    optout = tmp_path / "optout.txt"  # the rights holder's request arrives after sharding
+    optout.write_text(f"{m['samples'][-1]['provenance']['sha256']}\n")
+    data = ["dist=ddp", "data.kind=webdataset", f"data.shards={shards}", f"data.exclude={optout}",
+            "train.ckpt_every=3", "train.log_every=3"]
+    args = train_args(tmp_path, "pv", tmp_path / "_datasets", *data)
+    run([*args, "train.steps=3"], nproc=2)  # 2 ranks x batch 1: 6 samples
+    run([*args, "train.steps=6", "resume=auto"], nproc=1)  # resharded 2 -> 1: 3 more
+    ckpt = tmp_path / "pv" / "checkpoints" / "step_6"
+    in_ckpt = json.loads((ckpt / "provenance.json").read_text())
+    assert in_ckpt["samples"] == 9 and in_ckpt["step"] == 6
+    out = tmp_path / "export"
+    export_main([str(tmp_path / "pv"), "--out", str(out)])
+    prov = json.loads((out / "provenance.json").read_text())
+    card = (out / "DATA_CARD.md").read_text()
+    assert prov["samples"] == 9 == sum(prov["licenses"].values()) == sum(prov["sources"].values())
+    assert "Withdrawn-1.0" not in prov["licenses"]  # the opted-out clip was never consumed
+    assert prov["skipped"].get("opted_out", 0) >= 1 and set(prov["skipped"]) == {"opted_out"}
+    assert set(prov["licenses"]) <= {"CC-BY-4.0", "CC0-1.0"}
+    assert "Training samples consumed: **9**" in card and "Withdrawn" not in card
+    for lic, n in prov["licenses"].items():
+        assert f"| {lic} | {n} |" in card
+    assert report_main(["report", str(tmp_path / "pv")]) == 0
+    assert "9 samples" in capsys.readouterr().out
+
+
+def test_latent_cache_keeps_provenance_and_opt_out(tmp_path):
+    """Latent shards carry each clip's provenance, so latent runs count licences and an opt-out
+    by content hash still withholds the clip (the latent bytes differ from the mp4's)."""
+    import torch
+
+    from worldline.data.latents import encode_latent_shards
+
+    shards, sha = _two_licence_shards(tmp_path)
+    pool = lambda v: torch.nn.functional.avg_pool3d(v.float() / 127.5 - 1, (5, 8, 8))  # noqa: E731
+    out = tmp_path / "lat"
+    encode_latent_shards(shards, out, pool, num_frames=5, resolution=(16, 16), batch_size=2,
+                         dtype="float32")
+    optout = tmp_path / "optout.json"
+    optout.write_text(json.dumps([sha["s1"]]))
+    loader = ShardLoader(out, batch_size=1, input="latent", shuffle_shards=False, exclude=optout,
+                         num_frames=5, resolution=(16, 16))
+    it = iter(loader)
+    keys = [next(it).key[0] for _ in range(5)]
+    assert keys == ["s0", "s2", "s3", "s4", "s5"]
+    assert loader.stats["skipped_reasons"] == {"opted_out": 1}
+    assert loader.stats["licenses"] == {"CC-BY-4.0": 3, "CC0-1.0": 2}
