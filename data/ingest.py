@@ -21,7 +21,8 @@ order and the shard boundaries are deterministic, the result equals an uninterru
 
 Sample members: ``<key>.mp4``, ``<key>.json`` (``actions``, ``camera`` or ``camera_pose``,
 ``caption``, ``style``, ``meta``: source path, resolution, fps, frame count, duration, codec,
-``audio``: ``{sample_rate, channels, duration, offset, codec}`` or null),
+``audio``: ``{sample_rate, channels, duration, offset, codec}`` or null; ``provenance``:
+source, licence, attribution, origin, sha256 of the original file, see ``provenance``),
 ``<key>.txt`` (caption) and ``<key>.ref<i>.<ext>`` (reference images, original bytes). Inputs
 in non-ISO containers (webm, mkv, avi) are re-encoded to H.264 mp4 so every stored video can
 be header-probed cheaply by the loader. Re-encoding keeps every frame and its timestamp (VFR

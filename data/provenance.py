@@ -253,7 +253,8 @@ def write_data_card(out_dir: str | os.PathLike, summary: Mapping, title: str = "
         f"(counted by the data loader as each batch reached the trainer; exact across "
         f"resumes and world-size changes).", "",
         f"Samples without a recorded licence: **{summary.get('unlicensed', 0)}**. "
-        f"Samples withheld by the opt-out list: **{skipped.get('opted_out', 0)}**.", "",
+        f"Opt-out list hits: **{skipped.get('opted_out', 0)}** (skips, never trained on; an "
+        f"opted-out clip is skipped again each epoch it comes up).", "",
         table(summary),
         "Skipped samples by reason: " + (", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "none"),
         "", "Per-clip provenance (source, licence, attribution, sha256) is in each sample's "

@@ -11,6 +11,7 @@ Folder layout (sidecars share the video's stem; all optional)::
     clips/walk_01.camera.npy
     clips/walk_01.ref0.png       reference images (.ref*.png/.jpg/.jpeg/.webp)
     clips/walk_01.style.txt      style tags, comma- or newline-separated
+    clips/walk_01.license.txt    licence id (first line); also .attribution.txt (data/provenance.py)
 
 Manifest: ``.csv`` (header row) or ``.jsonl`` (one object per line) with a ``video`` (or
 ``path``) column and optional ``key``, ``caption``, ``actions``, ``camera`` (a path to .json /

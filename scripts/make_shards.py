@@ -9,7 +9,9 @@ Examples (tiny, CPU)::
 Writes ``shard-000000.tar ...`` and ``manifest.json`` (per-shard sample counts and bytes, and
 per sample: resolution, fps, frame count, duration). Bad inputs are skipped and listed (path,
 reason) on stderr and in ``manifest["skipped"]``; the exit code is 0 unless the run itself
-fails (or ``--strict`` and something was skipped). Input layout, sidecars and the sample
+fails (or ``--strict`` and something was skipped). Licences and sources
+(``--default-license``, ``--default-source``, ``--require-license``), exact de-duplication and
+an opt-out list (``--exclude``): ``worldline.data.provenance``. Input layout, sidecars and the sample
 format: ``worldline.data.sources`` and ``worldline.data.ingest``.
 """
 
