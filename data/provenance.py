@@ -190,7 +190,8 @@ def _loader_stats(state: Mapping) -> list[Mapping]:
         return []
     if "stats" in state:
         return [state["stats"]]
-    return [s for k in ("main", "prior") for s in _loader_stats(state.get(k) or {})]
+    nested = [state.get(k) for k in ("main", "prior")]
+    return [s for sub in nested if isinstance(sub, Mapping) for s in _loader_stats(sub)]
 
 
 def summarize_states(states: Iterable[Mapping]) -> dict:

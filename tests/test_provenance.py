@@ -185,6 +185,8 @@ def test_merge_states_sums_provenance_counters(tmp_path):
     assert one.stats["samples"] == 4 and sum(one.stats["licenses"].values()) == 4
     summary = summarize_states([states[0], states[1], states[1]])
     assert summary["samples"] == 3 and summary["licenses"] == merged["licenses"]
+    # A StageLoader nests its loaders' states; an empty state (no data yet) counts nothing.
+    assert summarize_states([{}, {"main": states[0], "prior": None}])["samples"] == 1
 
 
 @pytest.mark.slow
@@ -252,3 +254,16 @@ def test_latent_cache_keeps_provenance_and_opt_out(tmp_path):
     assert keys == ["s0", "s2", "s3", "s4", "s5"]
     assert loader.stats["skipped_reasons"] == {"opted_out": 1}
     assert loader.stats["licenses"] == {"CC-BY-4.0": 3, "CC0-1.0": 2}
+
+
+def test_config_exclude_must_be_a_file(tmp_path):
+    """``data.exclude`` naming no file is a config error before anything starts."""
+    from tests._runs import compose_cfg
+    from worldline.train.config import ConfigError
+    from worldline.train.validate import validate
+
+    cfg = compose_cfg(["stage=autoencoder", f"data.exclude={tmp_path / 'missing.txt'}"])
+    with pytest.raises(ConfigError, match="data.exclude"):
+        validate(cfg)
+    (tmp_path / "missing.txt").write_text("")
+    validate(cfg)
