@@ -146,17 +146,21 @@ class OptOut:
     @classmethod
     def load(cls, path: str | os.PathLike) -> OptOut:
         """Read an opt-out file: JSON (list or ``{"sha256"/"sources"/"keys": [...]}``) or text."""
-        text = Path(path).read_text(encoding="utf-8")
-        stripped = text.lstrip()
-        if stripped.startswith(("[", "{")):
-            data = json.loads(text)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+            data = json.loads(text) if text.lstrip().startswith(("[", "{")) else None
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise ValueError(f"{path}: not an opt-out list: {type(exc).__name__}: {exc}") from None
+        if data is not None:
             if isinstance(data, dict):
-                data = [v for k in ("sha256", "sources", "keys") for v in data.get(k, [])]
+                lists = [data.get(k) or [] for k in ("sha256", "sources", "keys")]
+                data = [v for x in lists for v in x] if all(isinstance(x, list) for x in lists) else None
             if not isinstance(data, list):
                 raise ValueError(f"{path}: opt-out JSON must be a list or an object of lists")
             entries = [str(v) for v in data]
         else:
-            entries = [ln.split("#", 1)[0] for ln in text.splitlines()]
+            # "#" starts a comment at a line's start or after a space (URLs keep fragments).
+            entries = [re.split(r"(?:^|\s)#", ln, maxsplit=1)[0] for ln in text.splitlines()]
         return cls(entries, str(path))
 
     def __len__(self) -> int:

@@ -121,8 +121,13 @@ def test_opt_out_file_formats(tmp_path):
     assert o.match("k9") == "k9"
     assert o.match("k1", {"provenance": "not a dict", "meta": 3}) is None
     t = tmp_path / "o.txt"
-    t.write_text("clips/a.mp4\n\n")
-    assert OptOut.load(t).match("x", {"meta": {"source": str(Path("clips/a.mp4").resolve())}})
+    t.write_text("clips/a.mp4\n\n# a comment\nhttps://y.example/v#t=3  # keeps its fragment\n")
+    o = OptOut.load(t)
+    assert o.match("x", {"meta": {"source": str(Path("clips/a.mp4").resolve())}})
+    assert o.match("x", source="https://y.example/v#t=3") and len(o) == 3  # path counted twice
+    j.write_text(json.dumps({"sha256": "not-a-list"}))
+    with pytest.raises(ValueError, match="list"):
+        OptOut.load(j)
 
 
 def _two_licence_shards(tmp_path) -> tuple[Path, dict]:
@@ -267,3 +272,13 @@ def test_config_exclude_must_be_a_file(tmp_path):
         validate(cfg)
     (tmp_path / "missing.txt").write_text("")
     validate(cfg)
+
+
+def test_unreadable_opt_out_list_is_a_clear_error(tmp_path):
+    bad = tmp_path / "optout.json"
+    bad.write_text('{"sha256": [')
+    with pytest.raises(ValueError, match="optout.json: not an opt-out list"):
+        OptOut.load(bad)
+    bad.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ValueError, match="not an opt-out list"):
+        OptOut.load(bad)
