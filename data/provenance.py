@@ -43,6 +43,11 @@ FIELDS = ("source", "license", "attribution", "origin")
 UNKNOWN = "unknown"  # counter name for samples without a licence / origin
 _MAX_CHARS = 2000  # a provenance field longer than this is hostile, not a licence
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+# Distinct licence / origin names a loader counts before folding the rest into OTHER: hostile
+# or per-clip origins must not grow the checkpointed state with every sample.
+MAX_NAMES = 1024
+_LABEL_CHARS = 200
+OTHER = "other (too many distinct names)"
 
 
 @dataclass(frozen=True)
@@ -112,8 +117,8 @@ def label(sample_json: Mapping) -> tuple[str, str]:
     prov = sample_json.get("provenance") if isinstance(sample_json, Mapping) else None
     prov = prov if isinstance(prov, Mapping) else {}
     lic, origin = prov.get("license"), prov.get("origin")
-    return (str(lic) if isinstance(lic, str) and lic else UNKNOWN,
-            str(origin) if isinstance(origin, str) and origin else UNKNOWN)
+    return (lic[:_LABEL_CHARS] if isinstance(lic, str) and lic else UNKNOWN,
+            origin[:_LABEL_CHARS] if isinstance(origin, str) and origin else UNKNOWN)
 
 
 def count_labels(stats: dict, labels: Iterable[tuple[str, str]]) -> None:
@@ -121,8 +126,10 @@ def count_labels(stats: dict, labels: Iterable[tuple[str, str]]) -> None:
     licenses = stats.setdefault("licenses", {})
     sources = stats.setdefault("sources", {})
     for lic, origin in labels:
-        licenses[lic] = licenses.get(lic, 0) + 1
-        sources[origin] = sources.get(origin, 0) + 1
+        for table, name in ((licenses, lic), (sources, origin)):
+            if name not in table and len(table) >= MAX_NAMES:
+                name = OTHER  # exact totals still; the long tail is one row
+            table[name] = table.get(name, 0) + 1
 
 
 class OptOut:

@@ -282,3 +282,17 @@ def test_unreadable_opt_out_list_is_a_clear_error(tmp_path):
     bad.write_bytes(b"\xff\xfe\x00binary")
     with pytest.raises(ValueError, match="not an opt-out list"):
         OptOut.load(bad)
+
+
+def test_counters_stay_bounded_under_hostile_labels():
+    """Per-clip (or hostile, huge) origins fold into one row past MAX_NAMES: the checkpointed
+    state cannot grow with every sample, and the totals stay exact."""
+    from worldline.data.provenance import MAX_NAMES, OTHER, count_labels, label
+
+    stats: dict = {}
+    labels = [label({"provenance": {"license": "MIT", "origin": f"o{i}" + "x" * 5000}})
+              for i in range(MAX_NAMES + 500)]
+    count_labels(stats, labels)
+    assert len(stats["sources"]) == MAX_NAMES + 1 and stats["sources"][OTHER] == 500
+    assert sum(stats["sources"].values()) == MAX_NAMES + 500 == stats["licenses"]["MIT"]
+    assert max(len(k) for k in stats["sources"]) <= 200
