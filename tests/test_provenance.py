@@ -296,3 +296,30 @@ def test_counters_stay_bounded_under_hostile_labels():
     assert len(stats["sources"]) == MAX_NAMES + 1 and stats["sources"][OTHER] == 500
     assert sum(stats["sources"].values()) == MAX_NAMES + 500 == stats["licenses"]["MIT"]
     assert max(len(k) for k in stats["sources"]) <= 200
+
+
+def test_duplicate_of_a_clip_sharded_before_an_interruption(tmp_path, monkeypatch):
+    """De-duplication spans a resumed ingest: the first copy's hash comes from the journal."""
+    from worldline.data import ingest
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"a{i}.mp4").write_bytes(clip(60 + i))
+    (src / "z_copy.mp4").write_bytes(clip(60))  # same bytes as a0, last in input order
+    real, calls = ingest.prepare, []
+
+    def interrupted(item, opts):
+        calls.append(item.key)
+        if len(calls) == 3:  # a0 and a1 are in closed shards by now
+            raise KeyboardInterrupt
+        return real(item, opts)
+
+    monkeypatch.setattr(ingest, "prepare", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        make_shards(src, tmp_path / "out", max_count=1, processes=0)
+    monkeypatch.setattr(ingest, "prepare", real)
+    m = make_shards(src, tmp_path / "out", max_count=1, processes=0)
+    assert [e["key"] for e in m["samples"]] == ["a0", "a1", "a2"]
+    (dup,) = m["skipped"]
+    assert dup["reason"] == "duplicate" and "z_copy.mp4" in dup["message"] and "(key a0)" in dup["message"]
