@@ -21,7 +21,8 @@ order and the shard boundaries are deterministic, the result equals an uninterru
 
 Sample members: ``<key>.mp4``, ``<key>.json`` (``actions``, ``camera`` or ``camera_pose``,
 ``caption``, ``style``, ``meta``: source path, resolution, fps, frame count, duration, codec,
-``audio``: ``{sample_rate, channels, duration, offset, codec}`` or null),
+``audio``: ``{sample_rate, channels, duration, offset, codec}`` or null; ``provenance``:
+source, licence, attribution, origin, sha256 of the original file, see ``provenance``),
 ``<key>.txt`` (caption) and ``<key>.ref<i>.<ext>`` (reference images, original bytes). Inputs
 in non-ISO containers (webm, mkv, avi) are re-encoded to H.264 mp4 so every stored video can
 be header-probed cheaply by the loader; so are mp4/mov files decord cannot read as they are
@@ -55,9 +56,10 @@ import numpy as np
 
 from worldline.data.audio import AudioDecodeError, probe_audio
 from worldline.data.probe import ProbeError, VideoLimits, is_iso_bmff, probe_video
+from worldline.data.provenance import IngestScreen, OptOut, ProvenanceOptions, describe, summarize_manifest
 from worldline.data.samples import parse_actions
 from worldline.data.shards import MANIFEST, ClosedShard, Journal, ShardWriter, remove_partial_shards, write_manifest
-from worldline.data.sources import IMAGE_SUFFIXES, SourceItem, discover
+from worldline.data.sources import IMAGE_SUFFIXES, SourceItem, discover, file_sha256
 from worldline.data.transcode import DECORD_UNDECODABLE, check_encoder, reencode_reason, transcode
 from worldline.data.video import open_reader, read_frames
 
@@ -83,6 +85,8 @@ class IngestOptions:
     limits: VideoLimits = field(default_factory=VideoLimits)
     # A CSV/JSONL manifest may only name files under this folder (None: anywhere).
     source_root: str | None = None
+    # Licence / source defaults and --require-license (data/provenance.py).
+    provenance: ProvenanceOptions = field(default_factory=ProvenanceOptions)
 
 
 def validate_video(data: bytes, full: bool = False, limits: VideoLimits | None = None) -> dict:
@@ -209,6 +213,18 @@ def _refs(item: SourceItem, limits: VideoLimits) -> dict[str, bytes]:
     return out
 
 
+def _provenance(item: SourceItem, meta: dict, sha256: str, opts: ProvenanceOptions) -> dict:
+    """The sample's ``provenance`` record (data/provenance.py), or ``BadInput``: a malformed
+    field (``bad_provenance``), or no licence under ``require_license`` (``no_license``)."""
+    try:
+        prov = describe(item.video, meta, sha256, opts)
+    except ValueError as exc:
+        raise BadInput("bad_provenance", str(exc)) from None
+    if opts.require_license and not prov["license"]:
+        raise BadInput("no_license", "no license field, .license.txt sidecar or --default-license")
+    return prov
+
+
 def prepare(item: SourceItem, opts: IngestOptions) -> dict:
     """One input -> ``{"ok": True, "sample": {...}, "entry": {...}}`` or ``{"ok": False,
     "key", "path", "reason", "message"}``. Runs in pool workers; never raises for bad data."""
@@ -220,6 +236,10 @@ def prepare(item: SourceItem, opts: IngestOptions) -> dict:
         if len(data) == 0:
             raise BadInput("empty_video", "0 bytes")
         original_bytes = data
+        try:
+            sha256 = file_sha256(item.video)  # of the original, before any re-encode
+        except OSError as exc:
+            raise BadInput("unreadable", f"{type(exc).__name__}: {exc}") from None
         # Check the original before handing it to an encoder, then the result again. Inputs
         # the loader cannot read correctly as they are (reencode_reason) are always re-encoded.
         try:
@@ -256,13 +276,14 @@ def prepare(item: SourceItem, opts: IngestOptions) -> dict:
             if not isinstance(extra, dict):
                 raise BadInput("bad_json", f"{Path(item.meta_path).name}: not a JSON object")
             meta = {**extra, **meta}
+        provenance = _provenance(item, meta, sha256, opts.provenance)
         record = _annotations(item, meta, facts["num_frames"])
         caption = item.caption if item.caption is not None else str(meta.pop("caption", "") or "")
         style = item.style or meta.pop("style", [])
         record.update(caption=caption, style=[style] if isinstance(style, str) else list(style),
-                      meta={**meta, "source": item.video, **facts})
+                      meta={**meta, "source": item.video, **facts}, provenance=provenance)
         sample = {"__key__": item.key, "mp4": data, "json": record, "txt": caption, **_refs(item, opts.limits)}
-        entry = {"key": item.key, "source": item.video, **facts}
+        entry = {"key": item.key, "source": item.video, **facts, "provenance": provenance}
         return {"ok": True, "key": item.key, "sample": sample, "entry": entry}
     except BadInput as exc:
         return {"ok": False, "key": item.key, "path": item.video, "reason": exc.reason, "message": exc.message}
@@ -354,10 +375,13 @@ def make_shards(
     processes: int = 1,
     options: IngestOptions | None = None,
     resume: bool = True,
+    exclude: OptOut | None = None,
 ) -> dict:
     """Write shards for every input under ``source`` into ``out_dir``; return the manifest
     (``shards``, ``shard_counts``, ``shard_bytes``, ``samples`` with per-sample resolution /
-    fps / num_frames / duration, and ``skipped`` inputs with path and reason)."""
+    fps / num_frames / duration / ``provenance``, ``skipped`` inputs with path and reason,
+    and the ``provenance`` summary). Inputs on the ``exclude`` opt-out list are skipped as
+    ``opted_out``, later copies of identical content as ``duplicate``."""
     options = options or IngestOptions()
     if max_count is None and max_bytes is None:
         raise ValueError("give max_count (samples per shard) and/or max_bytes (bytes per shard)")
@@ -410,6 +434,7 @@ def make_shards(
         append_record({"shard": shard.name, "count": shard.count, "bytes": shard.bytes,
                        "entries": list(entries), "bad": list(bad)})
 
+    screen = IngestScreen(exclude, [e for r in records for e in r["entries"]])
     results = _ordered_results(_Prepare(options), items, processes, 4 * max(1, processes), _crashed)
     with ShardWriter(out, pattern, max_count=max_count, max_bytes=max_bytes, start=len(records),
                      on_close=closed) as writer:
@@ -418,14 +443,22 @@ def make_shards(
                 log.warning("make_shards: skipping %s: %s %s", result["path"], result["reason"], result["message"])
                 bad.append({k: result[k] for k in ("key", "path", "reason", "message")})
                 continue
+            refused = screen.check(result["key"], result["entry"]["source"], result["entry"]["provenance"])
+            if refused is not None:
+                log.warning("make_shards: skipping %s: %s %s", result["entry"]["source"], *refused)
+                bad.append({"key": result["key"], "path": result["entry"]["source"],
+                            "reason": refused[0], "message": refused[1]})
+                continue
             shard = writer.write(result["sample"])
             entries.append({**result["entry"], "shard": shard})
     if bad:
         append_record({"shard": None, "count": 0, "bytes": 0, "entries": [], "bad": list(bad)})
 
     shards = [r for r in records if r.get("shard")]
+    entries_all = [e for r in shards for e in r["entries"]]
+    skipped = [b for r in records for b in r["bad"]]
     return write_manifest(
-        out, [r["shard"] for r in shards], [r["count"] for r in shards],
-        [e for r in shards for e in r["entries"]], pattern=pattern,
-        shard_bytes=[r["bytes"] for r in shards], skipped=[b for r in records for b in r["bad"]],
+        out, [r["shard"] for r in shards], [r["count"] for r in shards], entries_all,
+        pattern=pattern, shard_bytes=[r["bytes"] for r in shards], skipped=skipped,
+        provenance=summarize_manifest(entries_all, skipped),
     )

@@ -72,6 +72,9 @@ class _ShardSamples(IterableDataset):
                         cand = self.codec.inspect(raw)
                         item = self.codec.decode(cand, np.random.default_rng([self.seed, 0, i, raw.index]), 0)
                         item["video"] = item["video"].permute(3, 0, 1, 2).contiguous()  # [3, T, H, W]
+                        # Licence / source / hash travel into the latent sample, so latent runs
+                        # are counted per licence and data.exclude still reaches them.
+                        item["provenance"] = cand.meta.get("provenance")
                     except Skip as exc:
                         skips.append([raw.key, exc.reason, exc.message])
                         continue
@@ -164,6 +167,8 @@ def encode_latent_shards(
                 tensors.update(audio=np.ascontiguousarray(it["audio"], np.float32),
                                audio_mask=np.ascontiguousarray(it["audio_mask"], bool))
             meta = {"caption": it["caption"], "style": it["style"], "source_shard": names[i], "clip": clip}
+            if isinstance(it.get("provenance"), dict):
+                meta["provenance"] = it["provenance"]
             shard, entries = writer_for(i)
             shard.write({"__key__": it["key"], "safetensors": save(tensors),
                          "json": json.dumps(meta).encode(), "txt": it["caption"].encode()})

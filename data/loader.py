@@ -71,6 +71,7 @@ from webdataset.shardlists import expand_urls
 from worldline.data.batch import Batch
 from worldline.data.buckets import Bucket, BucketSet
 from worldline.data.probe import VideoLimits
+from worldline.data.provenance import OptOut, count_labels
 from worldline.data.samples import LatentCodec, PixelCodec
 from worldline.data.state import STATE_VERSION, GlobalState, LoaderState, StreamState, empty_stats, merge_states
 from worldline.data.streams import POOL_SLOTS, Delivery, Stream, StreamPlan
@@ -186,6 +187,10 @@ class ShardLoader:
     Bad input is skipped, counted in ``stats`` (``skipped``, ``skipped_reasons``,
     ``shard_errors``) and warned about once with shard and key; a sub-stream whose skipped
     fraction exceeds ``max_skip_fraction`` after ``skip_check_after`` samples aborts.
+    ``exclude`` (an opt-out file, ``data.provenance.OptOut``): samples whose content hash,
+    source or key it lists are skipped as ``opted_out`` (also ones restored from a checkpoint
+    taken before they were opted out). Delivered samples are counted per licence and origin
+    in ``stats["licenses"]`` / ``stats["sources"]``, which travel with the state.
     Only one iterator should be active at a time; a new ``iter()`` continues from the
     consumed state.
     """
@@ -221,8 +226,12 @@ class ShardLoader:
         pin_memory: bool = False,
         audio_rate: int = 0,
         num_actions: int = 0,
+        exclude: str | os.PathLike | OptOut | None = None,
     ):
         self.shards = resolve_shards(shards)
+        # Not part of the data identity: an opt-out added after a checkpoint must not block
+        # the resume, it only withholds the samples it names from then on.
+        self.exclude = exclude if isinstance(exclude, OptOut) or exclude is None else OptOut.load(exclude)
         if not self.shards:
             raise ValueError(f"no shards in {shards!r}")
         if position not in POSITIONS or crop not in CROPS or input not in INPUTS:
@@ -291,7 +300,7 @@ class ShardLoader:
                     # Book-keeping happens as the consumer receives the batch, never earlier.
                     self._streams[stream] = delivery.state
                     self._consumed += 1
-                    self._record(delivery.skips, batch.num_samples)
+                    self._record(delivery.skips, batch.num_samples, delivery.labels)
                     yield batch
             except RuntimeError as exc:
                 culprits = self._crash_culprits(exc)
@@ -319,7 +328,7 @@ class ShardLoader:
             shuffle_shards=self.shuffle_shards, resample=self.resample, generation=self.generation,
             shuffle_buffer=self.shuffle_buffer, max_skip_fraction=self.max_skip_fraction,
             skip_check_after=self.skip_check_after, crashed=frozenset(self.crashed),
-            marks=self._marks, free=self._free,
+            marks=self._marks, free=self._free, exclude=self.exclude,
         )
 
     def _batches(self) -> Iterator[Delivery]:
@@ -364,9 +373,11 @@ class ShardLoader:
         pids = {int(p) for p in re.findall(r"\d+", found.group(1))}
         return [row[:3] for row in self._marks.tolist() if row[3] in pids]
 
-    def _record(self, skips: list[list[str]], num_samples: int) -> None:
+    def _record(self, skips: list[list[str]], num_samples: int,
+                labels: Sequence[tuple[str, str]] = ()) -> None:
         self.stats["batches"] += 1
         self.stats["samples"] += num_samples
+        count_labels(self.stats, labels)
         reasons = self.stats["skipped_reasons"]
         for shard, key, reason, message in skips:
             # A bad shard is not a sample: counted apart so "skipped" stays a sample count.

@@ -11,6 +11,7 @@ Folder layout (sidecars share the video's stem; all optional)::
     clips/walk_01.camera.npy
     clips/walk_01.ref0.png       reference images (.ref*.png/.jpg/.jpeg/.webp)
     clips/walk_01.style.txt      style tags, comma- or newline-separated
+    clips/walk_01.license.txt    licence id (first line); also .attribution.txt (data/provenance.py)
 
 Manifest: ``.csv`` (header row) or ``.jsonl`` (one object per line) with a ``video`` (or
 ``path``) column and optional ``key``, ``caption``, ``actions``, ``camera`` (a path to .json /
@@ -51,6 +52,15 @@ class SourceItem:
     style: list[str] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
     meta_path: str | None = None  # <stem>.json sidecar, read by the worker
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks (never the whole file in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def make_key(rel: str) -> str:

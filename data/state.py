@@ -30,8 +30,10 @@ STATE_VERSION = 2
 
 
 def empty_stats() -> dict:
-    """Loader counters: batches and samples delivered, samples skipped (by reason), bad shards."""
-    return {"batches": 0, "samples": 0, "skipped": 0, "shard_errors": 0, "skipped_reasons": {}}
+    """Loader counters: batches and samples delivered, samples skipped (by reason), bad shards,
+    and the delivered samples per licence and per source origin (``data.provenance``)."""
+    return {"batches": 0, "samples": 0, "skipped": 0, "shard_errors": 0, "skipped_reasons": {},
+            "licenses": {}, "sources": {}}
 
 
 def epoch_share(num_shards: int, seed: int, shuffle: bool, epoch: int, rank: int,
@@ -219,11 +221,14 @@ def merge_states(states: Sequence[Mapping[str, Any]]) -> GlobalState:
 
     work.sort(key=order)
     stats = empty_stats()
-    for s in ranked:
-        for k in ("batches", "samples", "skipped", "shard_errors"):
-            stats[k] += s.stats.get(k, 0)
-        for reason, count in s.stats.get("skipped_reasons", {}).items():
-            stats["skipped_reasons"][reason] = stats["skipped_reasons"].get(reason, 0) + count
+    for s in ranked:  # every counter sums: plain ints, and per-name tables (reasons, licences)
+        for k, v in s.stats.items():
+            if isinstance(v, dict):
+                table = stats.setdefault(k, {})
+                for name, count in v.items():
+                    table[name] = table.get(name, 0) + count
+            else:
+                stats[k] = stats.get(k, 0) + v
     return GlobalState(
         seed=seed, num_shards=n, shards_digest=head.shards_digest, resample=resample,
         shuffle_shards=shuffle, generation=head.generation + 1, next_epoch=next_epoch, work=work,

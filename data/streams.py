@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from worldline.data.batch import Batch
+from worldline.data.provenance import OptOut, label
 from worldline.data.samples import Candidate, Codec, Skip, iter_tar_samples, shared_empty
 from worldline.data.state import StreamState, epoch_share
 
@@ -86,6 +87,7 @@ class StreamPlan:
     max_skip_fraction: float
     skip_check_after: int
     crashed: frozenset[tuple[int, int]] = frozenset()  # (shard, index): never decoded again
+    exclude: OptOut | None = None  # opt-out list: matching samples are skipped (opted_out)
     marks: torch.Tensor | None = None
     free: torch.Tensor | None = None
 
@@ -101,7 +103,8 @@ class Delivery:
 
     ``state``: the sub-stream's position after this batch; ``skips``: ``[shard, key, reason,
     message]`` of samples skipped since the previous batch; ``slot``: the pool slot of the
-    batch's buffer (-1 if not pooled). Deliberately not a ``Mapping``: some torch versions
+    batch's buffer (-1 if not pooled); ``labels``: ``(license, origin)`` of each sample of the
+    batch, counted when the batch is consumed. Deliberately not a ``Mapping``: some torch versions
     rebuild mappings in their pin-memory thread instead of calling ``pin_memory()``, which
     would turn the ``Batch`` back into a plain dict."""
 
@@ -110,6 +113,7 @@ class Delivery:
     state: StreamState
     skips: list[list[str]]
     slot: int
+    labels: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     def pin_memory(self, device: torch.device | str | None = None) -> Delivery:
         """torch's pin-memory thread calls this (``ShardLoader(pin_memory=True)``)."""
@@ -145,7 +149,8 @@ class Stream:
             s.epoch, s.slot = s.epoch + 1, 0
 
     def _skip(self, url: str, key: str, exc: Skip) -> None:
-        self.state.skipped += exc.reason != "bad_shard"
+        # An opt-out is consent, not bad data: it never counts towards max_skip_fraction.
+        self.state.skipped += exc.reason not in ("bad_shard", "opted_out")
         self.skips.append([os.path.basename(url), key, exc.reason, exc.message])
         lo, s = self.plan, self.state
         if s.read >= lo.skip_check_after and s.skipped > lo.max_skip_fraction * s.read:
@@ -188,6 +193,7 @@ class Stream:
                 s.read += 1
                 try:
                     cand = lo.codec.inspect(raw)
+                    self._check_consent(cand)
                 except Skip as exc:
                     self._skip(url, raw.key, exc)
                     continue
@@ -201,6 +207,14 @@ class Stream:
                     f"usable sample (last: {url}); recent skips: {self.skips[-3:]}"
                 )
 
+    def _check_consent(self, cand: Candidate) -> None:
+        """``Skip("opted_out")`` for a sample on the plan's opt-out list (by content hash,
+        source or key), so a clip withdrawn after sharding is never trained on."""
+        exclude = self.plan.exclude
+        hit = exclude.match(cand.key, cand.meta) if exclude is not None else None
+        if hit is not None:
+            raise Skip("opted_out", f"on the opt-out list {exclude.path} ({hit})")
+
     # ------------------------------------------------------------------ batching
     def _decode(self, ref: Ref, cand: Candidate) -> dict:
         lo = self.plan
@@ -210,14 +224,20 @@ class Stream:
         rng = np.random.default_rng([lo.seed, tag, shard, index])
         marks = lo.marks
         if marks is None:
-            return lo.codec.decode(cand, rng, -1 if lo.resample else tag)
+            return self._labelled(lo.codec.decode(cand, rng, -1 if lo.resample else tag), cand)
         # Say what this process decodes: if a native decoder crash kills it, the main process
         # learns which sample did it (ShardLoader.__iter__).
         marks[self.local] = torch.tensor([tag, shard, index, os.getpid()])
         try:
-            return lo.codec.decode(cand, rng, -1 if lo.resample else tag)
+            return self._labelled(lo.codec.decode(cand, rng, -1 if lo.resample else tag), cand)
         finally:
             marks[self.local, 3] = -1
+
+    @staticmethod
+    def _labelled(item: dict, cand: Candidate) -> dict:
+        # The (license, origin) the consumer counts this sample under (collate ignores it).
+        item["provenance"] = label(cand.meta)
+        return item
 
     def _restore(self) -> tuple[list, dict]:
         """Rebuild the shuffle buffer and partial buckets from their references."""
@@ -231,23 +251,32 @@ class Stream:
             for raw in iter_tar_samples(lo.shards[shard], 0, indices, lo.codec.wanted):
                 raws[(shard, raw.index)] = raw
 
-        def inspect(ref: Ref) -> Candidate:
+        def inspect(ref: Ref) -> Candidate | None:
             raw = raws.get((ref[1], ref[2]))
             if raw is None:
                 raise RuntimeError(f"cannot restore loader state: sample {ref[2]} of "
                                    f"{lo.shards[ref[1]]} is gone (did the shards change?)")
             try:
-                return lo.codec.inspect(raw)
+                cand = lo.codec.inspect(raw)
             except Skip as exc:
                 raise RuntimeError(f"cannot restore loader state: {raw.key} in {raw.url} now "
                                    f"fails ({exc.reason}: {exc.message})") from None
+            try:  # opted out since the checkpoint: dropped and counted, not fatal
+                self._check_consent(cand)
+            except Skip as exc:
+                self._skip(raw.url, raw.key, exc)
+                return None
+            return cand
 
-        buffer = [(ref, inspect(ref)) for ref in s.buffer]
+        buffer = [(ref, c) for ref in s.buffer if (c := inspect(ref)) is not None]
         buckets: dict = {}
         for bucket, bucket_refs in s.buckets:
             for ref in bucket_refs:
+                cand = inspect(ref)
+                if cand is None:
+                    continue
                 try:
-                    self._put(ref, bucket, self._decode(ref, inspect(ref)), buckets)
+                    self._put(ref, bucket, self._decode(ref, cand), buckets)
                 except Skip as exc:
                     raise RuntimeError(f"cannot restore loader state: {exc.reason} {exc.message}") from None
         s.buffer, s.buckets = [], []
@@ -345,6 +374,7 @@ class Stream:
         del buckets[cand.bucket]
         acc = self.accs.pop(cand.bucket)
         batch = codec.collate([it for _, it in entries], cand.bucket, acc)
-        delivery = Delivery(batch, self.local, self._snapshot(buffer, buckets), self.skips, self._slot(acc))
+        delivery = Delivery(batch, self.local, self._snapshot(buffer, buckets), self.skips, self._slot(acc),
+                            [it["provenance"] for _, it in entries])
         self.skips = []
         yield delivery

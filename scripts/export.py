@@ -8,6 +8,9 @@ config.json (one process, no process group; DeepSpeed through ``zero_to_fp32``),
 loads it onto ``<out>/base``), optionally diffusers' (Wan DiTs), and ``base/`` + ``merged/``
 pipeline folders; see :mod:`worldline.train.lora_export`.
 
+Every export also writes ``provenance.json`` and ``DATA_CARD.md`` next to the weights: the
+samples the checkpoint's training consumed, per licence and per source (``worldline.data.provenance``).
+
 Examples::
 
     worldline-export runs/world --out runs/world/export
@@ -18,6 +21,18 @@ Examples::
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+
+def write_provenance(checkpoint: str, out: str | Path) -> Path:
+    """``provenance.json`` + ``DATA_CARD.md`` in ``out`` for the checkpoint ``checkpoint``
+    (a run dir, its checkpoints/ dir or a step dir) was resolved to; returns the card."""
+    from worldline.data.provenance import write_data_card
+    from worldline.train.checkpoint import read_provenance, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(checkpoint)
+    summary = {**read_provenance(ckpt), "checkpoint": str(ckpt)}
+    return write_data_card(out, summary, title=Path(out).resolve().name)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         from worldline.train.weights import export
 
         out = export(args.checkpoint, args.out)
+    write_provenance(args.checkpoint, args.out)
     print(out)
 
 
@@ -70,6 +86,7 @@ def lora_main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     try:
         print(export_lora(args.checkpoint, args.out, use_ema=not args.raw, fmt=args.format))
+        write_provenance(args.checkpoint, args.out)
     except ValueError as e:  # a user error (not a LoRA run, wrong format): one line, no trace
         ap.exit(2, f"worldline-lora: error: {e}\n")
 

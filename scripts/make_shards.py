@@ -9,7 +9,9 @@ Examples (tiny, CPU)::
 Writes ``shard-000000.tar ...`` and ``manifest.json`` (per-shard sample counts and bytes, and
 per sample: resolution, fps, frame count, duration). Bad inputs are skipped and listed (path,
 reason) on stderr and in ``manifest["skipped"]``; the exit code is 0 unless the run itself
-fails (or ``--strict`` and something was skipped). Input layout, sidecars and the sample
+fails (or ``--strict`` and something was skipped). Licences and sources
+(``--default-license``, ``--default-source``, ``--require-license``), exact de-duplication and
+an opt-out list (``--exclude``): ``worldline.data.provenance``. Input layout, sidecars and the sample
 format: ``worldline.data.sources`` and ``worldline.data.ingest``.
 """
 
@@ -25,6 +27,7 @@ import sys
 from worldline.data.ingest import IngestOptions, make_shards
 from worldline.data.probe import VideoLimits
 from worldline.data.transcode import check_encoder
+from worldline.data.provenance import OptOut, ProvenanceOptions
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 10**12, "tb": 10**12}
@@ -66,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reject videos whose header declares a larger side")
     p.add_argument("--source-root", help="a .csv/.jsonl manifest may only name files under "
                    "this folder (default: anywhere)")
+    p.add_argument("--default-license", metavar="ID",
+                   help="licence of inputs whose sidecars / manifest row name none (e.g. CC-BY-4.0)")
+    p.add_argument("--default-source", metavar="URL",
+                   help="source (and counted origin) of inputs that name none (default: the file path)")
+    p.add_argument("--require-license", action="store_true",
+                   help="skip inputs without a licence (reason no_license) instead of counting them")
+    p.add_argument("--exclude", metavar="FILE", help="opt-out list: content sha256s, source "
+                   "paths/URLs or keys, one a line (or JSON); matching inputs are skipped (opted_out)")
     p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
     p.add_argument("--strict", action="store_true", help="exit 1 if any input was skipped")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -79,15 +90,20 @@ def main(argv: list[str] | None = None) -> int:
         args.max_count = 1000  # webdataset's usual granularity when nothing is asked for
     options = IngestOptions(validate=args.validate, reencode=args.reencode, max_side=args.max_side,
                             crf=args.crf, limits=VideoLimits(max_side=args.max_video_side),
-                            source_root=args.source_root)
+                            source_root=args.source_root,
+                            provenance=ProvenanceOptions(args.default_license, args.default_source,
+                                                         args.require_license))
     manifest = make_shards(args.source, args.out, max_count=args.max_count, max_bytes=args.max_size,
                            pattern=args.pattern, processes=args.processes, options=options,
-                           resume=not args.overwrite)
+                           resume=not args.overwrite,
+                           exclude=OptOut.load(args.exclude) if args.exclude else None)
     for bad in manifest["skipped"]:
         print(f"skipped {bad['path']}: {bad['reason']} {bad['message']}", file=sys.stderr)
     summary = {"out": os.path.abspath(args.out), "shards": len(manifest["shards"]),
                "samples": manifest["num_samples"], "skipped": len(manifest["skipped"]),
-               "pattern": manifest["pattern"]}
+               "pattern": manifest["pattern"],
+               "unlicensed": manifest.get("provenance", {}).get("unlicensed", 0),
+               "licenses": manifest.get("provenance", {}).get("licenses", {})}
     print(json.dumps(summary))
     return 1 if (args.strict and manifest["skipped"]) else 0
 

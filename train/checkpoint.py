@@ -8,6 +8,7 @@ Layout of ``<run dir>/checkpoints/``::
         ranks/rank_<r>.pt     # per-rank RNG states (tensors only: loads with weights_only)
         ranks/rank_<r>.json   # per-rank data-loader position (each rank streams its own shards)
         meta.json             # resolved config, world size, versions
+        provenance.json       # samples consumed so far per licence / source (all ranks)
     latest                    # text file "step_<N>", written last (atomically)
 
 DCP stores tensors by fully-qualified name, not by rank, so a checkpoint written by N ranks
@@ -33,6 +34,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.api import CheckpointException
 
 from worldline.data.atomic import atomic_write_text, fsync_path
+from worldline.data.provenance import summarize_states
 from worldline.train import failpoints
 from worldline.train.state import TrainState
 
@@ -308,6 +310,10 @@ class Checkpointer:
         """Rank 0: shared files, rename into place, then ``latest``, then prune."""
         for name, text in shared.items():
             atomic_write_text(partial / name, text)
+        # Every rank's data state is on disk by now (the phases above agreed on it): the
+        # summary of what the model has seen is written from them, once.
+        atomic_write_text(partial / "provenance.json",
+                          json.dumps(read_provenance(partial), indent=1, sort_keys=True))
         if final.exists():  # re-saving a step (e.g. resumed at a save boundary)
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -393,6 +399,22 @@ def load_data_states(ckpt: Path, old_world: int, old_cp: int = 1) -> list[dict[s
             raise FileNotFoundError(f"{f} missing: cannot reshard the data position")
         states.append(json.loads(f.read_text())["data"])
     return states
+
+
+def read_provenance(ckpt: Path) -> dict[str, Any]:
+    """Samples consumed up to checkpoint ``ckpt`` per licence and per source origin, merged
+    from every rank's data-loader state (``data.provenance.summarize_states``) plus ``step``.
+    Works for checkpoints written before ``provenance.json`` existed."""
+    ckpt = Path(ckpt)
+    if not (ckpt / "ranks").is_dir() and (ckpt / "provenance.json").is_file():
+        return json.loads((ckpt / "provenance.json").read_text())  # an export folder
+    states = [json.loads(f.read_text()).get("data") or {}
+              for f in sorted((ckpt / "ranks").glob("rank_*.json"))]
+    summary = summarize_states(states)
+    m = STEP_RE.match(ckpt.name.lstrip(".").removesuffix(".partial"))
+    if m:
+        summary["step"] = int(m.group(1))
+    return summary
 
 
 def load_rng(ckpt: Path, rank: int) -> Optional[dict[str, Any]]:

@@ -160,6 +160,9 @@ class DataConfig:
     # Abort when more than this fraction of a stream's samples are bad (after skip_check_after).
     max_skip_fraction: float = 0.5
     skip_check_after: int = 100
+    # Opt-out list (content sha256s, source paths/URLs or keys; data/provenance.py): matching
+    # samples are skipped as opted_out, also in shards written before the opt-out arrived.
+    exclude: Optional[str] = None
     decode_threads: int = 1
     # Batches keep decord's [B, T, H, W, 3] memory (same [B, 3, T, H, W] shape, channels-last
     # strides): the worker skips a uint8 transpose that costs 10-20 % of a clip's decode

@@ -88,6 +88,7 @@ class LoaderFactory:
             if "actions" in self.cfg.stage.conditions and self.cfg.model.dit.num_action_slots
             else 0,
             pin_memory=self.pin_memory,
+            exclude=d.get("exclude") or None,
         )
 
     def phases(self) -> list[tuple[int, dict]]:

@@ -8,6 +8,7 @@ composing, before this runs.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -254,6 +255,8 @@ def _validate_data(cfg: Any) -> None:
            "must be > 0 and cannot be combined with data.frame_stride != 1")
     _check(0.0 <= d.max_skip_fraction <= 1.0, "data.max_skip_fraction", "must be in [0, 1]")
     _check(d.decode_threads >= 1, "data.decode_threads", "must be >= 1")
+    _check(not d.get("exclude") or os.path.isfile(d.exclude), "data.exclude",
+           f"opt-out list {d.get('exclude')!r} is not a file")
     if d.kind == "webdataset":
         _check(bool(d.shards), "data.shards", "required when data.kind=webdataset")
     _check(d.input == "pixel" or d.kind == "webdataset", "data.input",
