@@ -7,6 +7,8 @@ WebDataset shards), in one process, through the same code path as ``worldline-tr
 2. ``stage=pretrain``     → ``<run.root>/<name>-world/`` (latents from the frozen stage-1 model)
 
 Each stage is its own run dir (config.yaml, checkpoints/, metrics.jsonl, samples/, wandb/).
+A stop signal (``preempt.signals``: SIGTERM, SLURM's SIGUSR1) checkpoints the running stage
+and ends the job with exit code 3 without starting the next stage; the same command resumes.
 Extra arguments are Hydra overrides applied to both stages, e.g.::
 
     worldline-quickstart run.root=/tmp/wl logger=none
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run both stages; returns a process exit code."""
     from worldline.train.config import ConfigError
     from worldline.train.main import run_training  # also registers the config schema
+    from worldline.train.preempt import EXIT_STOPPED
 
     args = _parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
@@ -53,9 +56,17 @@ def main(argv: list[str] | None = None) -> int:
             world_over.append(f"train.steps={args.world_steps}")
         world_cfg = compose("config", overrides=world_over)
         try:
-            run_training(ae_cfg)
-            t_ae = time.perf_counter() - t0
-            run_training(world_cfg)
+            for name, cfg in (("autoencoder", ae_cfg), ("world-model", world_cfg)):
+                trainer = run_training(cfg)
+                if trainer.stopped_by:
+                    # A stop signal stops the whole job: the next stage must not start on a
+                    # half-trained autoencoder. The same command resumes where it stopped.
+                    print(f"worldline-quickstart: stopped by {trainer.stopped_by} during the "
+                          f"{name} stage at step {trainer.state.step} (checkpointed); run the "
+                          "same command again to resume", file=sys.stderr)
+                    return EXIT_STOPPED
+                if name == "autoencoder":
+                    t_ae = time.perf_counter() - t0
         except (ConfigError, FileNotFoundError, FileExistsError) as e:
             print(f"worldline-quickstart: error: {e}", file=sys.stderr)
             return 2

@@ -98,6 +98,41 @@ def test_sample_takes_the_clip_size_from_the_checkpoint(quickstart: Path, tmp_pa
     assert len(decord.VideoReader(str(tmp_path / "b" / "generated_0.mp4"))) == 5
 
 
+def test_quickstart_stops_on_sigterm_then_resumes(tmp_path: Path) -> None:
+    """SIGTERM during the autoencoder stage: that stage checkpoints, the job exits 3 and the
+    world-model stage never starts; the same command then resumes and completes."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from _runs import BIN
+
+    args = [str(BIN / "worldline-quickstart"), "--ae-steps", "10", "--world-steps", "4",
+            "experiment=smoke", f"run.root={tmp_path}", "logger=none", "train.log_every=1"]
+    # Step 4 sleeps 20 s at its start: the signal lands mid-stage, deterministically.
+    env = {**os.environ, "WORLDLINE_FAILPOINTS": "stall:steps=4,secs=20"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    ae = tmp_path / "quickstart-autoencoder"
+    end = time.time() + 300
+    while time.time() < end and not any(r.get("step") == 3 for r in read_metrics(ae)):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, err[-3000:]
+    assert "stopped by SIGTERM during the autoencoder stage at step 4" in err
+    assert [s for s, _ in list_checkpoints(ae / "checkpoints")][-1] == 4
+    assert not (tmp_path / "quickstart-world").exists()
+    assert "world model:" not in out
+    r = cli(*[a.split("/")[-1] if i == 0 else a for i, a in enumerate(args)], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "world model:" in r.stdout
+    assert [s for s, _ in list_checkpoints(ae / "checkpoints")][-1] == 10
+    assert [s for s, _ in list_checkpoints(tmp_path / "quickstart-world" / "checkpoints")][-1] == 4
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     r = cli("worldline-eval", f"eval.checkpoint={tmp_path / 'nope'}", timeout=120)
     assert r.returncode == 2
