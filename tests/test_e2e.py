@@ -58,6 +58,17 @@ def test_eval_cli_reports_deterministic_metrics(quickstart: Path, tmp_path: Path
         reports.append(json.loads((out / "report.json").read_text()))
     assert reports[0]["val_loss"] == reports[1]["val_loss"]  # fixed timesteps + fixed noise
     assert {"val_loss/t=0.1", "val_loss/t=0.9"} <= set(reports[0])
+    # By default on clips the model never saw (a differently seeded world); eval.split=train
+    # evaluates the training clips, and says so.
+    assert reports[0]["data_split"] == "heldout"
+    out = tmp_path / "train"
+    r = cli("worldline-eval", f"eval.checkpoint={world}", "experiment=smoke",
+            f"run.root={quickstart}", "eval.num_batches=2", "eval.split=train",
+            "eval.metrics=[val_loss]", f"eval.out={out}", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    train = json.loads((out / "report.json").read_text())
+    assert train["data_split"] == "train" and train["val_loss"] != reports[0]["val_loss"]
+    assert "may have trained on" in r.stdout + r.stderr
     ae = cli("worldline-eval", f"eval.checkpoint={quickstart / 'quickstart-autoencoder'}",
              "experiment=smoke", f"run.root={quickstart}", "eval.num_batches=2",
              f"eval.out={tmp_path / 'ae'}", timeout=300)

@@ -30,6 +30,7 @@ from worldline.models.text import TextEncoderArgs
 
 from worldline.train.config_enums import (
     DistBackend,
+    EvalSplit,
     ActivationCheckpointing,
     LoggerKind,
     LoggerMode,
@@ -317,6 +318,10 @@ class EvalConfig:
     """``worldline-eval``: validation metrics of a checkpoint on a data spec."""
 
     checkpoint: Optional[str] = None
+    # Which clips: "heldout" = stage.validation.shards, else for the synthetic world a
+    # differently seeded world (clips the model never saw), else (no held-out shards known)
+    # data.shards, reported as "train"; "train" = the data spec as given.
+    split: EvalSplit = EvalSplit.heldout
     num_batches: int = 4
     # Fixed flow-matching timesteps make the validation loss deterministic across runs.
     timesteps: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])

@@ -71,6 +71,13 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((mu1 - mu2).pow(2).sum() + torch.trace(s1) + torch.trace(s2) - 2 * tr_sqrt)
 
 
+def eval_loader(run: Any, min_clips: int) -> Any:
+    """The clips ``eval.split`` names, in fixed order (see ``EvalConfig.split``)."""
+    if str(run.cfg.eval.split) == "heldout":
+        return run.loaders.heldout(min_clips)
+    return run.loaders.make(shuffle=False)
+
+
 class FlowEvaluator:
     """Generative metrics of a loaded world model on the first ``eval.num_clips`` clips."""
 
@@ -83,7 +90,7 @@ class FlowEvaluator:
         self.video = to_unit_range(self.batch["video"])
 
     def _clips(self, n: int) -> dict[str, Any]:
-        loader = iter(self.run.loaders.make(shuffle=False))
+        loader = iter(eval_loader(self.run, n))
         parts: list[Any] = []
         while sum(len(p["caption"]) for p in parts) < n:
             parts.append(next(loader))
@@ -323,8 +330,15 @@ def run_eval(cfg: DictConfig) -> Optional[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     media: dict[str, torch.Tensor] = {}
     metrics = set(e.metrics)
+    split = run.loaders.heldout_split() if str(e.split) == "heldout" else "train"
+    report["data_split"] = split
+    if split == "train":
+        log.warning("worldline-eval: metrics on clips the model may have trained on (%s)",
+                    "eval.split=train" if str(e.split) == "train" else
+                    "no held-out data: set stage.validation.shards")
     if pipe.world_model is None or "val_loss" in metrics:  # an autoencoder: PSNR/SSIM
-        report.update(run.objective.evaluate(pipe, run.loaders.make(shuffle=False),
+        batch = int(run.cfg.data.batch_size)
+        report.update(run.objective.evaluate(pipe, eval_loader(run, e.num_batches * batch),
                                              e.num_batches, list(e.timesteps)))
     if pipe.world_model is not None:
         ev = FlowEvaluator(run, e)

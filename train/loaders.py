@@ -130,16 +130,31 @@ class LoaderFactory:
         return {"num_frames": t, "resolution": [h, w]}
 
     def validation(self) -> ShardLoader:
-        """Held-out data: stage.validation.shards, else for the synthetic world a differently
-        seeded world (unseen clips), else data.shards; at the current phase's size."""
+        """Held-out data for ``stage.validation`` (see :meth:`heldout`)."""
+        d = self.cfg.data
+        return self.heldout(d.batch_size * self.cfg.stage.validation.num_batches)
+
+    def heldout_split(self) -> str:
+        """"heldout" when :meth:`heldout` serves unseen clips, "train" when it falls back to
+        data.shards (webdataset data without stage.validation.shards)."""
+        held = self.cfg.stage.validation.shards or self.cfg.data.kind == "synthetic"
+        return "heldout" if held else "train"
+
+    def heldout(self, min_clips: int) -> ShardLoader:
+        """Held-out data in fixed order at the current phase's size: stage.validation.shards,
+        else for the synthetic world a differently seeded world of at least ``min_clips``
+        unseen clips, else data.shards."""
         v, d = self.cfg.stage.validation, self.cfg.data
         if v.shards:
             over: dict = {"kind": "webdataset", "shards": v.shards}
         elif d.kind == "synthetic":
+            # min_clips for every data-parallel rank, and a shard for every sub-stream (the
+            # loader refuses to leave one empty).
             syn = d.synthetic
+            streams = self.dp_world * max(1, int(d.num_workers))
             over = {"synthetic": {"seed": syn.seed + 1000,
-                                  "num_clips": max(syn.clips_per_shard,
-                                                   d.batch_size * v.num_batches)}}
+                                  "num_clips": max(syn.clips_per_shard * streams,
+                                                   min_clips * self.dp_world)}}
         else:
             over = {}
         return self.make({**over, **self.current_shape()}, shuffle=False)
