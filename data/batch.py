@@ -134,11 +134,22 @@ class Batch(Mapping[str, Any]):
     @classmethod
     def concat(cls, batches: list[Batch]) -> Batch:
         """One batch of every sample of ``batches`` in order (same clip shape and fields):
-        tensors concatenated on dim 0, per-sample lists joined."""
+        tensors concatenated on dim 0, per-sample lists joined. ``audio``/``audio_mask``
+        windows of different lengths (sources at other frame rates) are right-padded with
+        silence / False, as the loader pads them within a batch."""
         first = batches[0]
         if any(b.clip_shape != first.clip_shape or set(b) != set(first) for b in batches):
             raise ValueError("Batch.concat: batches differ in clip_shape or fields")
-        fields = {name: (torch.cat([b[name] for b in batches]) if torch.is_tensor(value)
+
+        def cat(name: str) -> torch.Tensor:
+            vals = [b[name] for b in batches]
+            if name in ("audio", "audio_mask"):
+                width = max(v.shape[-1] for v in vals)
+                vals = [torch.cat([v, v.new_zeros(*v.shape[:-1], width - v.shape[-1])], -1)
+                        for v in vals]
+            return torch.cat(vals)
+
+        fields = {name: (cat(name) if torch.is_tensor(value)
                          else [x for b in batches for x in b[name]])
                   for name, value in first.items()}
         return dataclasses.replace(first, **fields)

@@ -89,23 +89,10 @@ class FlowEvaluator:
         self.x0 = self.pipe.latents(self.batch)
         self.video = to_unit_range(self.batch["video"])
 
-    def _clips(self, n: int) -> dict[str, Any]:
-        loader = iter(eval_loader(self.run, n))
-        parts: list[Any] = []
-        while sum(len(p["caption"]) for p in parts) < n:
-            parts.append(next(loader))
-        out: dict[str, Any] = {}
-        for k in parts[0]:
-            vals = [p[k] for p in parts]
-            if k in ("audio", "audio_mask"):  # variable length, masked: right-pad with 0/False
-                width = max(v.shape[-1] for v in vals)
-                vals = [torch.cat([v, v.new_zeros(*v.shape[:-1], width - v.shape[-1])], -1)
-                        for v in vals]
-            if torch.is_tensor(vals[0]) and all(v.shape[1:] == vals[0].shape[1:] for v in vals):
-                out[k] = torch.cat(vals)[:n].to(self.device)
-            elif not torch.is_tensor(vals[0]):
-                out[k] = [x for v in vals for x in v][:n]
-        return out
+    def _clips(self, n: int) -> Any:
+        from worldline.train.inference import first_clips
+
+        return first_clips(eval_loader(self.run, n), n, self.device)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()

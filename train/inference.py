@@ -107,19 +107,24 @@ def load_for_inference(cfg: DictConfig, checkpoint: str, use_ema: bool) -> Infer
     return InferenceRun(pipe, objective, loaders, cfg, path, info.rank, info.world_size)
 
 
-def probe_batch(run: InferenceRun, n: int) -> dict[str, Any]:
-    """The first ``n`` clips of the data spec in fixed order, on the pipeline's device: as
-    many batches as ``n`` needs (``n`` may exceed ``data.batch_size``); a dataset of fewer
-    clips than ``n`` is a ``ValueError`` naming both."""
+def first_clips(loader: Any, n: int, device: torch.device) -> Any:
+    """The first ``n`` clips ``loader`` yields as one ``Batch`` on ``device``: as many
+    batches as ``n`` needs (``n`` may exceed ``data.batch_size``); data of fewer clips than
+    ``n`` is a ``ValueError`` naming both."""
     from worldline.data.batch import Batch
     from worldline.train.hooks import head
 
     parts, have = [], 0
-    for batch in run.loaders.probe():
+    for batch in loader:
         parts.append(batch)
         have += batch.num_samples
         if have >= n:
             break
     if have < n:
         raise ValueError(f"{n} clips asked of data that holds {have}")
-    return head(parts[0] if len(parts) == 1 else Batch.concat(parts), n, run.device)
+    return head(parts[0] if len(parts) == 1 else Batch.concat(parts), n, device)
+
+
+def probe_batch(run: InferenceRun, n: int) -> Any:
+    """The first ``n`` clips of the data spec in fixed order, on the pipeline's device."""
+    return first_clips(run.loaders.probe(), n, run.device)
