@@ -51,10 +51,19 @@ from pathlib import Path
 import numpy as np
 
 from worldline.data.audio import AudioDecodeError, probe_audio
-from worldline.data.probe import ProbeError, VideoLimits, is_iso_bmff, probe_video
+from worldline.data.rerun import _stat, describe, plan_rerun
+from worldline.data.probe import ProbeError, VideoLimits, is_iso_bmff, probe_file, probe_video
 from worldline.data.samples import parse_actions
 from worldline.data.shards import MANIFEST, ClosedShard, Journal, ShardWriter, remove_partial_shards, write_manifest
-from worldline.data.sources import IMAGE_SUFFIXES, SourceItem, discover
+from worldline.data.sources import (
+    IMAGE_SUFFIXES,
+    SidecarError,
+    SourceItem,
+    discover,
+    file_sha256,
+    key_problem,
+    parse_json,
+)
 from worldline.data.video import read_frames
 
 log = logging.getLogger(__name__)
@@ -79,6 +88,9 @@ class IngestOptions:
     limits: VideoLimits = field(default_factory=VideoLimits)
     # A CSV/JSONL manifest may only name files under this folder (None: anywhere).
     source_root: str | None = None
+    num_actions: int = 0  # > 0: action ids must lie in [0, num_actions) (the model's table)
+    max_input_bytes: int = 4 << 30  # a larger video file is skipped unread (too_large)
+    max_sidecar_bytes: int = 64 << 20  # JSON / .npy / reference image files
 
 
 def _even(x: float) -> int:
@@ -219,33 +231,48 @@ def validate_video(data: bytes, full: bool = False, limits: VideoLimits | None =
             "duration": end, "codec": info.codec, "vfr": info.vfr}
 
 
-def _load_array(value, what: str):
+def _sidecar_bytes(path: Path, what: str, max_bytes: int) -> bytes:
+    """A sidecar's bytes, its size checked with ``stat`` before anything is read."""
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise BadInput("too_large", f"{what} {path.name}: {size} bytes > {max_bytes}")
+        return path.read_bytes()
+    except OSError as exc:
+        raise BadInput(f"bad_{what}", f"{path.name}: {type(exc).__name__}: {exc}") from None
+
+
+def _load_array(value, what: str, max_bytes: int = IngestOptions.max_sidecar_bytes):
     if value is None:
         return None
     if isinstance(value, str):
         path = Path(value)
+        data = _sidecar_bytes(path, what, max_bytes)
         try:
             if path.suffix.lower() == ".npy":
-                return np.load(path, allow_pickle=False)  # never unpickle
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: deep nesting
+                return np.load(io.BytesIO(data), allow_pickle=False)  # never unpickle
+            return parse_json(data, path.name)
+        except SidecarError as exc:  # encoding, nesting depth
+            raise BadInput(exc.reason if exc.reason == "bad_encoding" else f"bad_{what}", exc.message) from None
+        except (ValueError, EOFError) as exc:
             raise BadInput(f"bad_{what}", f"{path.name}: {type(exc).__name__}: {exc}") from None
     return value
 
 
-def _annotations(item: SourceItem, meta: dict, num_frames: int) -> dict:
+def _annotations(item: SourceItem, meta: dict, num_frames: int, opts: IngestOptions | None = None) -> dict:
+    opts = opts or IngestOptions()
     out: dict = {}
-    actions = _load_array(item.actions, "actions")
+    actions = _load_array(item.actions, "actions", opts.max_sidecar_bytes)
     actions = meta.pop("actions", None) if actions is None else actions
     if actions is not None:
         try:
-            arr = parse_actions(actions)
+            arr = parse_actions(actions, opts.num_actions)
         except (ValueError, TypeError) as exc:
             raise BadInput("bad_actions", str(exc)) from None
         if len(arr) != num_frames:
             raise BadInput("bad_actions", f"{len(arr)} action rows for {num_frames} frames")
         out["actions"] = arr.tolist()
-    camera = _load_array(item.camera, "camera")
+    camera = _load_array(item.camera, "camera", opts.max_sidecar_bytes)
     camera = meta.pop("camera", None) if camera is None else camera
     if camera is not None:
         try:
@@ -262,7 +289,8 @@ def _annotations(item: SourceItem, meta: dict, num_frames: int) -> dict:
     return out
 
 
-def _refs(item: SourceItem, limits: VideoLimits) -> dict[str, bytes]:
+def _refs(item: SourceItem, limits: VideoLimits, max_bytes: int = IngestOptions.max_sidecar_bytes
+          ) -> dict[str, bytes]:
     from PIL import Image
 
     out = {}
@@ -270,8 +298,8 @@ def _refs(item: SourceItem, limits: VideoLimits) -> dict[str, bytes]:
         ext = Path(path).suffix.lower().lstrip(".")
         if f".{ext}" not in IMAGE_SUFFIXES:
             raise BadInput("bad_reference", f"{path}: not an image file")
+        data = _sidecar_bytes(Path(path), "reference", max_bytes)
         try:
-            data = Path(path).read_bytes()
             with Image.open(io.BytesIO(data)) as img:
                 w, h = img.size
                 if max(h, w) > limits.max_side or h * w > limits.max_pixels:
@@ -285,16 +313,47 @@ def _refs(item: SourceItem, limits: VideoLimits) -> dict[str, bytes]:
     return out
 
 
+def fingerprint(path: str, with_hash: bool = True) -> dict:
+    """What a rerun compares to find a changed input: size, mtime (ns) and sha256."""
+    st = os.stat(path)
+    out = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {**out, "sha256": file_sha256(path)} if with_hash else out
+
+
+def _precheck(item: SourceItem, opts: IngestOptions) -> dict:
+    """Everything decided before the video is read: a listed-but-unusable path, an unsafe
+    key, the file's size (``stat``) and its header (``probe_file``: only the boxes it needs);
+    returns the input's fingerprint."""
+    if item.problem is not None:
+        raise BadInput(*item.problem)
+    if bad := key_problem(item.key):
+        raise BadInput("bad_key", bad)
+    try:
+        fp = fingerprint(item.video, with_hash=False)
+    except OSError as exc:
+        raise BadInput("unreadable", f"{type(exc).__name__}: {exc}") from None
+    if fp["size"] == 0:
+        raise BadInput("empty_video", "0 bytes")
+    if fp["size"] > opts.max_input_bytes:
+        raise BadInput("too_large", f"{fp['size']} bytes > max_input_bytes={opts.max_input_bytes} (--max-input-size)")
+    try:
+        probe_file(item.video, opts.limits)
+    except ProbeError as exc:
+        raise BadInput(exc.reason, str(exc)) from None
+    except OSError as exc:
+        raise BadInput("unreadable", f"{type(exc).__name__}: {exc}") from None
+    return {**fp, "sha256": file_sha256(item.video)}
+
+
 def prepare(item: SourceItem, opts: IngestOptions) -> dict:
     """One input -> ``{"ok": True, "sample": {...}, "entry": {...}}`` or ``{"ok": False,
     "key", "path", "reason", "message"}``. Runs in pool workers; never raises for bad data."""
     try:
+        fp = _precheck(item, opts)
         try:
             data = Path(item.video).read_bytes()
         except OSError as exc:
             raise BadInput("unreadable", f"{type(exc).__name__}: {exc}") from None
-        if len(data) == 0:
-            raise BadInput("empty_video", "0 bytes")
         # Check the original before handing it to an encoder, then the result again.
         original = validate_video(data, full=False, limits=opts.limits) if is_iso_bmff(data) else None
         if opts.reencode or opts.max_side or original is None:
@@ -310,23 +369,28 @@ def prepare(item: SourceItem, opts: IngestOptions) -> dict:
             raise BadInput("bad_audio", str(exc)) from None
         meta = dict(item.meta)
         if item.meta_path:
+            path = Path(item.meta_path)
             try:
-                extra = json.loads(Path(item.meta_path).read_text(encoding="utf-8"))
-            except (OSError, ValueError, RecursionError) as exc:  # RecursionError: deep nesting
-                raise BadInput("bad_json", f"{Path(item.meta_path).name}: {exc}") from None
+                extra = parse_json(_sidecar_bytes(path, "json", opts.max_sidecar_bytes), path.name)
+            except SidecarError as exc:
+                raise BadInput(exc.reason, exc.message) from None
             if not isinstance(extra, dict):
                 raise BadInput("bad_json", f"{Path(item.meta_path).name}: not a JSON object")
             meta = {**extra, **meta}
-        record = _annotations(item, meta, facts["num_frames"])
+        record = _annotations(item, meta, facts["num_frames"], opts)
         caption = item.caption if item.caption is not None else str(meta.pop("caption", "") or "")
         style = item.style or meta.pop("style", [])
         record.update(caption=caption, style=[style] if isinstance(style, str) else list(style),
                       meta={**meta, "source": item.video, **facts})
-        sample = {"__key__": item.key, "mp4": data, "json": record, "txt": caption, **_refs(item, opts.limits)}
-        entry = {"key": item.key, "source": item.video, **facts}
+        sample = {"__key__": item.key, "mp4": data, "json": record, "txt": caption,
+                  **_refs(item, opts.limits, opts.max_sidecar_bytes)}
+        entry = {"key": item.key, "source": item.video, **facts, "input": fp}
         return {"ok": True, "key": item.key, "sample": sample, "entry": entry}
     except BadInput as exc:
         return {"ok": False, "key": item.key, "path": item.video, "reason": exc.reason, "message": exc.message}
+    except RecursionError:  # a structure too deep to encode; never the run's end
+        return {"ok": False, "key": item.key, "path": item.video, "reason": "bad_json",
+                "message": "annotations nested too deeply to store"}
 
 
 def _pattern_regex(pattern: str) -> re.Pattern:
@@ -428,32 +492,44 @@ def make_shards(
     out.mkdir(parents=True, exist_ok=True)
     journal = Journal(out / JOURNAL, {"source": str(Path(source).resolve()), "pattern": pattern,
                                       "max_count": max_count, "max_bytes": max_bytes,
-                                      "options": {**asdict(options), "limits": asdict(options.limits)}})
+                                      "options": {**asdict(options), "limits": asdict(options.limits)}},
+                      restart="--overwrite (make_shards(..., resume=False))")
+    ours = _pattern_regex(pattern)
     records: list[dict] = []
     previous = journal.records() if resume else None
+    items = discover(source, options.source_root)
     if previous is not None:
-        if (out / MANIFEST).exists():
-            return json.loads((out / MANIFEST).read_text())
+        complete = (out / MANIFEST).exists()
         for r in previous:  # keep journaled shards up to the first one that went missing
             if r.get("shard") is not None and not (out / r["shard"]).is_file():
+                complete = False
                 break
             records.append(r)
+        kept, items, run = plan_rerun(records, items, complete)
+        log.info("make_shards: %s", describe(run))
+        if run["action"] == "nothing new":
+            return {**json.loads((out / MANIFEST).read_text()), "run": run}
+        keep = {r["shard"] for r in kept if r.get("shard")}
+        if len(kept) != len(records) or any(a["bad"] != b["bad"] for a, b in zip(kept, records)):
+            journal.rewrite(kept)  # first: a crash from here on resumes from the kept shards
+        for name in os.listdir(out):  # the stale manifest, shards being redone
+            if name == MANIFEST or (ours.fullmatch(name) and name not in keep):
+                (out / name).unlink()
+        records = kept
     else:
-        ours = _pattern_regex(pattern)
+        run = {"action": "fresh", "new": len(items), "changed": 0, "retried": 0, "redone_shards": 0, "gone": []}
         existing = [n for n in os.listdir(out) if n == MANIFEST or n.endswith(".tar")]
         if existing and resume:
-            raise ValueError(f"{out} already holds {existing[:3]}... not written by make_shards; "
-                             f"choose an empty folder (or resume=False to overwrite our own files)")
+            raise ValueError(f"{out} already holds {existing[:3]}... not written by worldline-shards; "
+                             f"choose an empty folder, or pass --overwrite (make_shards(..., "
+                             f"resume=False)) to replace our own files there")
         for name in os.listdir(out):
             if name in (MANIFEST, JOURNAL) or ours.fullmatch(name):
                 (out / name).unlink()
         journal.start()
     remove_partial_shards(out)  # of an interrupted run
-    records = [r for r in records if r.get("shard") is not None]  # trailing bad ones are redone
-    done = {e["key"] for r in records for e in r["entries"]} | {b["key"] for r in records for b in r["bad"]}
-    items = [it for it in discover(source, options.source_root)
-             if it.key not in done]
-    log.info("make_shards: %d inputs to do, %d shards kept from a previous run", len(items), len(records))
+    log.info("make_shards: %d inputs to do, %d shards kept from a previous run", len(items),
+             sum(1 for r in records if r.get("shard")))
 
     # What the open shard holds, and the inputs reported bad since the last journal record.
     entries: list[dict] = []
@@ -470,12 +546,14 @@ def make_shards(
                        "entries": list(entries), "bad": list(bad)})
 
     results = _ordered_results(_Prepare(options), items, processes, 4 * max(1, processes), _crashed)
-    with ShardWriter(out, pattern, max_count=max_count, max_bytes=max_bytes, start=len(records),
+    with ShardWriter(out, pattern, max_count=max_count, max_bytes=max_bytes,
+                     start=sum(1 for r in records if r.get("shard")),
                      on_close=closed) as writer:
         for result in results:
             if not result["ok"]:
                 log.warning("make_shards: skipping %s: %s %s", result["path"], result["reason"], result["message"])
-                bad.append({k: result[k] for k in ("key", "path", "reason", "message")})
+                bad.append({**{k: result[k] for k in ("key", "path", "reason", "message")},
+                            "input": _stat(result["path"])})
                 continue
             shard = writer.write(result["sample"])
             entries.append({**result["entry"], "shard": shard})
@@ -487,4 +565,5 @@ def make_shards(
         out, [r["shard"] for r in shards], [r["count"] for r in shards],
         [e for r in shards for e in r["entries"]], pattern=pattern,
         shard_bytes=[r["bytes"] for r in shards], skipped=[b for r in records for b in r["bad"]],
+        run=run,
     )

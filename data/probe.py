@@ -25,13 +25,18 @@ Tiny CPU example::
 from __future__ import annotations
 
 import io
+import mmap
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ProbeError", "VideoInfo", "VideoLimits", "probe_video", "is_iso_bmff"]
+__all__ = ["ProbeError", "VideoInfo", "VideoLimits", "probe_video", "probe_file", "is_iso_bmff"]
+
+# FFmpeg demuxers of still images: an image renamed .mp4 opens as a "video" of one frame.
+_IMAGE_FORMATS = {"image2", "gif", "apng", "webp", "ico"}
 
 # Boxes whose payload is a list of boxes (the ones on the path to the sample tables).
 _CONTAINER_BOXES = {b"moov", b"trak", b"mdia", b"minf", b"stbl", b"moof", b"traf", b"mvex", b"edts"}
@@ -235,11 +240,11 @@ def _probe_iso(buf: bytes) -> VideoInfo | None:
     return VideoInfo(t["height"], t["width"], num_frames, fps, duration, span, vfr, t["codec"])
 
 
-def _probe_pyav(data: bytes) -> VideoInfo:
+def _probe_pyav(data: bytes | str) -> VideoInfo:
     import av  # lazy: only non-mp4 containers get here
 
     try:
-        with av.open(io.BytesIO(data)) as container:
+        with av.open(data if isinstance(data, str) else io.BytesIO(data)) as container:
             stream = container.streams.video[0]
             rate = float(stream.average_rate or stream.guessed_rate or 0)
             cc = stream.codec_context
@@ -250,8 +255,12 @@ def _probe_pyav(data: bytes) -> VideoInfo:
             if not n and rate and duration:
                 n = int(round(duration * rate))
             fmt = container.format.name.split(",")[0]
+            if fmt in _IMAGE_FORMATS or fmt.endswith("_pipe"):
+                raise ProbeError("image_not_video", f"a still image ({fmt}), not a video")
             return VideoInfo(cc.height, cc.width, n, rate, duration,
                              max(0.0, duration - (1 / rate if rate else 0.0)), False, cc.name, fmt)
+    except ProbeError:
+        raise
     except (av.error.FFmpegError, IndexError, ValueError, TypeError) as exc:
         raise ProbeError("not_video", f"{type(exc).__name__}: {exc}") from None
 
@@ -274,6 +283,39 @@ def probe_video(data: bytes, limits: VideoLimits | None = None) -> VideoInfo:
             return info
     full = _probe_pyav(data)
     if info is not None:  # fragmented mp4: keep the box-derived size and count
+        full = VideoInfo(info.height, info.width, info.num_frames, full.fps, full.duration,
+                         full.span, False, info.codec, "mp4")
+    limits.check(full)
+    return full
+
+
+def probe_file(path: str | os.PathLike, limits: VideoLimits | None = None) -> VideoInfo:
+    """``probe_video`` of a file without reading it whole: an mp4/mov is memory-mapped, so
+    only the pages of the boxes the walk touches (``moov``, box headers) are read; anything
+    else is opened by FFmpeg from the path, which reads its header only. A junk or hostile
+    file is refused before any caller reads its bytes."""
+    limits = limits or VideoLimits()
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise ProbeError("empty_video", "0 bytes")
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            info = None
+            if is_iso_bmff(buf):
+                try:
+                    info = _probe_iso(buf)
+                except (struct.error, IndexError, UnicodeDecodeError) as exc:
+                    raise ProbeError("not_video", f"malformed mp4 boxes: {exc}") from None
+                limits.check(info)
+                if info.fps > 0:
+                    return info
+        finally:
+            try:
+                buf.close()
+            except BufferError:  # an array view of it lives on in a traceback; gc closes it
+                pass
+    full = _probe_pyav(str(path))
+    if info is not None:
         full = VideoInfo(info.height, info.width, info.num_frames, full.fps, full.duration,
                          full.span, False, info.codec, "mp4")
     limits.check(full)
