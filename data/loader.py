@@ -71,7 +71,7 @@ from webdataset.shardlists import expand_urls
 from worldline.data.batch import Batch
 from worldline.data.buckets import Bucket, BucketSet
 from worldline.data.probe import VideoLimits
-from worldline.data.samples import LatentCodec, PixelCodec
+from worldline.data.samples import MAX_MEMBER_BYTES, LatentCodec, PixelCodec
 from worldline.data.state import STATE_VERSION, GlobalState, LoaderState, StreamState, empty_stats, merge_states
 from worldline.data.streams import POOL_SLOTS, Delivery, Stream, StreamPlan
 from worldline.data.video import CROPS, POSITIONS, resize_crop
@@ -114,6 +114,10 @@ def resolve_shards(shards: str | os.PathLike | Sequence[str]) -> list[str]:
     if isinstance(shards, (str, os.PathLike)):
         path = Path(shards)
         if path.is_dir():
+            if not (path / "manifest.json").is_file():
+                raise FileNotFoundError(
+                    f"{path} is a folder without manifest.json: not a finished dataset (write it "
+                    f"with worldline-shards, or name its shards: '{path}/shard-{{000000..000009}}.tar')")
             path = path / "manifest.json"
         if path.name == "manifest.json" and path.is_file():
             manifest = json.loads(path.read_text())
@@ -185,7 +189,10 @@ class ShardLoader:
 
     Bad input is skipped, counted in ``stats`` (``skipped``, ``skipped_reasons``,
     ``shard_errors``) and warned about once with shard and key; a sub-stream whose skipped
-    fraction exceeds ``max_skip_fraction`` after ``skip_check_after`` samples aborts.
+    fraction exceeds ``max_skip_fraction`` after ``skip_check_after`` samples aborts. A sample
+    with an unsafe key (``..``, ``/``, odd characters), a key repeated within its shard (the
+    first wins) or a member over ``max_member_bytes`` (never read) is such a skip; ``limits``
+    (``VideoLimits``, e.g. a lower ``max_pixels``) refuses larger videos before decoding.
     Only one iterator should be active at a time; a new ``iter()`` continues from the
     consumed state.
     """
@@ -221,6 +228,7 @@ class ShardLoader:
         pin_memory: bool = False,
         audio_rate: int = 0,
         num_actions: int = 0,
+        max_member_bytes: int = MAX_MEMBER_BYTES,
     ):
         self.shards = resolve_shards(shards)
         if not self.shards:
@@ -241,6 +249,7 @@ class ShardLoader:
         self.shuffle_buffer, self.resample, self.input = shuffle_buffer, resample, input
         self.max_skip_fraction, self.skip_check_after = max_skip_fraction, skip_check_after
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
+        self.max_member_bytes = int(max_member_bytes)  # not in the signature: a filter, like num_actions
         self.codec: PixelCodec | LatentCodec
         if input == "latent":
             self.codec = LatentCodec(batch_size, (num_frames, *self.resolution), num_actions)
@@ -319,7 +328,7 @@ class ShardLoader:
             shuffle_shards=self.shuffle_shards, resample=self.resample, generation=self.generation,
             shuffle_buffer=self.shuffle_buffer, max_skip_fraction=self.max_skip_fraction,
             skip_check_after=self.skip_check_after, crashed=frozenset(self.crashed),
-            marks=self._marks, free=self._free,
+            marks=self._marks, free=self._free, max_member_bytes=self.max_member_bytes,
         )
 
     def _batches(self) -> Iterator[Delivery]:

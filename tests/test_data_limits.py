@@ -6,15 +6,20 @@ Real tiny mp4s (encode_mp4, 8 frames of 32x32), real folders, symlinks and tars.
 from __future__ import annotations
 
 import codecs
+import io
+import itertools
 import json
+import logging
 import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from worldline.data.ingest import make_shards
+from worldline.data.loader import ShardLoader
+from worldline.data.probe import VideoLimits
 from worldline.data.samples import iter_tar_samples
 from worldline.data.video import encode_mp4
 from worldline.scripts.make_shards import main as shards_main
@@ -179,3 +184,68 @@ def test_rerun_says_what_it_does(tmp_path, capsys):
     assert code == 2 and "--overwrite" in err and "resume=False" not in err.split("(")[0]
     code, m, _ = run(src, out, "--max-count", "3", "--overwrite", capsys=capsys)
     assert code == 0 and m["num_samples"] == 4 and m["shard_counts"] == [3, 1]
+
+
+# ------------------------------------------------------------------------------- the loader
+def tar_of(path: Path, files: list[tuple[str, bytes]]) -> str:
+    with tarfile.open(path, "w") as tar:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def sample(key: str, seed: int = 0, txt: bytes = b"a caption", t: int = 8) -> list[tuple[str, bytes]]:
+    return [(f"{key}.mp4", clip(seed, t)), (f"{key}.json", b'{"caption": "c"}'), (f"{key}.txt", txt)]
+
+
+def test_loader_skips_unsafe_repeated_oversized_and_misencoded_samples(tmp_path, caplog):
+    """In a shard: keys '../../etc/x' and 'a/b' (bad_key), a key repeated (duplicate_key; the
+    first copy is delivered), a member over max_member_bytes (too_large, never read), a
+    Latin-1 caption (bad_encoding); each counted and named, the good samples all delivered."""
+    big = sample("big", 5, t=48)
+    files = (sample("ok0", 0) + sample("../../etc/x", 1) + sample("a/b", 2) + sample("ok1", 3)
+             + sample("ok0", 4) + sample("latin", 6, txt="café".encode("latin-1")) + big + sample("ok2", 7))
+    shard = tar_of(tmp_path / "s.tar", files)
+    limit = max(len(d) for n, d in files if n != "big.mp4")
+    assert len(big[0][1]) > limit
+    loader = ShardLoader([shard], batch_size=1, num_frames=4, resolution=(32, 32), shuffle_shards=False,
+                         max_skip_fraction=1.0, max_member_bytes=limit)
+    with caplog.at_level(logging.WARNING, logger="worldline.data.loader"):
+        keys = [k for b in itertools.islice(loader, 3) for k in b["key"]]
+    assert keys == ["ok0", "ok1", "ok2"]
+    assert loader.stats["skipped_reasons"] == {"bad_key": 2, "duplicate_key": 1, "bad_encoding": 1, "too_large": 1}
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    for key in ("../../etc/x", "a/b", "ok0", "latin", "big"):
+        assert f"'{key}'" in text, key
+
+
+def test_training_can_lower_the_decode_size_limit(tmp_path):
+    """ShardLoader(limits=VideoLimits(max_pixels=...)), what data.max_pixels sets: a larger
+    video is an absurd_dimensions skip, decided from its header."""
+    shard = tar_of(tmp_path / "s.tar", [("wide.mp4", encode_mp4(np.zeros((8, 32, 96, 3), np.uint8), 8.0)),
+                                        ("wide.json", b"{}")] + sample("small", 0))
+    loader = ShardLoader([shard], batch_size=1, num_frames=4, resolution=(32, 32), shuffle_shards=False,
+                         max_skip_fraction=1.0, limits=VideoLimits(max_pixels=32 * 64))
+    assert [b["key"] for b in itertools.islice(loader, 1)] == [["small"]]
+    assert loader.stats["skipped_reasons"] == {"absurd_dimensions": 1}
+
+
+def test_config_keys_and_errors_name_what_to_do(tmp_path):
+    """data.max_pixels / data.max_member_bytes reach the loader; a folder without
+    manifest.json is named; an unquoted brace pattern gets a hint."""
+    from omegaconf import OmegaConf
+
+    from worldline.data.loader import resolve_shards
+    from worldline.train.config import DataConfig
+    from worldline.train.validate import override_hints
+
+    d = OmegaConf.structured(DataConfig)
+    assert d.max_pixels is None and d.max_member_bytes == 2 << 30
+    (tmp_path / "shards").mkdir()
+    with pytest.raises(FileNotFoundError, match="without manifest.json"):
+        resolve_shards(str(tmp_path / "shards"))
+    assert override_hints(["data.shards=/x/s-{000..009}.tar", "data.batch_size=2"])[0].startswith(
+        "hint: data.shards=/x/s-{000..009}.tar has an unquoted brace pattern")
+    assert override_hints(['data.shards="/x/s-{000..009}.tar"']) == []

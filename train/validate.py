@@ -254,6 +254,8 @@ def _validate_data(cfg: Any) -> None:
            "must be > 0 and cannot be combined with data.frame_stride != 1")
     _check(0.0 <= d.max_skip_fraction <= 1.0, "data.max_skip_fraction", "must be in [0, 1]")
     _check(d.decode_threads >= 1, "data.decode_threads", "must be >= 1")
+    _check(d.max_pixels is None or d.max_pixels >= 1, "data.max_pixels", "must be >= 1 (or null)")
+    _check(d.max_member_bytes >= 1, "data.max_member_bytes", "must be >= 1")
     if d.kind == "webdataset":
         _check(bool(d.shards), "data.shards", "required when data.kind=webdataset")
     _check(d.input == "pixel" or d.kind == "webdataset", "data.input",
@@ -290,3 +292,15 @@ def _validate_launch(cfg: Any) -> None:
     _check(s.max_restarts >= 0, "slurm.max_restarts", "must be >= 0")
     for opt in s.extra:
         _check(str(opt).startswith("-"), "slurm.extra", f"{opt!r} is not an sbatch option")
+
+
+def override_hints(argv: list[str]) -> list[str]:
+    """Hints for command-line overrides Hydra will refuse with a bare grammar error: a
+    ``shards`` value with an unquoted brace pattern (Hydra reads ``{`` as a dict)."""
+    hints = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if eq and key.lstrip("+~").endswith("shards") and "{" in value and value[:1] not in ("'", '"'):
+            hints.append(f"hint: {key}={value} has an unquoted brace pattern, which Hydra parses as a "
+                         f"dict; quote the value inside the argument: '{key}=\"{value}\"'")
+    return hints
