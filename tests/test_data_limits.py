@@ -249,3 +249,22 @@ def test_config_keys_and_errors_name_what_to_do(tmp_path):
     assert override_hints(["data.shards=/x/s-{000..009}.tar", "data.batch_size=2"])[0].startswith(
         "hint: data.shards=/x/s-{000..009}.tar has an unquoted brace pattern")
     assert override_hints(['data.shards="/x/s-{000..009}.tar"']) == []
+
+
+def test_latent_writer_never_writes_an_unsafe_or_repeated_key(tmp_path):
+    """worldline-encode-latents reads pixel shards through the same checks: '../../etc/x' and
+    a repeated key are reported skips, never member names of its tars."""
+    import torch
+
+    from worldline.data.latents import encode_latent_shards
+
+    src = tmp_path / "px"
+    src.mkdir()
+    tar_of(src / "shard-000000.tar", sample("ok0", 0) + sample("../../etc/x", 1) + sample("ok0", 2))
+    out = tmp_path / "lat"
+    m = encode_latent_shards([str(src / "shard-000000.tar")], out,
+                             lambda v: torch.nn.functional.avg_pool3d(v.float(), (4, 8, 8)),
+                             num_frames=4, resolution=(32, 32), batch_size=1, num_workers=0)
+    assert m["num_samples"] == 1 and m["skipped_reasons"] == {"bad_key": 1, "duplicate_key": 1}
+    names = [n for t in out.glob("*.tar") for n in tarfile.open(t).getnames()]
+    assert names and all(n.startswith("ok0.") for n in names)
