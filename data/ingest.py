@@ -18,6 +18,16 @@
 Resume: rerunning on the same ``out_dir`` keeps every journaled shard, skips their inputs (and
 the inputs already reported bad), deletes partial files and continues numbering. Because the
 order and the shard boundaries are deterministic, the result equals an uninterrupted run's.
+A rerun on a finished output is incremental (``data.rerun``): "nothing new", or new and
+changed inputs (size + mtime, then sha256) appended, shards from the first changed one redone;
+``manifest["run"]`` says which. Other settings are refused, naming ``--overwrite``.
+
+Before an input is read: its key must be safe (``sources.key_problem``), its size within
+``max_input_bytes`` (``stat``) and its header sane (``probe_file``: an mp4's boxes through a
+memory map, anything else through FFmpeg's header probe; a still image renamed ``.mp4`` is
+``image_not_video``); sidecars are size-checked the same way (``max_sidecar_bytes``), JSON
+capped at depth 64, text decoded as UTF-8 / UTF-16 with BOM or skipped as ``bad_encoding``,
+and ``num_actions`` > 0 bounds action ids (booleans are always refused).
 
 Sample members: ``<key>.mp4``, ``<key>.json`` (``actions``, ``camera`` or ``camera_pose``,
 ``caption``, ``style``, ``meta``: source path, resolution, fps, frame count, duration, codec,

@@ -92,7 +92,7 @@ def describe(summary: dict) -> str:
     if summary["action"] == "nothing new":
         text = "nothing new: every input is unchanged since the last run; manifest kept"
     elif summary["action"] == "fresh":
-        text = "new output"
+        text = f"new output: {summary['new']} inputs listed"
     else:
         text = (f"{summary['action']}: {summary['new']} new, {summary['changed']} changed, "
                 f"{summary['retried']} previously skipped and changed inputs appended"
