@@ -91,12 +91,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for bad in manifest["skipped"]:
         print(f"skipped {bad['path']}: {bad['reason']} {bad['message']}", file=sys.stderr)
+    reasons: dict[str, int] = {}
+    for bad in manifest["skipped"]:
+        reasons[bad["reason"]] = reasons.get(bad["reason"], 0) + 1
     run = manifest.get("run") or {}
     if run:
         print(f"worldline-shards: {describe(run)}", file=sys.stderr)
     summary = {"out": os.path.abspath(args.out), "shards": len(manifest["shards"]),
                "samples": manifest["num_samples"], "skipped": len(manifest["skipped"]),
-               "pattern": manifest["pattern"], "run": run.get("action")}
+               "skipped_reasons": reasons, "pattern": manifest["pattern"], "run": run.get("action")}
     print(json.dumps(summary))
     return 1 if (args.strict and manifest["skipped"]) else 0
 

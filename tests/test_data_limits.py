@@ -268,3 +268,20 @@ def test_latent_writer_never_writes_an_unsafe_or_repeated_key(tmp_path):
     assert m["num_samples"] == 1 and m["skipped_reasons"] == {"bad_key": 1, "duplicate_key": 1}
     names = [n for t in out.glob("*.tar") for n in tarfile.open(t).getnames()]
     assert names and all(n.startswith("ok0.") for n in names)
+
+
+def test_studio_folder_with_a_latin1_caption_skips_that_clip_only(tmp_path):
+    """worldline-studio-shards stages a caption it cannot decode as it is: ingest reports
+    that clip (bad_encoding, file named) and shards the rest (it used to raise)."""
+    from worldline.scripts.studio_shards import make_studio_shards
+
+    studio = tmp_path / "studio"
+    studio.mkdir()
+    for i, name in enumerate(("good", "latin")):
+        (studio / f"{name}.mp4").write_bytes(clip(i))
+    (studio / "good.txt").write_text("fine")
+    (studio / "latin.txt").write_bytes("pâté".encode("latin-1"))
+    m = make_studio_shards(studio, tmp_path / "out", val_fraction=0.0, processes=0)["train"]
+    assert [e["key"] for e in m["samples"]] == ["good"]
+    assert [(Path(b["path"]).name, b["reason"]) for b in m["skipped"]] == [("latin.mp4", "bad_encoding")]
+    assert "latin.txt" in m["skipped"][0]["message"]
