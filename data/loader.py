@@ -126,6 +126,33 @@ def resolve_shards(shards: str | os.PathLike | Sequence[str]) -> list[str]:
     return [str(s) for s in shards]
 
 
+def repeated_keys(shards: str | os.PathLike | Sequence[str]) -> dict[int, frozenset[str]]:
+    """``{shard index: keys an earlier shard already holds}`` from a dataset's manifest (its
+    per-sample ``key``/``shard``), so a key repeated across shards is dropped the same way in
+    every epoch and shard order: the first shard's copy wins. Empty without a manifest (a
+    repeat within one shard is caught while reading it, ``iter_tar_samples``)."""
+    if not isinstance(shards, (str, os.PathLike)):
+        return {}
+    path = Path(shards)
+    path = path / "manifest.json" if path.is_dir() else path
+    if path.name != "manifest.json" or not path.is_file():
+        return {}
+    manifest = json.loads(path.read_text())
+    order = {name: i for i, name in enumerate(manifest.get("shards", []))}
+    by_shard: dict[int, list[str]] = {}
+    for entry in manifest.get("samples", []):
+        if isinstance(entry, dict) and entry.get("shard") in order and isinstance(entry.get("key"), str):
+            by_shard.setdefault(order[entry["shard"]], []).append(entry["key"])
+    seen: set[str] = set()
+    out: dict[int, frozenset[str]] = {}
+    for i in sorted(by_shard):
+        keys = set(by_shard[i])
+        if keys & seen:
+            out[i] = frozenset(keys & seen)
+        seen |= keys
+    return out
+
+
 def resize_center_crop(frames: np.ndarray, size: tuple[int, int]) -> tuple[torch.Tensor, float]:
     """``frames`` uint8 ``[T, h, w, 3]`` -> (contiguous uint8 ``[T, H, W, 3]``, scale): an
     aspect-preserving resize to cover ``size``, then a centre crop (see ``video.resize_crop``)."""
@@ -231,6 +258,7 @@ class ShardLoader:
         max_member_bytes: int = MAX_MEMBER_BYTES,
     ):
         self.shards = resolve_shards(shards)
+        self.repeats = repeated_keys(shards)  # skipped as duplicate_key: the first shard's copy wins
         if not self.shards:
             raise ValueError(f"no shards in {shards!r}")
         if position not in POSITIONS or crop not in CROPS or input not in INPUTS:
@@ -329,6 +357,7 @@ class ShardLoader:
             shuffle_buffer=self.shuffle_buffer, max_skip_fraction=self.max_skip_fraction,
             skip_check_after=self.skip_check_after, crashed=frozenset(self.crashed),
             marks=self._marks, free=self._free, max_member_bytes=self.max_member_bytes,
+            repeats=self.repeats,
         )
 
     def _batches(self) -> Iterator[Delivery]:

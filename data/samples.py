@@ -97,11 +97,13 @@ def iter_tar_samples(
     only: set[int] | None = None,
     wanted: Callable[[str], bool] = lambda ext: True,
     max_member_bytes: int = MAX_MEMBER_BYTES,
+    repeats: frozenset[str] = frozenset(),
 ) -> Iterator[RawSample]:
     """Samples ``index >= start`` (and in ``only`` if given) of one tar shard, in tar order.
 
     A sample whose key is unsafe (``sources.key_problem``: ``..``, ``/``, odd characters), whose
-    key already named an earlier sample of the shard (the first wins), or with a member larger
+    key already named an earlier sample of the shard or is in ``repeats`` (keys an earlier shard
+    holds: ``loader.repeated_keys``; the first wins), or with a member larger
     than ``max_member_bytes`` comes back with ``problem`` set and nothing more read.
 
     Hand-rolled over ``tarfile`` rather than webdataset's ``tar_file_iterator`` +
@@ -138,9 +140,10 @@ def iter_tar_samples(
                 if index >= start and (only is None or index in only):
                     current = RawSample(index, base, url)
                     bad = key_problem(base)
-                    if bad or base in seen:
+                    if bad or base in seen or base in repeats:
+                        where = "this shard" if base in seen else "an earlier shard"
                         current.problem = ("bad_key", bad) if bad else (
-                            "duplicate_key", f"key {base[:80]!r} repeats an earlier sample of this shard (kept)")
+                            "duplicate_key", f"key {base[:80]!r} repeats a sample of {where} (that one is kept)")
                 seen.add(base)
             if current is None or current.problem is not None:
                 continue  # rejected by name: the member's bytes are never read

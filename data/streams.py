@@ -33,7 +33,7 @@ import copy
 import dataclasses
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -89,6 +89,7 @@ class StreamPlan:
     marks: torch.Tensor | None = None
     free: torch.Tensor | None = None
     max_member_bytes: int = MAX_MEMBER_BYTES  # larger tar members are never read (too_large)
+    repeats: dict[int, frozenset[str]] = field(default_factory=dict)  # shard -> keys held earlier
 
     def stream_shards(self, epoch: int, stream: int) -> list[int]:
         """Shard ids sub-stream ``stream`` of this rank reads in ``epoch`` (epoch mode)."""
@@ -177,7 +178,7 @@ class Stream:
             previous = tag
             url = lo.shards[shard]
             samples = iter_tar_samples(url, start, None if only is None else set(only), lo.codec.wanted,
-                                       lo.max_member_bytes)
+                                       lo.max_member_bytes, lo.repeats.get(shard, frozenset()))
             while True:
                 try:
                     raw = next(samples)
@@ -230,7 +231,8 @@ class Stream:
             wanted.setdefault(shard, set()).add(index)
         raws = {}
         for shard, indices in sorted(wanted.items()):
-            for raw in iter_tar_samples(lo.shards[shard], 0, indices, lo.codec.wanted, lo.max_member_bytes):
+            for raw in iter_tar_samples(lo.shards[shard], 0, indices, lo.codec.wanted, lo.max_member_bytes,
+                                        lo.repeats.get(shard, frozenset())):
                 raws[(shard, raw.index)] = raw
 
         def inspect(ref: Ref) -> Candidate:

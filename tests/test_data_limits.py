@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from worldline.data.loader import ShardLoader
@@ -285,3 +286,23 @@ def test_studio_folder_with_a_latin1_caption_skips_that_clip_only(tmp_path):
     assert [e["key"] for e in m["samples"]] == ["good"]
     assert [(Path(b["path"]).name, b["reason"]) for b in m["skipped"]] == [("latin.mp4", "bad_encoding")]
     assert "latin.txt" in m["skipped"][0]["message"]
+
+
+def test_loader_drops_a_key_repeated_across_shards(tmp_path):
+    """A dataset whose manifest lists key 'k' in two shards: the first shard's copy is
+    delivered, the second is a counted duplicate_key skip, whatever the shard order."""
+    from worldline.data.shards import write_manifest
+
+    tar_of(tmp_path / "a.tar", sample("k", 0) + sample("a1", 1))
+    tar_of(tmp_path / "b.tar", sample("b1", 2) + sample("k", 3))
+    write_manifest(tmp_path, ["a.tar", "b.tar"], [2, 2],
+                   [{"key": k, "shard": s} for s, k in (("a.tar", "k"), ("a.tar", "a1"), ("b.tar", "b1"), ("b.tar", "k"))])
+    first = next(iter(ShardLoader([str(tmp_path / "a.tar")], batch_size=1, num_frames=4, resolution=(32, 32),
+                                  shuffle_shards=False)))["video"]
+    for seed in (0, 1, 2):  # two epochs each, in the shard orders these seeds draw
+        loader = ShardLoader(str(tmp_path), batch_size=1, num_frames=4, resolution=(32, 32), seed=seed,
+                             max_skip_fraction=1.0)
+        batches = list(itertools.islice(loader, 6))
+        assert sorted(b["key"][0] for b in batches) == ["a1", "a1", "b1", "b1", "k", "k"]
+        assert all(torch.equal(b["video"], first) for b in batches if b["key"] == ["k"])  # a.tar's copy
+        assert loader.stats["skipped_reasons"]["duplicate_key"] >= 1
