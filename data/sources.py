@@ -43,6 +43,7 @@ import io
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,9 +52,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 _REF_NAME = re.compile(r"^(.*)\.ref\d*\.[A-Za-z]+$")
 _KNOWN_COLUMNS = {"video", "path", "key", "caption", "actions", "camera", "refs", "style"}
 _SAFE_KEY = re.compile(r"[A-Za-z0-9_-]{1,200}")
-# Sidecar suffixes a video's stem may carry (besides .ref<N>.<image>).
-SIDECAR_SUFFIXES = (".txt", ".style.txt", ".json", ".actions.json", ".actions.npy",
-                    ".camera.json", ".camera.npy")
 MAX_TEXT_BYTES = 1 << 20  # a caption or style file larger than 1 MiB is not a caption
 
 
@@ -166,9 +164,14 @@ def skipped_item(path: str | os.PathLike, reason: str, message: str) -> SourceIt
 
 
 def make_key(rel: str) -> str:
-    """``"a/b c.v2.mp4"`` -> ``"a_b_c_v2"``: a webdataset-safe sample key."""
+    """``"a/b c.v2.mp4"`` -> ``"a_b_c_v2"``: a webdataset-safe sample key. A long path is cut
+    to 190 characters and a hash of it (so the key stays unique and a collision suffix still
+    fits the 200 ``key_problem`` allows)."""
     stem = rel[: -len(Path(rel).suffix)] if Path(rel).suffix else rel
-    return re.sub(r"[^A-Za-z0-9_-]", "_", stem) or "_"
+    key = re.sub(r"[^A-Za-z0-9_-]", "_", stem) or "_"
+    if len(key) > 190:
+        key = f"{key[:173]}_{hashlib.sha1(rel.encode()).hexdigest()[:16]}"
+    return key
 
 
 def _dedupe(items: list[SourceItem]) -> list[SourceItem]:
@@ -187,12 +190,15 @@ def _dedupe(items: list[SourceItem]) -> list[SourceItem]:
         first_video.setdefault(it.video, it.key)
     seen: dict[str, str] = {}
     videos: set[str] = set()
+    ids: set[str] = set()
     for i, it in enumerate(live):
         if it.key in seen or it.video in videos:
             first = seen.get(it.key) or it.video
             it.problem = ("duplicate_key", f"key {it.key!r} (or its video) already used by {first}; "
                           f"the first one is kept")
-            it.key = f"{it.key}@{i}"  # a unique id for the report and for resuming
+            # An id for the report and for reruns (stable while the listing grows).
+            it.key = f"{it.key}@{it.video}" if f"{it.key}@{it.video}" not in ids else f"{it.key}@{it.video}#{i}"
+            ids.add(it.key)
             continue
         seen[it.key] = it.video
         videos.add(it.video)
@@ -228,7 +234,7 @@ def _walk(root: Path) -> tuple[list[Path], list[SourceItem]]:
                 skipped.append(skipped_item(p, "hidden", "hidden file (name starts with '.')"))
                 continue
             try:
-                p.stat()  # follows symlinks
+                mode = p.stat().st_mode  # follows symlinks
             except OSError as exc:
                 if exc.errno == errno.ELOOP:
                     skipped.append(skipped_item(p, "symlink_loop", f"symlink loop: {exc.strerror}"))
@@ -236,6 +242,9 @@ def _walk(root: Path) -> tuple[list[Path], list[SourceItem]]:
                     skipped.append(skipped_item(p, "broken_symlink", f"-> {os.readlink(p)} does not exist"))
                 else:
                     skipped.append(skipped_item(p, "unreadable", f"{type(exc).__name__}: {exc}"))
+                continue
+            if not stat.S_ISREG(mode):  # a FIFO or device would block or never end a read
+                skipped.append(skipped_item(p, "not_a_file", "not a regular file (FIFO, socket or device)"))
                 continue
             files.append(p)
     return sorted(files), skipped

@@ -73,8 +73,8 @@ def test_text_sidecars_in_any_encoding(tmp_path, capsys):
 
 
 def test_every_path_is_ingested_or_skipped_with_a_reason(tmp_path, capsys):
-    """Hidden files and folders, broken and looping symlinks, a PNG renamed .mp4 and a stray
-    file are each listed as skipped (they were silently ignored, and the PNG was accepted)."""
+    """Hidden files and folders, broken and looping symlinks, a PNG renamed .mp4, a FIFO and a
+    stray file are each listed as skipped (they were silently ignored, and the PNG was accepted)."""
     src = tmp_path / "src"
     (src / ".git").mkdir(parents=True)
     (src / ".git" / "HEAD").write_text("ref")
@@ -86,11 +86,13 @@ def test_every_path_is_ingested_or_skipped_with_a_reason(tmp_path, capsys):
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(src / "photo.png")
     (src / "photo.png").rename(src / "photo.mp4")
     (src / "notes.md").write_text("hi")
+    os.mkfifo(src / "pipe.mp4")  # reading it would block the run forever
     code, m, _ = run(src, tmp_path / "out", capsys=capsys)
     assert code == 0 and sorted(e["key"] for e in m["samples"]) == ["good", "linked"]
     reasons = {name: r for name, (r, _) in skipped(m).items()}
     assert reasons == {".git": "hidden", ".hidden.mp4": "hidden", "broken.mp4": "broken_symlink",
-                       "loop.mp4": "symlink_loop", "photo.mp4": "image_not_video", "notes.md": "unused_file"}
+                       "loop.mp4": "symlink_loop", "photo.mp4": "image_not_video", "notes.md": "unused_file",
+                       "pipe.mp4": "not_a_file"}
 
 
 def test_manifest_keys_unsafe_or_duplicate_and_bad_rows(tmp_path, capsys):
