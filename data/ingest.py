@@ -61,7 +61,7 @@ from pathlib import Path
 import numpy as np
 
 from worldline.data.audio import AudioDecodeError, probe_audio
-from worldline.data.rerun import _stat, describe, plan_rerun
+from worldline.data.rerun import describe, plan_rerun, stat_fingerprint
 from worldline.data.probe import ProbeError, VideoLimits, is_iso_bmff, probe_file, probe_video
 from worldline.data.samples import parse_actions
 from worldline.data.shards import MANIFEST, ClosedShard, Journal, ShardWriter, remove_partial_shards, write_manifest
@@ -323,23 +323,17 @@ def _refs(item: SourceItem, limits: VideoLimits, max_bytes: int = IngestOptions.
     return out
 
 
-def fingerprint(path: str, with_hash: bool = True) -> dict:
-    """What a rerun compares to find a changed input: size, mtime (ns) and sha256."""
-    st = os.stat(path)
-    out = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    return {**out, "sha256": file_sha256(path)} if with_hash else out
-
-
 def _precheck(item: SourceItem, opts: IngestOptions) -> dict:
     """Everything decided before the video is read: a listed-but-unusable path, an unsafe
     key, the file's size (``stat``) and its header (``probe_file``: only the boxes it needs);
-    returns the input's fingerprint."""
+    returns the input's fingerprint (size, mtime, sha256: what a rerun compares, ``data.rerun``)."""
     if item.problem is not None:
         raise BadInput(*item.problem)
     if bad := key_problem(item.key):
         raise BadInput("bad_key", bad)
     try:
-        fp = fingerprint(item.video, with_hash=False)
+        st = os.stat(item.video)
+        fp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
     except OSError as exc:
         raise BadInput("unreadable", f"{type(exc).__name__}: {exc}") from None
     if fp["size"] == 0:
@@ -563,7 +557,7 @@ def make_shards(
             if not result["ok"]:
                 log.warning("make_shards: skipping %s: %s %s", result["path"], result["reason"], result["message"])
                 bad.append({**{k: result[k] for k in ("key", "path", "reason", "message")},
-                            "input": _stat(result["path"])})
+                            "input": stat_fingerprint(result["path"])})
                 continue
             shard = writer.write(result["sample"])
             entries.append({**result["entry"], "shard": shard})

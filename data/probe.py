@@ -293,7 +293,8 @@ def probe_file(path: str | os.PathLike, limits: VideoLimits | None = None) -> Vi
     """``probe_video`` of a file without reading it whole: an mp4/mov is memory-mapped, so
     only the pages of the boxes the walk touches (``moov``, box headers) are read; anything
     else is opened by FFmpeg from the path, which reads its header only. A junk or hostile
-    file is refused before any caller reads its bytes."""
+    file is refused before any caller reads its bytes. (A file truncated while mapped raises
+    SIGBUS: ingest runs this in pool workers, whose death is reported as ``decoder_crash``.)"""
     limits = limits or VideoLimits()
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:

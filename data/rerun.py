@@ -25,7 +25,9 @@ import os
 from worldline.data.sources import SourceItem, file_sha256
 
 
-def _stat(path: str) -> dict | None:
+def stat_fingerprint(path: str) -> dict | None:
+    """``{"size", "mtime_ns"}`` of ``path`` (``None`` if it cannot be stat'ed): the cheap half
+    of an input's fingerprint, journaled for every input, good or bad."""
     try:
         st = os.stat(path)
     except OSError:
@@ -38,7 +40,7 @@ def _changed(path: str, old: dict | None) -> bool:
     sha256 when those moved). Entries journaled before fingerprints existed never change."""
     if not old:
         return False
-    now = _stat(path)
+    now = stat_fingerprint(path)
     if now is None:
         return False  # gone: reported separately, its samples kept
     if now["size"] == old.get("size") and now["mtime_ns"] == old.get("mtime_ns"):
