@@ -351,6 +351,8 @@ def read_manifest(path: str | Path, root: str | Path | None = None) -> list[Sour
         refs = _split_list(refs) if not isinstance(refs, list) else [str(r) for r in refs]
         explicit = row.get("key") not in (None, "")
         key = row["key"] if explicit else make_key(str(rel))
+        if isinstance(key, int) and not isinstance(key, bool):  # JSONL "key": 17 is "17"
+            key = str(key)
         bad_key = key_problem(key)
         if bad_key:
             items.append(skipped_item(f"{where} {video}", "bad_key", bad_key))

@@ -252,6 +252,15 @@ def test_config_keys_and_errors_name_what_to_do(tmp_path):
     assert override_hints(["data.shards=/x/s-{000..009}.tar", "data.batch_size=2"])[0].startswith(
         "hint: data.shards=/x/s-{000..009}.tar has an unquoted brace pattern")
     assert override_hints(['data.shards="/x/s-{000..009}.tar"']) == []
+    from _runs import compose_cfg
+
+    from worldline.train.config import ConfigError
+    from worldline.train.validate import validate
+
+    cfg = compose_cfg(["data.kind=webdataset", f"data.shards={tmp_path / 'shards'}", "data.max_pixels=4096"])
+    assert cfg.data.max_pixels == 4096
+    with pytest.raises(ConfigError, match="data.shards.*without manifest.json"):  # before any worker starts
+        validate(cfg)
 
 
 def test_latent_writer_never_writes_an_unsafe_or_repeated_key(tmp_path):

@@ -8,6 +8,7 @@ composing, before this runs.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -258,6 +259,10 @@ def _validate_data(cfg: Any) -> None:
     _check(d.max_member_bytes >= 1, "data.max_member_bytes", "must be >= 1")
     if d.kind == "webdataset":
         _check(bool(d.shards), "data.shards", "required when data.kind=webdataset")
+        folder = Path(str(d.shards))
+        _check(not folder.is_dir() or (folder / "manifest.json").is_file(), "data.shards",
+               f"{folder} is a folder without manifest.json (not a finished worldline-shards "
+               f"output); name its shards instead: '\"{folder}/shard-{{000000..000009}}.tar\"'")
     _check(d.input == "pixel" or d.kind == "webdataset", "data.input",
            "latent input streams latent shards: set data.kind=webdataset and data.shards to "
            "the output of scripts/encode_latents.py")
