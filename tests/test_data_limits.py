@@ -317,3 +317,34 @@ def test_loader_drops_a_key_repeated_across_shards(tmp_path):
         assert sorted(b["key"][0] for b in batches) == ["a1", "a1", "b1", "b1", "k", "k"]
         assert all(torch.equal(b["video"], first) for b in batches if b["key"] == ["k"])  # a.tar's copy
         assert loader.stats["skipped_reasons"]["duplicate_key"] >= 1
+
+
+def test_a_junk_file_is_refused_from_its_header_without_being_read(tmp_path, monkeypatch):
+    """A 1 GiB sparse file (an mp4 'ftyp' box, then zeros) and a 1 GiB sparse non-mp4 are
+    refused by the header probe; neither is ever read whole (the real read_bytes, watched)."""
+    import struct
+
+    from worldline.data import ingest
+    from worldline.data.ingest import IngestOptions, make_shards
+
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "boxes.mp4", "wb") as f:
+        f.write(struct.pack(">I4s", 16, b"ftyp") + b"isom\0\0\0\0")
+        f.truncate(1 << 30)
+    with open(src / "zeros.mp4", "wb") as f:
+        f.truncate(1 << 30)
+    (src / "good.mp4").write_bytes(clip())
+    read: list[str] = []
+    real = Path.read_bytes
+
+    def watched(self):
+        read.append(self.name)
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", watched)
+    m = make_shards(src, tmp_path / "out", max_count=4, processes=0, options=IngestOptions())
+    assert [e["key"] for e in m["samples"]] == ["good"]
+    assert {Path(b["path"]).name: b["reason"] for b in m["skipped"]} == {"boxes.mp4": "not_video",
+                                                                          "zeros.mp4": "not_video"}
+    assert read == ["good.mp4"]
