@@ -96,8 +96,8 @@ def describe(summary: dict) -> str:
     elif summary["action"] == "fresh":
         text = f"new output: {summary['new']} inputs listed"
     else:
-        text = (f"{summary['action']}: {summary['new']} new, {summary['changed']} changed, "
-                f"{summary['retried']} previously skipped and changed inputs appended"
+        text = (f"{summary['action']}: {summary['new']} new and {summary['changed']} changed inputs, "
+                f"{summary['retried']} changed since they were skipped"
                 + (f" ({summary['redone_shards']} shards from the first changed one redone)"
                    if summary["redone_shards"] else ""))
     if summary.get("gone"):

@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="action ids must lie in [0, N) (the model's model.dit.num_actions); 0: unchecked")
     p.add_argument("--source-root", help="a .csv/.jsonl manifest may only name files under "
                    "this folder (default: anywhere)")
-    p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over: delete our shards and journal in OUT (needed when settings changed)")
     p.add_argument("--strict", action="store_true", help="exit 1 if any input was skipped")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
