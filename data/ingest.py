@@ -417,7 +417,7 @@ def _ordered_results(fn: Callable, items: list, processes: int, window: int,
         yield from map(fn, items)
         return
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import Future, ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
     ctx = mp.get_context()
@@ -430,7 +430,12 @@ def _ordered_results(fn: Callable, items: list, processes: int, window: int,
             item = next(it, None)
             if item is None:
                 return
-            pending.append((item, pool.submit(fn, item)))
+            try:
+                future = pool.submit(fn, item)
+            except BrokenProcessPool as exc:  # a worker died since the last result came back:
+                future = Future()  # handled like the others when this item's turn comes
+                future.set_exception(exc)
+            pending.append((item, future))
 
     def isolated(item) -> dict:
         with ProcessPoolExecutor(1, mp_context=ctx) as one:
