@@ -18,6 +18,16 @@
 Resume: rerunning on the same ``out_dir`` keeps every journaled shard, skips their inputs (and
 the inputs already reported bad), deletes partial files and continues numbering. Because the
 order and the shard boundaries are deterministic, the result equals an uninterrupted run's.
+A rerun on a finished output is incremental (``data.rerun``): "nothing new", or new and
+changed inputs (size + mtime, then sha256) appended, shards from the first changed one redone;
+``manifest["run"]`` says which. Other settings are refused, naming ``--overwrite``.
+
+Before an input is read: its key must be safe (``sources.key_problem``), its size within
+``max_input_bytes`` (``stat``) and its header sane (``probe_file``: an mp4's boxes through a
+memory map, anything else through FFmpeg's header probe; a still image renamed ``.mp4`` is
+``image_not_video``); sidecars are size-checked the same way (``max_sidecar_bytes``), JSON
+capped at depth 64, text decoded as UTF-8 / UTF-16 with BOM or skipped as ``bad_encoding``,
+and ``num_actions`` > 0 bounds action ids (booleans are always refused).
 
 Sample members: ``<key>.mp4``, ``<key>.json`` (``actions``, ``camera`` or ``camera_pose``,
 ``caption``, ``style``, ``meta``: source path, resolution, fps, frame count, duration, codec,
@@ -55,11 +65,21 @@ from pathlib import Path
 import numpy as np
 
 from worldline.data.audio import AudioDecodeError, probe_audio
-from worldline.data.probe import ProbeError, VideoLimits, is_iso_bmff, probe_video
-from worldline.data.provenance import IngestScreen, OptOut, ProvenanceOptions, describe, summarize_manifest
+from worldline.data.probe import ProbeError, VideoLimits, is_iso_bmff, probe_file, probe_video
+from worldline.data.provenance import IngestScreen, OptOut, ProvenanceOptions, summarize_manifest
+from worldline.data.provenance import describe as describe_provenance
+from worldline.data.rerun import describe, plan_rerun, stat_fingerprint
 from worldline.data.samples import parse_actions
 from worldline.data.shards import MANIFEST, ClosedShard, Journal, ShardWriter, remove_partial_shards, write_manifest
-from worldline.data.sources import IMAGE_SUFFIXES, SourceItem, discover, file_sha256
+from worldline.data.sources import (
+    IMAGE_SUFFIXES,
+    SidecarError,
+    SourceItem,
+    discover,
+    file_sha256,
+    key_problem,
+    parse_json,
+)
 from worldline.data.transcode import DECORD_UNDECODABLE, check_encoder, reencode_reason, transcode
 from worldline.data.video import open_reader, read_frames
 
@@ -87,6 +107,10 @@ class IngestOptions:
     source_root: str | None = None
     # Licence / source defaults and --require-license (data/provenance.py).
     provenance: ProvenanceOptions = field(default_factory=ProvenanceOptions)
+    num_actions: int = 0  # > 0: action ids must lie in [0, num_actions) (the model's table)
+    max_input_bytes: int = 4 << 30  # a larger video file is skipped unread (too_large)
+    max_sidecar_bytes: int = 64 << 20  # JSON / .npy / reference image files
+
 
 
 def validate_video(data: bytes, full: bool = False, limits: VideoLimits | None = None) -> dict:
@@ -147,33 +171,48 @@ def _seek_mismatches(reader, data: bytes, crcs: list[int], checks: int = 8) -> l
     return sorted(wrong)
 
 
-def _load_array(value, what: str):
+def _sidecar_bytes(path: Path, what: str, max_bytes: int) -> bytes:
+    """A sidecar's bytes, its size checked with ``stat`` before anything is read."""
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise BadInput("too_large", f"{what} {path.name}: {size} bytes > {max_bytes}")
+        return path.read_bytes()
+    except OSError as exc:
+        raise BadInput(f"bad_{what}", f"{path.name}: {type(exc).__name__}: {exc}") from None
+
+
+def _load_array(value, what: str, max_bytes: int = IngestOptions.max_sidecar_bytes):
     if value is None:
         return None
     if isinstance(value, str):
         path = Path(value)
+        data = _sidecar_bytes(path, what, max_bytes)
         try:
             if path.suffix.lower() == ".npy":
-                return np.load(path, allow_pickle=False)  # never unpickle
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: deep nesting
+                return np.load(io.BytesIO(data), allow_pickle=False)  # never unpickle
+            return parse_json(data, path.name)
+        except SidecarError as exc:  # encoding, nesting depth
+            raise BadInput(exc.reason if exc.reason == "bad_encoding" else f"bad_{what}", exc.message) from None
+        except (ValueError, EOFError) as exc:
             raise BadInput(f"bad_{what}", f"{path.name}: {type(exc).__name__}: {exc}") from None
     return value
 
 
-def _annotations(item: SourceItem, meta: dict, num_frames: int) -> dict:
+def _annotations(item: SourceItem, meta: dict, num_frames: int, opts: IngestOptions | None = None) -> dict:
+    opts = opts or IngestOptions()
     out: dict = {}
-    actions = _load_array(item.actions, "actions")
+    actions = _load_array(item.actions, "actions", opts.max_sidecar_bytes)
     actions = meta.pop("actions", None) if actions is None else actions
     if actions is not None:
         try:
-            arr = parse_actions(actions)
+            arr = parse_actions(actions, opts.num_actions)
         except (ValueError, TypeError) as exc:
             raise BadInput("bad_actions", str(exc)) from None
         if len(arr) != num_frames:
             raise BadInput("bad_actions", f"{len(arr)} action rows for {num_frames} frames")
         out["actions"] = arr.tolist()
-    camera = _load_array(item.camera, "camera")
+    camera = _load_array(item.camera, "camera", opts.max_sidecar_bytes)
     camera = meta.pop("camera", None) if camera is None else camera
     if camera is not None:
         try:
@@ -190,7 +229,8 @@ def _annotations(item: SourceItem, meta: dict, num_frames: int) -> dict:
     return out
 
 
-def _refs(item: SourceItem, limits: VideoLimits) -> dict[str, bytes]:
+def _refs(item: SourceItem, limits: VideoLimits, max_bytes: int = IngestOptions.max_sidecar_bytes
+          ) -> dict[str, bytes]:
     from PIL import Image
 
     out = {}
@@ -198,8 +238,8 @@ def _refs(item: SourceItem, limits: VideoLimits) -> dict[str, bytes]:
         ext = Path(path).suffix.lower().lstrip(".")
         if f".{ext}" not in IMAGE_SUFFIXES:
             raise BadInput("bad_reference", f"{path}: not an image file")
+        data = _sidecar_bytes(Path(path), "reference", max_bytes)
         try:
-            data = Path(path).read_bytes()
             with Image.open(io.BytesIO(data)) as img:
                 w, h = img.size
                 if max(h, w) > limits.max_side or h * w > limits.max_pixels:
@@ -217,7 +257,7 @@ def _provenance(item: SourceItem, meta: dict, sha256: str, opts: ProvenanceOptio
     """The sample's ``provenance`` record (data/provenance.py), or ``BadInput``: a malformed
     field (``bad_provenance``), or no licence under ``require_license`` (``no_license``)."""
     try:
-        prov = describe(item.video, meta, sha256, opts)
+        prov = describe_provenance(item.video, meta, sha256, opts)
     except ValueError as exc:
         raise BadInput("bad_provenance", str(exc)) from None
     if opts.require_license and not prov["license"]:
@@ -225,10 +265,37 @@ def _provenance(item: SourceItem, meta: dict, sha256: str, opts: ProvenanceOptio
     return prov
 
 
+def _precheck(item: SourceItem, opts: IngestOptions) -> dict:
+    """Everything decided before the video is read: a listed-but-unusable path, an unsafe
+    key, the file's size (``stat``) and its header (``probe_file``: only the boxes it needs);
+    returns the input's fingerprint (size, mtime, sha256: what a rerun compares, ``data.rerun``)."""
+    if item.problem is not None:
+        raise BadInput(*item.problem)
+    if bad := key_problem(item.key):
+        raise BadInput("bad_key", bad)
+    try:
+        st = os.stat(item.video)
+        fp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    except OSError as exc:
+        raise BadInput("unreadable", f"{type(exc).__name__}: {exc}") from None
+    if fp["size"] == 0:
+        raise BadInput("empty_video", "0 bytes")
+    if fp["size"] > opts.max_input_bytes:
+        raise BadInput("too_large", f"{fp['size']} bytes > max_input_bytes={opts.max_input_bytes} (--max-input-size)")
+    try:
+        probe_file(item.video, opts.limits)
+    except ProbeError as exc:
+        raise BadInput(exc.reason, str(exc)) from None
+    except OSError as exc:
+        raise BadInput("unreadable", f"{type(exc).__name__}: {exc}") from None
+    return {**fp, "sha256": file_sha256(item.video)}
+
+
 def prepare(item: SourceItem, opts: IngestOptions) -> dict:
     """One input -> ``{"ok": True, "sample": {...}, "entry": {...}}`` or ``{"ok": False,
     "key", "path", "reason", "message"}``. Runs in pool workers; never raises for bad data."""
     try:
+        fp = _precheck(item, opts)
         try:
             data = Path(item.video).read_bytes()
         except OSError as exc:
@@ -236,10 +303,6 @@ def prepare(item: SourceItem, opts: IngestOptions) -> dict:
         if len(data) == 0:
             raise BadInput("empty_video", "0 bytes")
         original_bytes = data
-        try:
-            sha256 = file_sha256(item.video)  # of the original, before any re-encode
-        except OSError as exc:
-            raise BadInput("unreadable", f"{type(exc).__name__}: {exc}") from None
         # Check the original before handing it to an encoder, then the result again. Inputs
         # the loader cannot read correctly as they are (reencode_reason) are always re-encoded.
         try:
@@ -269,24 +332,30 @@ def prepare(item: SourceItem, opts: IngestOptions) -> dict:
             raise BadInput("bad_audio", str(exc)) from None
         meta = dict(item.meta)
         if item.meta_path:
+            path = Path(item.meta_path)
             try:
-                extra = json.loads(Path(item.meta_path).read_text(encoding="utf-8"))
-            except (OSError, ValueError, RecursionError) as exc:  # RecursionError: deep nesting
-                raise BadInput("bad_json", f"{Path(item.meta_path).name}: {exc}") from None
+                extra = parse_json(_sidecar_bytes(path, "json", opts.max_sidecar_bytes), path.name)
+            except SidecarError as exc:
+                raise BadInput(exc.reason, exc.message) from None
             if not isinstance(extra, dict):
                 raise BadInput("bad_json", f"{Path(item.meta_path).name}: not a JSON object")
             meta = {**extra, **meta}
-        provenance = _provenance(item, meta, sha256, opts.provenance)
-        record = _annotations(item, meta, facts["num_frames"])
+        provenance = _provenance(item, meta, fp["sha256"], opts.provenance)
+        record = _annotations(item, meta, facts["num_frames"], opts)
         caption = item.caption if item.caption is not None else str(meta.pop("caption", "") or "")
         style = item.style or meta.pop("style", [])
         record.update(caption=caption, style=[style] if isinstance(style, str) else list(style),
                       meta={**meta, "source": item.video, **facts}, provenance=provenance)
-        sample = {"__key__": item.key, "mp4": data, "json": record, "txt": caption, **_refs(item, opts.limits)}
-        entry = {"key": item.key, "source": item.video, **facts, "provenance": provenance}
+        sample = {"__key__": item.key, "mp4": data, "json": record, "txt": caption,
+                  **_refs(item, opts.limits, opts.max_sidecar_bytes)}
+        entry = {"key": item.key, "source": item.video, **facts, "input": fp,
+                 "provenance": provenance}
         return {"ok": True, "key": item.key, "sample": sample, "entry": entry}
     except BadInput as exc:
         return {"ok": False, "key": item.key, "path": item.video, "reason": exc.reason, "message": exc.message}
+    except RecursionError:  # a structure too deep to encode; never the run's end
+        return {"ok": False, "key": item.key, "path": item.video, "reason": "bad_json",
+                "message": "annotations nested too deeply to store"}
 
 
 def _pattern_regex(pattern: str) -> re.Pattern:
@@ -324,8 +393,8 @@ def _ordered_results(fn: Callable, items: list, processes: int, window: int,
                 return
             try:
                 future = pool.submit(fn, item)
-            except BrokenProcessPool as exc:  # a worker died since the last result was read
-                future = Future()
+            except BrokenProcessPool as exc:  # a worker died since the last result came back:
+                future = Future()  # handled like the others when this item's turn comes
                 future.set_exception(exc)
             pending.append((item, future))
 
@@ -398,32 +467,44 @@ def make_shards(
     out.mkdir(parents=True, exist_ok=True)
     journal = Journal(out / JOURNAL, {"source": str(Path(source).resolve()), "pattern": pattern,
                                       "max_count": max_count, "max_bytes": max_bytes,
-                                      "options": {**asdict(options), "limits": asdict(options.limits)}})
+                                      "options": {**asdict(options), "limits": asdict(options.limits)}},
+                      restart="--overwrite (make_shards(..., resume=False))")
+    ours = _pattern_regex(pattern)
     records: list[dict] = []
     previous = journal.records() if resume else None
+    items = discover(source, options.source_root)
     if previous is not None:
-        if (out / MANIFEST).exists():
-            return json.loads((out / MANIFEST).read_text())
+        complete = (out / MANIFEST).exists()
         for r in previous:  # keep journaled shards up to the first one that went missing
             if r.get("shard") is not None and not (out / r["shard"]).is_file():
+                complete = False
                 break
             records.append(r)
+        kept, items, run = plan_rerun(records, items, complete)
+        log.info("make_shards: %s", describe(run))
+        if run["action"] == "nothing new":
+            return {**json.loads((out / MANIFEST).read_text()), "run": run}
+        keep = {r["shard"] for r in kept if r.get("shard")}
+        if len(kept) != len(records) or any(a["bad"] != b["bad"] for a, b in zip(kept, records)):
+            journal.rewrite(kept)  # first: a crash from here on resumes from the kept shards
+        for name in os.listdir(out):  # the stale manifest, shards being redone
+            if name == MANIFEST or (ours.fullmatch(name) and name not in keep):
+                (out / name).unlink()
+        records = kept
     else:
-        ours = _pattern_regex(pattern)
+        run = {"action": "fresh", "new": len(items), "changed": 0, "retried": 0, "redone_shards": 0, "gone": []}
         existing = [n for n in os.listdir(out) if n == MANIFEST or n.endswith(".tar")]
         if existing and resume:
-            raise ValueError(f"{out} already holds {existing[:3]}... not written by make_shards; "
-                             f"choose an empty folder (or resume=False to overwrite our own files)")
+            raise ValueError(f"{out} already holds {existing[:3]}... not written by worldline-shards; "
+                             f"choose an empty folder, or pass --overwrite (make_shards(..., "
+                             f"resume=False)) to replace our own files there")
         for name in os.listdir(out):
             if name in (MANIFEST, JOURNAL) or ours.fullmatch(name):
                 (out / name).unlink()
         journal.start()
     remove_partial_shards(out)  # of an interrupted run
-    records = [r for r in records if r.get("shard") is not None]  # trailing bad ones are redone
-    done = {e["key"] for r in records for e in r["entries"]} | {b["key"] for r in records for b in r["bad"]}
-    items = [it for it in discover(source, options.source_root)
-             if it.key not in done]
-    log.info("make_shards: %d inputs to do, %d shards kept from a previous run", len(items), len(records))
+    log.info("make_shards: %d inputs to do, %d shards kept from a previous run", len(items),
+             sum(1 for r in records if r.get("shard")))
 
     # What the open shard holds, and the inputs reported bad since the last journal record.
     entries: list[dict] = []
@@ -441,18 +522,21 @@ def make_shards(
 
     screen = IngestScreen(exclude, [e for r in records for e in r["entries"]])
     results = _ordered_results(_Prepare(options), items, processes, 4 * max(1, processes), _crashed)
-    with ShardWriter(out, pattern, max_count=max_count, max_bytes=max_bytes, start=len(records),
+    with ShardWriter(out, pattern, max_count=max_count, max_bytes=max_bytes,
+                     start=sum(1 for r in records if r.get("shard")),
                      on_close=closed) as writer:
         for result in results:
             if not result["ok"]:
                 log.warning("make_shards: skipping %s: %s %s", result["path"], result["reason"], result["message"])
-                bad.append({k: result[k] for k in ("key", "path", "reason", "message")})
+                bad.append({**{k: result[k] for k in ("key", "path", "reason", "message")},
+                            "input": stat_fingerprint(result["path"])})
                 continue
             refused = screen.check(result["key"], result["entry"]["source"], result["entry"]["provenance"])
             if refused is not None:
                 log.warning("make_shards: skipping %s: %s %s", result["entry"]["source"], *refused)
                 bad.append({"key": result["key"], "path": result["entry"]["source"],
-                            "reason": refused[0], "message": refused[1]})
+                            "reason": refused[0], "message": refused[1],
+                            "input": result["entry"]["input"]})
                 continue
             shard = writer.write(result["sample"])
             entries.append({**result["entry"], "shard": shard})
@@ -465,5 +549,5 @@ def make_shards(
     return write_manifest(
         out, [r["shard"] for r in shards], [r["count"] for r in shards], entries_all,
         pattern=pattern, shard_bytes=[r["bytes"] for r in shards], skipped=skipped,
-        provenance=summarize_manifest(entries_all, skipped),
+        provenance=summarize_manifest(entries_all, skipped), run=run,
     )

@@ -72,7 +72,7 @@ from worldline.data.batch import Batch
 from worldline.data.buckets import Bucket, BucketSet
 from worldline.data.probe import VideoLimits
 from worldline.data.provenance import OptOut, count_labels
-from worldline.data.samples import LatentCodec, PixelCodec
+from worldline.data.samples import MAX_MEMBER_BYTES, LatentCodec, PixelCodec
 from worldline.data.state import STATE_VERSION, GlobalState, LoaderState, StreamState, empty_stats, merge_states
 from worldline.data.streams import POOL_SLOTS, Delivery, Stream, StreamPlan
 from worldline.data.video import CROPS, POSITIONS, resize_crop
@@ -115,12 +115,43 @@ def resolve_shards(shards: str | os.PathLike | Sequence[str]) -> list[str]:
     if isinstance(shards, (str, os.PathLike)):
         path = Path(shards)
         if path.is_dir():
+            if not (path / "manifest.json").is_file():
+                raise FileNotFoundError(
+                    f"{path} is a folder without manifest.json: not a finished dataset (write it "
+                    f"with worldline-shards, or name its shards: '{path}/shard-{{000000..000009}}.tar')")
             path = path / "manifest.json"
         if path.name == "manifest.json" and path.is_file():
             manifest = json.loads(path.read_text())
             return [_inside_root(path, name) for name in manifest["shards"]]
         return [url for part in _split_top_level(str(shards)) for url in expand_urls(part.strip())]
     return [str(s) for s in shards]
+
+
+def repeated_keys(shards: str | os.PathLike | Sequence[str]) -> dict[int, frozenset[str]]:
+    """``{shard index: keys an earlier shard already holds}`` from a dataset's manifest (its
+    per-sample ``key``/``shard``), so a key repeated across shards is dropped the same way in
+    every epoch and shard order: the first shard's copy wins. Empty without a manifest (a
+    repeat within one shard is caught while reading it, ``iter_tar_samples``)."""
+    if not isinstance(shards, (str, os.PathLike)):
+        return {}
+    path = Path(shards)
+    path = path / "manifest.json" if path.is_dir() else path
+    if path.name != "manifest.json" or not path.is_file():
+        return {}
+    manifest = json.loads(path.read_text())
+    order = {name: i for i, name in enumerate(manifest.get("shards", []))}
+    by_shard: dict[int, list[str]] = {}
+    for entry in manifest.get("samples", []):
+        if isinstance(entry, dict) and entry.get("shard") in order and isinstance(entry.get("key"), str):
+            by_shard.setdefault(order[entry["shard"]], []).append(entry["key"])
+    seen: set[str] = set()
+    out: dict[int, frozenset[str]] = {}
+    for i in sorted(by_shard):
+        keys = set(by_shard[i])
+        if keys & seen:
+            out[i] = frozenset(keys & seen)
+        seen |= keys
+    return out
 
 
 def resize_center_crop(frames: np.ndarray, size: tuple[int, int]) -> tuple[torch.Tensor, float]:
@@ -186,7 +217,10 @@ class ShardLoader:
 
     Bad input is skipped, counted in ``stats`` (``skipped``, ``skipped_reasons``,
     ``shard_errors``) and warned about once with shard and key; a sub-stream whose skipped
-    fraction exceeds ``max_skip_fraction`` after ``skip_check_after`` samples aborts.
+    fraction exceeds ``max_skip_fraction`` after ``skip_check_after`` samples aborts. A sample
+    with an unsafe key (``..``, ``/``, odd characters), a key repeated within its shard (the
+    first wins) or a member over ``max_member_bytes`` (never read) is such a skip; ``limits``
+    (``VideoLimits``, e.g. a lower ``max_pixels``) refuses larger videos before decoding.
     ``exclude`` (an opt-out file, ``data.provenance.OptOut``): samples whose content hash,
     source or key it lists are skipped as ``opted_out`` (also ones restored from a checkpoint
     taken before they were opted out). Delivered samples are counted per licence and origin
@@ -227,8 +261,10 @@ class ShardLoader:
         audio_rate: int = 0,
         num_actions: int = 0,
         exclude: str | os.PathLike | OptOut | None = None,
+        max_member_bytes: int = MAX_MEMBER_BYTES,
     ):
         self.shards = resolve_shards(shards)
+        self.repeats = repeated_keys(shards)  # skipped as duplicate_key: the first shard's copy wins
         # Not part of the data identity: an opt-out added after a checkpoint must not block
         # the resume, it only withholds the samples it names from then on.
         self.exclude = exclude if isinstance(exclude, OptOut) or exclude is None else OptOut.load(exclude)
@@ -250,6 +286,7 @@ class ShardLoader:
         self.shuffle_buffer, self.resample, self.input = shuffle_buffer, resample, input
         self.max_skip_fraction, self.skip_check_after = max_skip_fraction, skip_check_after
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
+        self.max_member_bytes = int(max_member_bytes)  # not in the signature: a filter, like num_actions
         self.codec: PixelCodec | LatentCodec
         if input == "latent":
             self.codec = LatentCodec(batch_size, (num_frames, *self.resolution), num_actions)
@@ -329,6 +366,7 @@ class ShardLoader:
             shuffle_buffer=self.shuffle_buffer, max_skip_fraction=self.max_skip_fraction,
             skip_check_after=self.skip_check_after, crashed=frozenset(self.crashed),
             marks=self._marks, free=self._free, exclude=self.exclude,
+            max_member_bytes=self.max_member_bytes, repeats=self.repeats,
         )
 
     def _batches(self) -> Iterator[Delivery]:

@@ -36,6 +36,8 @@ Tiny CPU example::
 from __future__ import annotations
 
 import io
+import mmap
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,7 +45,10 @@ from fractions import Fraction
 
 import numpy as np
 
-__all__ = ["ProbeError", "VideoInfo", "VideoLimits", "probe_video", "is_iso_bmff"]
+__all__ = ["ProbeError", "VideoInfo", "VideoLimits", "probe_video", "probe_file", "is_iso_bmff"]
+
+# FFmpeg demuxers of still images: an image renamed .mp4 opens as a "video" of one frame.
+_IMAGE_FORMATS = {"image2", "gif", "apng", "webp", "ico"}
 
 # Boxes whose payload is a list of boxes (the ones on the path to the sample tables).
 _CONTAINER_BOXES = {b"moov", b"trak", b"mdia", b"minf", b"stbl", b"moof", b"traf", b"mvex", b"edts"}
@@ -344,13 +349,13 @@ def _timing(pts: np.ndarray, keys: np.ndarray | None, tick: float, duration: flo
     return fps, span, vfr, open_gop
 
 
-def _probe_pyav(data: bytes, max_frames: int = VideoLimits.max_frames) -> VideoInfo:
+def _probe_pyav(data: bytes | str, max_frames: int = VideoLimits.max_frames) -> VideoInfo:
     """Header facts through FFmpeg, timing from the packets' timestamps (demuxed, not decoded;
     at most ``max_frames + 1`` packets are read, enough to fail the frame-count limit)."""
     import av  # lazy: only non-mp4 containers get here
 
     try:
-        with av.open(io.BytesIO(data)) as container:
+        with av.open(data if isinstance(data, str) else io.BytesIO(data)) as container:
             stream = container.streams.video[0]
             rate = float(stream.average_rate or stream.guessed_rate or 0)
             cc = stream.codec_context
@@ -359,6 +364,8 @@ def _probe_pyav(data: bytes, max_frames: int = VideoLimits.max_frames) -> VideoI
             if not duration and container.duration:
                 duration = container.duration / av.time_base
             fmt = container.format.name.split(",")[0]
+            if fmt in _IMAGE_FORMATS or fmt.endswith("_pipe"):
+                raise ProbeError("image_not_video", f"a still image ({fmt}), not a video")
             tick = float(stream.time_base or 0)
             pts, keys, end = [], [], None
             for packet in container.demux(stream):
@@ -383,30 +390,56 @@ def _probe_pyav(data: bytes, max_frames: int = VideoLimits.max_frames) -> VideoI
                 n = int(round(duration * rate))
             return VideoInfo(cc.height, cc.width, n, rate, duration,
                              max(0.0, duration - (1 / rate if rate else 0.0)), False, cc.name, fmt)
+    except ProbeError:
+        raise
     except (av.error.FFmpegError, IndexError, ValueError, TypeError) as exc:
         raise ProbeError("not_video", f"{type(exc).__name__}: {exc}") from None
 
 
-def probe_video(data: bytes, limits: VideoLimits | None = None) -> VideoInfo:
-    """Header facts of video ``data`` (no frame is decoded for mp4/mov); raises ``ProbeError``
-    with ``reason`` in ``empty_video | not_video | truncated_video | corrupt_video |
-    absurd_dimensions``."""
-    limits = limits or VideoLimits()
-    if len(data) == 0:
-        raise ProbeError("empty_video", "0 bytes")
+def _probe(buf: bytes | mmap.mmap, source: bytes | str, limits: VideoLimits) -> VideoInfo:
+    """The box walk of ``buf`` (mp4/mov), else or for fragmented mp4 FFmpeg's probe of
+    ``source`` (the same bytes, or the file's path)."""
     info = None
-    if is_iso_bmff(data):
+    if is_iso_bmff(buf):
         try:
-            info = _probe_iso(data)
+            info = _probe_iso(buf)
         except (struct.error, IndexError, UnicodeDecodeError) as exc:  # malformed, not cut
             raise ProbeError("not_video", f"malformed mp4 boxes: {exc}") from None
         limits.check(info)  # before any fallback can touch a decoder
         if info.fps > 0:
             return info
-    full = _probe_pyav(data, limits.max_frames)
+    full = _probe_pyav(source, limits.max_frames)
     if info is not None:  # fragmented mp4: keep the box-derived size and count
         full = VideoInfo(info.height, info.width, info.num_frames, full.fps, full.duration,
                          full.span, full.vfr, info.codec, "mp4", info.rotation, info.sar,
                          open_gop=full.open_gop)
     limits.check(full)
     return full
+
+
+def probe_video(data: bytes, limits: VideoLimits | None = None) -> VideoInfo:
+    """Header facts of video ``data`` (no frame is decoded for mp4/mov); raises ``ProbeError``
+    with ``reason`` in ``empty_video | not_video | truncated_video | corrupt_video |
+    absurd_dimensions | image_not_video``."""
+    if len(data) == 0:
+        raise ProbeError("empty_video", "0 bytes")
+    return _probe(data, data, limits or VideoLimits())
+
+
+def probe_file(path: str | os.PathLike, limits: VideoLimits | None = None) -> VideoInfo:
+    """``probe_video`` of a file without reading it whole: an mp4/mov is memory-mapped, so
+    only the pages of the boxes the walk touches (``moov``, box headers) are read; anything
+    else is opened by FFmpeg from the path, which reads its header only. A junk or hostile
+    file is refused before any caller reads its bytes. (A file truncated while mapped raises
+    SIGBUS: ingest runs this in pool workers, whose death is reported as ``decoder_crash``.)"""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise ProbeError("empty_video", "0 bytes")
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            return _probe(buf, os.fspath(path), limits or VideoLimits())
+        finally:
+            try:
+                buf.close()
+            except BufferError:  # an array view of it lives on in a traceback; gc closes it
+                pass

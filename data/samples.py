@@ -38,6 +38,7 @@ from webdataset.tariterators import base_plus_ext
 from worldline.data.batch import Batch
 from worldline.data.buckets import Bucket, BucketSet, NoBucket
 from worldline.data.probe import ProbeError, VideoLimits, probe_video
+from worldline.data.sources import SidecarError, decode_text, key_problem, parse_json
 from worldline.data.audio import AudioDecodeError, decode_audio_window, window_samples
 from worldline.data.video import ClipTooShortError, decode_clip, resize_crop
 
@@ -49,6 +50,9 @@ VIDEO_EXTENSIONS = ("mp4", "m4v", "mov", "webm", "mkv", "avi")
 UNSAFE_EXTENSIONS = frozenset({"pyd", "pickle", "pkl", "pth", "pt", "ckpt", "joblib"})
 _REF = re.compile(r"^ref\d*\.(png|jpe?g|webp)$")
 _MSG_CHARS = 200  # decord puts whole inputs into some messages: keep warnings short
+# A member larger than this is never read (the sample is a too_large skip): sized for real
+# video (a 2 GiB clip is minutes of 4K), far below what one hostile member could cost.
+MAX_MEMBER_BYTES = 2 << 30
 
 
 class Skip(Exception):
@@ -68,6 +72,18 @@ class RawSample:
     url: str
     members: dict[str, bytes] = field(default_factory=dict)
     unsafe: list[str] = field(default_factory=list)
+    # (reason, message) found while reading: unsafe key, repeated key, oversized member. Its
+    # members are then not read; ``check_raw`` turns it into a Skip.
+    problem: tuple[str, str] | None = None
+
+
+def check_raw(raw: RawSample) -> None:
+    """The checks every codec's ``inspect`` starts with: a problem found while reading the
+    tar, or an unsafe member, is a ``Skip`` naming it."""
+    if raw.problem is not None:
+        raise Skip(*raw.problem)
+    if raw.unsafe:
+        raise Skip("unsafe_member", f"never decoded: .{', .'.join(raw.unsafe)}")
 
 
 def is_unsafe(ext: str) -> bool:
@@ -80,8 +96,15 @@ def iter_tar_samples(
     start: int = 0,
     only: set[int] | None = None,
     wanted: Callable[[str], bool] = lambda ext: True,
+    max_member_bytes: int = MAX_MEMBER_BYTES,
+    repeats: frozenset[str] = frozenset(),
 ) -> Iterator[RawSample]:
     """Samples ``index >= start`` (and in ``only`` if given) of one tar shard, in tar order.
+
+    A sample whose key is unsafe (``sources.key_problem``: ``..``, ``/``, odd characters), whose
+    key already named an earlier sample of the shard or is in ``repeats`` (keys an earlier shard
+    holds: ``loader.repeated_keys``; the first wins), or with a member larger
+    than ``max_member_bytes`` comes back with ``problem`` set and nothing more read.
 
     Hand-rolled over ``tarfile`` rather than webdataset's ``tar_file_iterator`` +
     ``group_by_keys`` because we need the true sample index of every sample, including
@@ -98,6 +121,7 @@ def iter_tar_samples(
         seekable = getattr(stream, "seekable", lambda: False)()
         tar = tarfile.open(fileobj=stream, mode="r:*" if seekable else "r|*")
         index, prefix, current = -1, None, None
+        seen: set[str] = set()  # keys of this shard so far, read or not: first one wins
         for info in tar:
             tar.members = []  # stream mode would otherwise keep every header in memory
             name = info.name
@@ -115,8 +139,19 @@ def iter_tar_samples(
                     return  # nothing further is wanted from this shard
                 if index >= start and (only is None or index in only):
                     current = RawSample(index, base, url)
-            if current is None:
+                    bad = key_problem(base)
+                    if bad or base in seen or base in repeats:
+                        where = "this shard" if base in seen else "an earlier shard"
+                        current.problem = ("bad_key", bad) if bad else (
+                            "duplicate_key", f"key {base[:80]!r} repeats a sample of {where} (that one is kept)")
+                seen.add(base)
+            if current is None or current.problem is not None:
                 continue  # rejected by name: the member's bytes are never read
+            if info.size > max_member_bytes:
+                current.problem = ("too_large", f"member .{ext} is {info.size} bytes > "
+                                   f"max_member_bytes={max_member_bytes} (data.max_member_bytes)")
+                current.members.clear()
+                continue
             if is_unsafe(ext):
                 current.unsafe.append(ext)
             elif wanted(ext):
@@ -147,12 +182,10 @@ def _parse_json(raw: RawSample, required: bool) -> dict:
         if required:
             raise Skip("missing_json", f"members: {sorted(raw.members)}")
         return {}
-    try:
-        meta = json.loads(data.decode("utf-8"))
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise Skip("bad_json", str(exc)) from None
-    except RecursionError:  # a hostile nesting depth: the parser's recursion limit
-        raise Skip("bad_json", "nested too deeply") from None
+    try:  # UTF-8 (BOM or not) or UTF-16 with a BOM; depth capped (sources.MAX_JSON_DEPTH)
+        meta = parse_json(data, f"{raw.key}.json")
+    except SidecarError as exc:
+        raise Skip(exc.reason, exc.message) from None
     if not isinstance(meta, dict):
         raise Skip("bad_json", f"top level is {type(meta).__name__}, not an object")
     return meta
@@ -190,6 +223,17 @@ def parse_camera(value) -> np.ndarray:
     return arr
 
 
+def _caption(raw: RawSample, meta: dict) -> str:
+    """The ``.txt`` member (UTF-8, or UTF-16 with a BOM: else a ``bad_encoding`` skip, never
+    a caption of replacement characters), else the JSON's ``caption``."""
+    if raw.members.get("txt") is None:
+        return str(meta.get("caption", ""))
+    try:
+        return decode_text(raw.members["txt"], f"{raw.key}.txt")
+    except SidecarError as exc:
+        raise Skip(exc.reason, exc.message) from None
+
+
 def _annotations(raw: RawSample, meta: dict, num_actions: int = 0
                  ) -> tuple[np.ndarray, np.ndarray | None, str, list[str]]:
     try:
@@ -201,10 +245,7 @@ def _annotations(raw: RawSample, meta: dict, num_actions: int = 0
         camera = parse_camera(meta["camera"]) if meta.get("camera") is not None else None
     except (ValueError, TypeError) as exc:
         raise Skip("bad_camera", str(exc)) from None
-    if raw.members.get("txt") is not None:
-        caption = raw.members["txt"].decode("utf-8", "replace")
-    else:
-        caption = str(meta.get("caption", ""))
+    caption = _caption(raw, meta)
     style = meta.get("style", [])
     style = [style] if isinstance(style, str) else [str(s) for s in style] if isinstance(style, list) else []
     return actions, camera, caption, style
@@ -295,8 +336,7 @@ class PixelCodec:
         return self.buckets[int(bucket)].batch_size
 
     def inspect(self, raw: RawSample) -> Candidate:
-        if raw.unsafe:
-            raise Skip("unsafe_member", f"never decoded: .{', .'.join(raw.unsafe)}")
+        check_raw(raw)
         ext = next((e for e in VIDEO_EXTENSIONS if e in raw.members), None)
         if ext is None:
             raise Skip("missing_video", f"members: {sorted(raw.members)}")
@@ -466,8 +506,7 @@ class LatentCodec:
         from safetensors import SafetensorError
         from safetensors.numpy import load
 
-        if raw.unsafe:
-            raise Skip("unsafe_member", f"never decoded: .{', .'.join(raw.unsafe)}")
+        check_raw(raw)
         data = raw.members.get("safetensors")
         if data is None:
             raise Skip("missing_latents", f"members: {sorted(raw.members)}")
@@ -486,7 +525,7 @@ class LatentCodec:
                                   or amask is None or amask.shape != audio.shape):
             raise Skip("bad_latents", f"audio must be finite float [N] with an audio_mask [N], got "
                        f"{audio.dtype} {audio.shape} / {None if amask is None else amask.shape}")
-        caption = raw.members["txt"].decode("utf-8", "replace") if "txt" in raw.members else str(meta.get("caption", ""))
+        caption = _caption(raw, meta)
         style = meta.get("style", [])
         style = [style] if isinstance(style, str) else list(style) if isinstance(style, list) else []
         actions = tensors.get("actions", np.zeros((0, 0), np.int64))

@@ -35,7 +35,7 @@ from typing import Any
 
 import webdataset as wds
 
-from worldline.data.atomic import TMP_MARK, AtomicFile, atomic_write_json
+from worldline.data.atomic import TMP_MARK, AtomicFile, atomic_write_json, atomic_write_text
 from worldline.data.synthetic import (
     SYNTHETIC_VERSION,
     SyntheticWorldConfig,
@@ -235,8 +235,9 @@ class Journal:
     record per finished shard (appended and fsynced as each shard is renamed into place), so
     a rerun keeps exactly the shards recorded as done."""
 
-    def __init__(self, path: str | os.PathLike, settings: dict) -> None:
+    def __init__(self, path: str | os.PathLike, settings: dict, restart: str = "resume=False") -> None:
         self.path = Path(path)
+        self.restart = restart  # how the user starts over: the CLI flag, not a Python argument
         # Round-tripped so tuples etc. compare equal to what a previous run wrote.
         self.header = json.loads(json.dumps({"header": settings}))
 
@@ -248,12 +249,18 @@ class Journal:
         lines = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
         if not lines or lines[0] != self.header:
             raise ValueError(f"{self.path.parent} was written with other settings ({self.path}); "
-                             f"use another output folder or resume=False to start over")
+                             f"use another output folder or {self.restart} to start over")
         return lines[1:]
 
     def start(self) -> None:
         """Begin a new journal (drops any previous one)."""
         self.path.write_text(json.dumps(self.header) + "\n")
+
+    def rewrite(self, records: list[dict]) -> None:
+        """Replace the journal by the header and ``records`` (atomically): a rerun that
+        redoes later shards forgets them before deleting their files."""
+        text = "".join(json.dumps(line) + "\n" for line in [self.header, *records])
+        atomic_write_text(self.path, text)
 
     def append(self, record: dict) -> None:
         """Record one finished shard, durably."""

@@ -33,14 +33,14 @@ import copy
 import dataclasses
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from worldline.data.batch import Batch
 from worldline.data.provenance import OptOut, label
-from worldline.data.samples import Candidate, Codec, Skip, iter_tar_samples, shared_empty
+from worldline.data.samples import MAX_MEMBER_BYTES, Candidate, Codec, Skip, iter_tar_samples, shared_empty
 from worldline.data.state import StreamState, epoch_share
 
 Ref = list  # [tag, shard, index]
@@ -90,6 +90,8 @@ class StreamPlan:
     exclude: OptOut | None = None  # opt-out list: matching samples are skipped (opted_out)
     marks: torch.Tensor | None = None
     free: torch.Tensor | None = None
+    max_member_bytes: int = MAX_MEMBER_BYTES  # larger tar members are never read (too_large)
+    repeats: dict[int, frozenset[str]] = field(default_factory=dict)  # shard -> keys held earlier
 
     def stream_shards(self, epoch: int, stream: int) -> list[int]:
         """Shard ids sub-stream ``stream`` of this rank reads in ``epoch`` (epoch mode)."""
@@ -180,7 +182,8 @@ class Stream:
                 yield None, None  # epoch boundary, before any sample of the next epoch is read
             previous = tag
             url = lo.shards[shard]
-            samples = iter_tar_samples(url, start, None if only is None else set(only), lo.codec.wanted)
+            samples = iter_tar_samples(url, start, None if only is None else set(only), lo.codec.wanted,
+                                       lo.max_member_bytes, lo.repeats.get(shard, frozenset()))
             while True:
                 try:
                     raw = next(samples)
@@ -248,7 +251,8 @@ class Stream:
             wanted.setdefault(shard, set()).add(index)
         raws = {}
         for shard, indices in sorted(wanted.items()):
-            for raw in iter_tar_samples(lo.shards[shard], 0, indices, lo.codec.wanted):
+            for raw in iter_tar_samples(lo.shards[shard], 0, indices, lo.codec.wanted, lo.max_member_bytes,
+                                        lo.repeats.get(shard, frozenset())):
                 raws[(shard, raw.index)] = raw
 
         def inspect(ref: Ref) -> Candidate | None:

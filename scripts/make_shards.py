@@ -4,11 +4,14 @@ Examples (tiny, CPU)::
 
     worldline-shards clips/ /data/shards --max-count 256 --processes 4
     worldline-shards clips.csv /data/shards --max-size 1GB --reencode libx264 --max-side 512
-    # an interrupted run continues where it stopped when re-run with the same arguments
+    # an interrupted run continues where it stopped when re-run with the same arguments;
+    # a rerun on a finished output says "nothing new", or appends new / changed inputs
+    worldline-shards clips/ /data/shards --num-actions 8 --max-input-size 2GiB
 
 Writes ``shard-000000.tar ...`` and ``manifest.json`` (per-shard sample counts and bytes, and
-per sample: resolution, fps, frame count, duration). Bad inputs are skipped and listed (path,
-reason) on stderr and in ``manifest["skipped"]``; the exit code is 0 unless the run itself
+per sample: resolution, fps, frame count, duration). Every path under the source is either
+ingested or skipped and listed (path, reason: bad inputs, hidden files, broken symlinks,
+unused files, ...) on stderr and in ``manifest["skipped"]``; the exit code is 0 unless the run itself
 fails (or ``--strict`` and something was skipped). Licences and sources
 (``--default-license``, ``--default-source``, ``--require-license``), exact de-duplication and
 an opt-out list (``--exclude``): ``worldline.data.provenance``. Input layout, sidecars and the sample
@@ -26,8 +29,9 @@ import sys
 
 from worldline.data.ingest import IngestOptions, make_shards
 from worldline.data.probe import VideoLimits
-from worldline.data.transcode import check_encoder
 from worldline.data.provenance import OptOut, ProvenanceOptions
+from worldline.data.rerun import describe
+from worldline.data.transcode import check_encoder
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 10**12, "tb": 10**12}
@@ -67,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crf", type=int, default=20, help="quality when re-encoding")
     p.add_argument("--max-video-side", type=int, default=VideoLimits.max_side,
                    help="reject videos whose header declares a larger side")
+    p.add_argument("--max-video-pixels", type=int, default=VideoLimits.max_pixels,
+                   help="reject videos whose header declares more pixels per frame")
+    p.add_argument("--max-input-size", type=parse_size, default=IngestOptions.max_input_bytes,
+                   help="skip input videos larger than this, unread (default 4GiB)")
+    p.add_argument("--max-sidecar-size", type=parse_size, default=IngestOptions.max_sidecar_bytes,
+                   help="skip inputs whose JSON / .npy / reference sidecar is larger (default 64MiB)")
+    p.add_argument("--num-actions", type=int, default=0,
+                   help="action ids must lie in [0, N) (the model's model.dit.num_actions); 0: unchecked")
     p.add_argument("--source-root", help="a .csv/.jsonl manifest may only name files under "
                    "this folder (default: anywhere)")
     p.add_argument("--default-license", metavar="ID",
@@ -77,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip inputs without a licence (reason no_license) instead of counting them")
     p.add_argument("--exclude", metavar="FILE", help="opt-out list: content sha256s, source "
                    "paths/URLs or keys, one a line (or JSON); matching inputs are skipped (opted_out)")
-    p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over: delete our shards and journal in OUT (needed when settings changed)")
     p.add_argument("--strict", action="store_true", help="exit 1 if any input was skipped")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
@@ -89,19 +102,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_count is None and args.max_size is None:
         args.max_count = 1000  # webdataset's usual granularity when nothing is asked for
     options = IngestOptions(validate=args.validate, reencode=args.reencode, max_side=args.max_side,
-                            crf=args.crf, limits=VideoLimits(max_side=args.max_video_side),
-                            source_root=args.source_root,
+                            crf=args.crf, source_root=args.source_root, num_actions=args.num_actions,
+                            limits=VideoLimits(max_side=args.max_video_side, max_pixels=args.max_video_pixels),
+                            max_input_bytes=args.max_input_size, max_sidecar_bytes=args.max_sidecar_size,
                             provenance=ProvenanceOptions(args.default_license, args.default_source,
                                                          args.require_license))
-    manifest = make_shards(args.source, args.out, max_count=args.max_count, max_bytes=args.max_size,
-                           pattern=args.pattern, processes=args.processes, options=options,
-                           resume=not args.overwrite,
-                           exclude=OptOut.load(args.exclude) if args.exclude else None)
+    try:
+        manifest = make_shards(args.source, args.out, max_count=args.max_count, max_bytes=args.max_size,
+                               pattern=args.pattern, processes=args.processes, options=options,
+                               resume=not args.overwrite,
+                               exclude=OptOut.load(args.exclude) if args.exclude else None)
+    except (ValueError, FileNotFoundError) as exc:  # other settings, a foreign folder, no source
+        print(f"worldline-shards: {exc}", file=sys.stderr)
+        return 2
     for bad in manifest["skipped"]:
         print(f"skipped {bad['path']}: {bad['reason']} {bad['message']}", file=sys.stderr)
+    reasons: dict[str, int] = {}
+    for bad in manifest["skipped"]:
+        reasons[bad["reason"]] = reasons.get(bad["reason"], 0) + 1
+    run = manifest.get("run") or {}
+    if run:
+        print(f"worldline-shards: {describe(run)}", file=sys.stderr)
     summary = {"out": os.path.abspath(args.out), "shards": len(manifest["shards"]),
                "samples": manifest["num_samples"], "skipped": len(manifest["skipped"]),
-               "pattern": manifest["pattern"],
+               "skipped_reasons": reasons, "pattern": manifest["pattern"], "run": run.get("action"),
                "unlicensed": manifest.get("provenance", {}).get("unlicensed", 0),
                "licenses": manifest.get("provenance", {}).get("licenses", {})}
     print(json.dumps(summary))

@@ -39,9 +39,17 @@ __all__ = ["stage_studio_folder", "make_studio_shards"]
 MOODBOARD_DIRS = ("moodboard", "mood_board", "mood-board")
 
 
-def _caption(path: Path, trigger: str | None) -> str:
+def _caption(path: Path, trigger: str | None) -> str | None:
+    """The clip's caption with the trigger word, or ``None`` when its ``.txt`` cannot be read
+    as text (``sources.read_text``): the caller stages the file as it is, so ingest reports
+    that clip as skipped (e.g. ``bad_encoding``) instead of the whole run failing."""
+    from worldline.data.sources import SidecarError, read_text
+
     side = path.with_suffix(".txt")
-    text = side.read_text(encoding="utf-8").strip() if side.is_file() else ""
+    try:
+        text = read_text(side).strip() if side.is_file() else ""
+    except SidecarError:
+        return None
     if trigger:
         text = f"{trigger}, {text}" if text else trigger
     return text
@@ -100,7 +108,11 @@ def stage_studio_folder(source: str | Path, staging: str | Path, trigger: str | 
                     os.symlink(s.resolve(), out / f"{stem}{side}")
         else:
             (out / f"{stem}.mp4").write_bytes(_still_to_mp4(p))
-        (out / f"{stem}.txt").write_text(_caption(p, trigger), encoding="utf-8")
+        caption = _caption(p, trigger)
+        if caption is None:
+            os.symlink(p.with_suffix(".txt").resolve(), out / f"{stem}.txt")
+        else:
+            (out / f"{stem}.txt").write_text(caption, encoding="utf-8")
         for i, m in enumerate(mood):
             ref = out / f"{stem}.ref{i}{m.suffix.lower()}"
             if not ref.exists():

@@ -165,6 +165,11 @@ class DataConfig:
     # samples are skipped as opted_out, also in shards written before the opt-out arrived.
     exclude: Optional[str] = None
     decode_threads: int = 1
+    # Decode size limit: videos whose header declares more pixels per frame are skipped
+    # (absurd_dimensions) before any decoder allocates frames. null: 8192*8192.
+    max_pixels: Optional[int] = None
+    # A shard member larger than this is never read; its sample is a too_large skip.
+    max_member_bytes: int = 2 << 30
     # Batches keep decord's [B, T, H, W, 3] memory (same [B, 3, T, H, W] shape, channels-last
     # strides): the worker skips a uint8 transpose that costs 10-20 % of a clip's decode
     # (BENCHMARKS.md "Data pipeline"); the Trainer makes the batch contiguous after moving it

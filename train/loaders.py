@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from worldline.data.loader import ShardLoader
+from worldline.data.probe import VideoLimits
 from worldline.data.stage_loader import StageLoader
 
 __all__ = ["LoaderFactory"]
@@ -89,6 +90,8 @@ class LoaderFactory:
             else 0,
             pin_memory=self.pin_memory,
             exclude=d.get("exclude") or None,
+            limits=VideoLimits(max_pixels=d.max_pixels) if d.get("max_pixels") else None,
+            max_member_bytes=d.get("max_member_bytes", 2 << 30),
         )
 
     def phases(self) -> list[tuple[int, dict]]:

@@ -22,7 +22,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from worldline.train.config import ConfigError, WorldlineConfig
-from worldline.train.validate import validate
+from worldline.train.validate import override_hints, validate
 from worldline.train.guard import TrainingAborted
 from worldline.train.preempt import EXIT_STOPPED, write_status
 
@@ -147,6 +147,22 @@ def sample_app(cfg: DictConfig) -> None:
 
     for p in run_sample(cfg):
         print(p)
+
+
+def _with_hints(app: Callable[..., Any]) -> Callable[..., Any]:
+    """``app`` (a Hydra entry point), first printing hints for overrides whose Hydra grammar
+    error alone would not say what to do (``override_hints``)."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        for hint in override_hints(sys.argv[1:]):
+            print(f"worldline: {hint}", file=sys.stderr, flush=True)
+        return app(*args, **kwargs)
+
+    run.__name__, run.__doc__ = app.__name__, app.__doc__
+    return run
+
+
+train_app, eval_app, sample_app = _with_hints(train_app), _with_hints(eval_app), _with_hints(sample_app)
 
 
 if __name__ == "__main__":  # python -m worldline.train.main (torchrun / deepspeed launcher)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -257,8 +258,14 @@ def _validate_data(cfg: Any) -> None:
     _check(d.decode_threads >= 1, "data.decode_threads", "must be >= 1")
     _check(not d.get("exclude") or os.path.isfile(d.exclude), "data.exclude",
            f"opt-out list {d.get('exclude')!r} is not a file")
+    _check(d.max_pixels is None or d.max_pixels >= 1, "data.max_pixels", "must be >= 1 (or null)")
+    _check(d.max_member_bytes >= 1, "data.max_member_bytes", "must be >= 1")
     if d.kind == "webdataset":
         _check(bool(d.shards), "data.shards", "required when data.kind=webdataset")
+        folder = Path(str(d.shards))
+        _check(not folder.is_dir() or (folder / "manifest.json").is_file(), "data.shards",
+               f"{folder} is a folder without manifest.json (not a finished worldline-shards "
+               f"output); name its shards instead: '\"{folder}/shard-{{000000..000009}}.tar\"'")
     _check(d.input == "pixel" or d.kind == "webdataset", "data.input",
            "latent input streams latent shards: set data.kind=webdataset and data.shards to "
            "the output of scripts/encode_latents.py")
@@ -293,3 +300,15 @@ def _validate_launch(cfg: Any) -> None:
     _check(s.max_restarts >= 0, "slurm.max_restarts", "must be >= 0")
     for opt in s.extra:
         _check(str(opt).startswith("-"), "slurm.extra", f"{opt!r} is not an sbatch option")
+
+
+def override_hints(argv: list[str]) -> list[str]:
+    """Hints for command-line overrides Hydra will refuse with a bare grammar error: a
+    ``shards`` value with an unquoted brace pattern (Hydra reads ``{`` as a dict)."""
+    hints = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if eq and key.lstrip("+~").endswith("shards") and "{" in value and value[:1] not in ("'", '"'):
+            hints.append(f"hint: {key}={value} has an unquoted brace pattern, which Hydra parses as a "
+                         f"dict; quote the value inside the argument: '{key}=\"{value}\"'")
+    return hints
