@@ -9,13 +9,13 @@ import json
 import logging
 import pickle
 import struct
-import tarfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from _tars import write_tar
 from worldline.data.loader import ShardLoader
 from worldline.data.samples import iter_tar_samples
 from worldline.data.synthetic import SyntheticWorldConfig, clip_to_sample, render_clip
@@ -43,13 +43,6 @@ def members(sample: dict) -> list[tuple[str, bytes]]:
         out.append((f"{sample['__key__']}.{ext}", data))
     return out
 
-
-def write_tar(path: Path, files: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in files:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def patch_dims(mp4: bytes, h: int, w: int) -> bytes:

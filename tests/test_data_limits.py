@@ -6,7 +6,6 @@ Real tiny mp4s (encode_mp4, 8 frames of 32x32), real folders, symlinks and tars.
 from __future__ import annotations
 
 import codecs
-import io
 import itertools
 import json
 import logging
@@ -19,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from _tars import write_tar
 from worldline.data.loader import ShardLoader
 from worldline.data.probe import VideoLimits
 from worldline.data.samples import iter_tar_samples
@@ -193,13 +193,7 @@ def test_rerun_says_what_it_does(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------- the loader
-def tar_of(path: Path, files: list[tuple[str, bytes]]) -> str:
-    with tarfile.open(path, "w") as tar:
-        for name, data in files:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return str(path)
+tar_of = write_tar
 
 
 def sample(key: str, seed: int = 0, txt: bytes = b"a caption", t: int = 8) -> list[tuple[str, bytes]]:
