@@ -65,6 +65,7 @@ from pathlib import Path
 import numpy as np
 
 from worldline.data.audio import AudioDecodeError, probe_audio
+from worldline.data.controls import sample_controls
 from worldline.data.probe import ProbeError, VideoLimits, is_iso_bmff, probe_file, probe_video
 from worldline.data.provenance import IngestScreen, OptOut, ProvenanceOptions, summarize_manifest
 from worldline.data.provenance import describe as describe_provenance
@@ -346,10 +347,10 @@ def prepare(item: SourceItem, opts: IngestOptions) -> dict:
         style = item.style or meta.pop("style", [])
         record.update(caption=caption, style=[style] if isinstance(style, str) else list(style),
                       meta={**meta, "source": item.video, **facts}, provenance=provenance)
-        sample = {"__key__": item.key, "mp4": data, "json": record, "txt": caption,
-                  **_refs(item, opts.limits, opts.max_sidecar_bytes)}
+        refs = _refs(item, opts.limits, opts.max_sidecar_bytes)
+        sample = {"__key__": item.key, "mp4": data, "json": record, "txt": caption, **refs}
         entry = {"key": item.key, "source": item.video, **facts, "input": fp,
-                 "provenance": provenance}
+                 "provenance": provenance, "controls": sample_controls(record, len(refs))}
         return {"ok": True, "key": item.key, "sample": sample, "entry": entry}
     except BadInput as exc:
         return {"ok": False, "key": item.key, "path": item.video, "reason": exc.reason, "message": exc.message}

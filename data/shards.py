@@ -36,6 +36,7 @@ from typing import Any
 import webdataset as wds
 
 from worldline.data.atomic import TMP_MARK, AtomicFile, atomic_write_json, atomic_write_text
+from worldline.data.controls import sample_controls, summarize_controls
 from worldline.data.synthetic import (
     SYNTHETIC_VERSION,
     SyntheticWorldConfig,
@@ -274,12 +275,16 @@ def write_manifest(out_dir: str | os.PathLike, shards: list[str], counts: list[i
                    samples: list[dict], pattern: str | None = None, **extra: Any) -> dict:
     """Write ``out_dir/manifest.json`` (atomically, last: its presence means "complete") and
     return it: ``version``, ``pattern`` (brace form, when shards follow one), ``shards``,
-    ``shard_counts``, ``num_samples``, per-sample ``samples`` entries, then ``extra``."""
+    ``shard_counts``, ``num_samples``, per-sample ``samples`` entries, then ``extra``, and the
+    ``controls`` the entries record (``data.controls``)."""
     manifest: dict = {"version": MANIFEST_VERSION}
     if pattern is not None:
         manifest["pattern"] = brace_pattern(pattern, len(shards))
     manifest.update(shards=list(shards), shard_counts=list(counts), num_samples=sum(counts),
                     samples=samples, **extra)
+    controls = summarize_controls(samples)
+    if controls is not None:
+        manifest["controls"] = controls
     atomic_write_json(Path(out_dir) / MANIFEST, manifest)
     return manifest
 
@@ -312,7 +317,8 @@ def write_shards(
                 raise ValueError(f"sample {key!r} has no mp4 bytes")
             seen.add(key)
             shard = writer.write(sample)
-            entries.append({"key": key, "shard": shard, **probe_mp4(bytes(sample["mp4"]))})
+            entries.append({"key": key, "shard": shard, **probe_mp4(bytes(sample["mp4"])),
+                            "controls": sample_controls(sample.get("json") or {})})
     return write_manifest(out_dir, [s.name for s in writer.closed], [s.count for s in writer.closed],
                           entries, pattern=pattern)
 

@@ -181,3 +181,38 @@ def test_bf16_fsdp_policy_gathers_bf16_and_reduces_fp32() -> None:
 def test_unknown_precision_names_the_key() -> None:
     with pytest.raises(ValueError, match=r"train\.precision: 'fp8'"):
         PrecisionPolicy.from_config("fp8")
+
+
+def _manifest(tmp_path, controls: dict) -> str:
+    (tmp_path / "manifest.json").write_text(json.dumps({"version": 1, "shards": ["s.tar"],
+                                                        "controls": controls}))
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("data, key", [
+    (["data.synthetic.num_sprites=2"], "model.dit.num_action_slots"),  # 2 sprites, 3 slots
+    ("ids 0..6", "model.dit.num_actions"),  # the tiny model has 5 actions
+    ("no actions", "stage.conditions"),
+])
+def test_action_settings_are_checked_against_the_data(tmp_path, data, key) -> None:
+    """The model's action table against what the data carries (data.synthetic, or the
+    manifest's ``controls`` written at ingest), one line naming the key, before any worker."""
+    from worldline.train.validate import _validate_controls
+
+    if data == "ids 0..6":
+        data = ["data=webdataset", "data.shards=" + _manifest(tmp_path, {
+            "samples": 4, "camera": 4, "refs": 0,
+            "actions": {"samples": 4, "slots": [3], "min": 0, "max": 6}})]
+    elif data == "no actions":
+        data = ["data=webdataset", "data.shards=" + _manifest(tmp_path, {
+            "samples": 4, "camera": 0, "refs": 0})]
+    cfg = compose_cfg(["stage=controllability", *data])
+    with pytest.raises(ConfigError, match=key) as err:
+        _validate_controls(cfg)
+    assert "\n" not in str(err.value)
+    # The defaults agree with the synthetic world; the matching manifest passes.
+    _validate_controls(compose_cfg(["stage=controllability"]))
+    _validate_controls(compose_cfg(["stage=controllability", "data=webdataset", "data.shards="
+                                    + _manifest(tmp_path, {"samples": 4, "camera": 4, "refs": 0,
+                                                           "actions": {"samples": 4, "slots": [3],
+                                                                       "min": 0, "max": 4}})]))

@@ -105,6 +105,17 @@ def test_folder_to_shards(source, tmp_path, capsys):
     assert by_key["cam_a"]["resolution"] == [48, 64] and by_key["cam_a"]["num_frames"] == 10
     assert by_key["cam_a"]["fps"] == pytest.approx(10.0) and by_key["cam_a"]["duration"] == pytest.approx(1.0)
     assert by_key["cam_b_vfr"]["vfr"] and by_key["c_hevc"]["resolution"] == [130, 250]
+    # What controls the data carries, for the run's checks before start (data/controls.py).
+    assert manifest["controls"] == {"samples": len(GOOD), "camera": 1, "refs": 2, "actions": {
+        "samples": 2, "slots": [1, 2], "min": 0, "max": 4}}
+    assert by_key["cam_a"]["controls"] == {"action_slots": 2, "action_min": 0, "action_max": 4,
+                                           "camera": True, "refs": 2}
+    from _runs import compose_cfg
+    from worldline.train.validate import ConfigError, _validate_controls
+
+    run = ["stage=controllability", "data=webdataset", f"data.shards={out}"]
+    with pytest.raises(ConfigError, match=r"model.dit.num_action_slots.*\[1, 2\] slots"):
+        _validate_controls(compose_cfg(run))
 
     samples = read_all(out)
     a = json.loads(samples["cam_a"]["json"])

@@ -8,6 +8,8 @@ composing, before this runs.
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from worldline.train.config import ConfigError, WorldlineConfig
 
-__all__ = ["ConfigError", "validate"]
+__all__ = ["ConfigError", "data_controls", "validate"]
+
+log = logging.getLogger(__name__)
 
 
 def _check(ok: bool, key: str, msg: str) -> None:
@@ -119,6 +123,7 @@ def validate(cfg: DictConfig | WorldlineConfig) -> None:
         _check(cfg.stage.objective == "autoencoder", "stage.objective",
                "stage=autoencoder trains with objective=autoencoder")
     _validate_stage(cfg)
+    _validate_controls(cfg)
 
 
 def _frames_and_size(cfg: Any, key: str, num_frames: int, resolution: list[int]) -> None:
@@ -245,6 +250,57 @@ def _check_clip_shape(cfg: Any, h: int, w: int, t: int, key: str, t_key: str) ->
     _check(latent_t % dit.patch_size[0] == 0, "model.dit.patch_size",
            f"temporal patch {dit.patch_size[0]} does not divide {latent_t} latent frames "
            f"({key})")
+
+
+def data_controls(cfg: Any) -> tuple[dict | None, str]:
+    """The controls the training data carries (``data.controls``) and where that was read:
+    the synthetic world's from its config, shards' from their manifest; None when unknown
+    (no manifest, or one written before controls were recorded)."""
+    d = cfg.data
+    if d.kind == "synthetic":
+        from worldline.data.synthetic import NUM_ACTIONS
+
+        n, slots = int(d.synthetic.num_clips), int(d.synthetic.num_sprites)
+        return ({"samples": n, "camera": n, "refs": 0,
+                 "actions": {"samples": n, "slots": [slots], "min": 0, "max": NUM_ACTIONS - 1}},
+                "data.synthetic")
+    path = Path(str(d.shards or ""))
+    manifest = path / "manifest.json" if path.is_dir() else path
+    if manifest.name != "manifest.json" or not manifest.is_file():
+        return None, ""
+    try:
+        return json.loads(manifest.read_text()).get("controls"), str(manifest)
+    except (OSError, ValueError):  # unreadable here: the loader reports it, naming the file
+        return None, ""
+
+
+def _validate_controls(cfg: Any) -> None:
+    """The model's action table against the actions the data carries, and the conditions
+    against the controls present, before any worker starts."""
+    st, dit = cfg.stage, cfg.model.dit
+    active = set(st.conditions)
+    if st.objective != "flow" or not active & {"actions", "camera"}:
+        return
+    ctl, where = data_controls(cfg)
+    if not ctl or not ctl.get("samples"):
+        return
+    acts = ctl.get("actions")
+    if "actions" in active:
+        _check(acts is not None, "stage.conditions",
+               f"has actions, but the data carries none ({where} records no actions)")
+        if dit.action_dim == 0 and dit.num_action_slots > 0:
+            slots = acts["slots"]
+            _check(slots == [dit.num_action_slots], "model.dit.num_action_slots",
+                   f"is {dit.num_action_slots}, but the data's actions have {slots} slots per "
+                   f"frame ({where}); set model.dit.num_action_slots={slots[0]}")
+            _check(acts["min"] >= 0 and acts["max"] < dit.num_actions, "model.dit.num_actions",
+                   f"is {dit.num_actions}, but the data's action ids span [{acts['min']}, "
+                   f"{acts['max']}] ({where}); ids must lie in [0, model.dit.num_actions): set "
+                   f"model.dit.num_actions={max(acts['max'] + 1, dit.num_actions)}")
+    if "camera" in active and not ctl.get("camera"):
+        log.warning(
+            "stage.conditions has camera, but no sample of %s carries a camera path: the "
+            "camera modules will only ever see the null path", where)
 
 
 def _validate_data(cfg: Any) -> None:
