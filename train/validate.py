@@ -285,9 +285,13 @@ def _validate_controls(cfg: Any) -> None:
     if not ctl or not ctl.get("samples"):
         return
     acts = ctl.get("actions")
-    if "actions" in active:
-        _check(acts is not None, "stage.conditions",
-               f"has actions, but the data carries none ({where} records no actions)")
+    # A condition the data lacks is legal (fine-tuning a controllable model on style clips
+    # keeps its action modules), but worth saying: those modules only see the null path.
+    for name, present in (("actions", acts is not None), ("camera", bool(ctl.get("camera")))):
+        if name in active and not present:
+            log.warning("stage.conditions has %s, but no sample of %s carries them: the %s "
+                        "modules will only ever see the null path", name, where, name)
+    if "actions" in active and acts is not None:
         if dit.action_dim == 0 and dit.num_action_slots > 0:
             slots = acts["slots"]
             _check(slots == [dit.num_action_slots], "model.dit.num_action_slots",
@@ -297,10 +301,6 @@ def _validate_controls(cfg: Any) -> None:
                    f"is {dit.num_actions}, but the data's action ids span [{acts['min']}, "
                    f"{acts['max']}] ({where}); ids must lie in [0, model.dit.num_actions): set "
                    f"model.dit.num_actions={max(acts['max'] + 1, dit.num_actions)}")
-    if "camera" in active and not ctl.get("camera"):
-        log.warning(
-            "stage.conditions has camera, but no sample of %s carries a camera path: the "
-            "camera modules will only ever see the null path", where)
 
 
 def _validate_data(cfg: Any) -> None:
