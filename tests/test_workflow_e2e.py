@@ -215,6 +215,36 @@ def test_eval_reports_every_metric(workflow: Path) -> None:
     assert len(rep["rollout/psnr"]) == len(rep["rollout/baseline_psnr"]) == 2  # 3 latent frames
     # The colour detector finds the sprites in the real clips to within a few pixels.
     assert rep["action_following/position_error_ground_truth_video"] < 3
+    assert rep["data_split"] == "heldout"
+    assert rep["action_following/pass"] in (0.0, 1.0) and rep["action_following/threshold"] == 1.0
+    assert rep["action_following/ratio_to_seed_noise"] == pytest.approx(
+        rep["action_following/divergence_other_actions"]
+        / rep["action_following/divergence_other_seed"], rel=1e-6)
+
+
+def test_action_following_fails_for_a_model_blind_to_its_actions(workflow: Path) -> None:
+    """The same trained model with its action embedding zeroed (it computes exactly what it
+    would without actions): rollouts under other actions are identical, so the metric fails
+    it; the trained model's own divergence is above zero."""
+    import torch
+
+    from _runs import compose_cfg
+    from worldline.train.evaluate import FlowEvaluator
+    from worldline.train.inference import load_for_inference
+
+    cfg = compose_cfg([*SMOKE, f"run.root={workflow}", "eval.num_clips=2", "eval.num_steps=2"])
+    run = load_for_inference(cfg, str(workflow / "control"), use_ema=True)
+    ev = FlowEvaluator(run, run.cfg.eval)
+    gen = ev.rollout_video(None, seed=0)
+    live = ev.action_following(gen)
+    assert live["action_following/divergence_other_actions"] > 0
+    with torch.no_grad():
+        for name, p in run.pipeline.transformer.named_parameters():
+            if "action" in name:
+                p.zero_()
+    blind = ev.action_following(ev.rollout_video(None, seed=0))
+    assert blind["action_following/divergence_other_actions"] == 0.0
+    assert blind["action_following/pass"] == 0.0 and blind["action_following/divergence_other_seed"] > 0
     for f in ("report.md", "rollout_psnr.png", "rollout_ssim.png", "videos/contact_sheet.png"):
         assert (out / f).is_file(), f
     assert (out / "rollout_psnr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

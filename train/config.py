@@ -345,6 +345,10 @@ class EvalConfig:
     feature_extractor: Optional[str] = None
     # Local I3D TorchScript weights ([N,3,T,H,W] in [-1,1] -> [N,D]); FVD only when given.
     i3d: Optional[str] = None
+    # action_following passes when rollouts under other actions differ from the true-action
+    # rollout (same seed) at least this many times as much as a second seed changes it (the
+    # noise floor). 1: actions move the video as much as a new noise draw does.
+    action_following_threshold: float = 1.0
 
 
 @dataclass

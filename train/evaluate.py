@@ -10,7 +10,9 @@ Flow checkpoints (``eval.metrics`` picks the groups):
   image-to-video sampling) with the clips' own actions/camera; PSNR/SSIM per horizon step
   (latent frame) against ground truth, next to the copy-last-frame baseline.
 * ``action_following``: the same rollout under another clip's actions must differ (mean
-  absolute pixel difference, next to the difference two noise seeds make); on the synthetic
+  absolute pixel difference, next to the difference two noise seeds make: the noise floor);
+  ``ratio_to_seed_noise`` ≥ ``eval.action_following_threshold`` passes (``pass`` 1/0), a
+  failure is warned about loudly; on the synthetic
   world, sprite positions found by colour in the generated frames are compared with where
   the actions put them (error with the true actions vs with other actions, and the detector's
   own error on the ground-truth video).
@@ -21,7 +23,8 @@ Flow checkpoints (``eval.metrics`` picks the groups):
   clips (``av_sync_real/*``); without audio, ``av_sync/skipped`` says so.
 * FVD, only when ``eval.i3d`` names local I3D TorchScript weights.
 
-Autoencoder checkpoints report reconstruction PSNR/SSIM. Runs on one process.
+Metrics use held-out clips by default (``eval.split``; ``report.json`` ``data_split``).
+Autoencoder checkpoints report reconstruction PSNR/SSIM.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from worldline.models.av_sync import av_sync_metrics
 from worldline.models.metrics import psnr, ssim
@@ -71,8 +74,16 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((mu1 - mu2).pow(2).sum() + torch.trace(s1) + torch.trace(s2) - 2 * tr_sqrt)
 
 
+def eval_data(run: Any, min_clips: int) -> Any:
+    """``data`` of the clips ``eval.split`` names (see ``EvalConfig.split``): the data spec,
+    or with the held-out overrides applied (e.g. the held-out synthetic world's seed)."""
+    if str(run.cfg.eval.split) != "heldout":
+        return run.cfg.data
+    return OmegaConf.merge(run.cfg.data, run.loaders.heldout_data(min_clips))
+
+
 def eval_loader(run: Any, min_clips: int) -> Any:
-    """The clips ``eval.split`` names, in fixed order (see ``EvalConfig.split``)."""
+    """The clips ``eval.split`` names, in fixed order."""
     if str(run.cfg.eval.split) == "heldout":
         return run.loaders.heldout(min_clips)
     return run.loaders.make(shuffle=False)
@@ -86,6 +97,7 @@ class FlowEvaluator:
         self.pipe = run.pipeline
         self.device = self.pipe.device
         self.batch = self._clips(ecfg.num_clips)
+        self.data = eval_data(run, ecfg.num_clips)  # the world the clips come from
         self.x0 = self.pipe.latents(self.batch)
         self.video = to_unit_range(self.batch["video"])
 
@@ -147,12 +159,21 @@ class FlowEvaluator:
         other = acts.roll(1, 0) if n > 1 else (acts + 1) % self.pipe.transformer.args.num_actions
         gen_other = self.rollout_video(other, seed=0)
         gen_seed = self.rollout_video(None, seed=1)
-        rep = {"action_following/divergence_other_actions":
-               float((gen_true - gen_other).abs().mean()),
-               "action_following/divergence_other_seed":
-               float((gen_true - gen_seed).abs().mean())}
-        d = self.run.cfg.data
-        if d.kind == "synthetic":
+        other_actions = float((gen_true - gen_other).abs().mean())
+        noise = float((gen_true - gen_seed).abs().mean())  # the seed-to-seed noise floor
+        ratio = other_actions / max(noise, 1e-12)
+        threshold = float(self.e.action_following_threshold)
+        rep = {"action_following/divergence_other_actions": other_actions,
+               "action_following/divergence_other_seed": noise,
+               "action_following/ratio_to_seed_noise": ratio,
+               "action_following/threshold": threshold,
+               "action_following/pass": float(ratio >= threshold)}
+        if ratio < threshold:
+            log.warning("ACTION FOLLOWING FAILS: rollouts under other actions differ %.3gx as "
+                        "much as under another noise seed (threshold %.3g): the model barely "
+                        "responds to its actions (indistinguishable from one without them)",
+                        ratio, threshold)
+        if self.data.kind == "synthetic":
             rep.update(self._sprite_tracking(gen_true, gen_other))
         return rep
 
@@ -166,7 +187,7 @@ class FlowEvaluator:
             render_clip,
         )
 
-        d = self.run.cfg.data
+        d = self.data
         syn = SyntheticWorldConfig(**{k: d.synthetic[k] for k in d.synthetic})
         sy, sx = d.resolution[0] / syn.height, d.resolution[1] / syn.width
         half = _sprite_size(syn) / 2

@@ -143,24 +143,25 @@ class LoaderFactory:
         held = self.cfg.stage.validation.shards or self.cfg.data.kind == "synthetic"
         return "heldout" if held else "train"
 
-    def heldout(self, min_clips: int) -> ShardLoader:
-        """Held-out data in fixed order at the current phase's size: stage.validation.shards,
-        else for the synthetic world a differently seeded world of at least ``min_clips``
-        unseen clips, else data.shards."""
+    def heldout_data(self, min_clips: int) -> dict:
+        """``data`` overrides that select held-out clips: stage.validation.shards, else for
+        the synthetic world a differently seeded world of at least ``min_clips`` unseen clips
+        for every data-parallel rank and a shard per sub-stream (the loader refuses to leave
+        one empty), else none (data.shards)."""
         v, d = self.cfg.stage.validation, self.cfg.data
         if v.shards:
-            over: dict = {"kind": "webdataset", "shards": v.shards}
-        elif d.kind == "synthetic":
-            # min_clips for every data-parallel rank, and a shard for every sub-stream (the
-            # loader refuses to leave one empty).
+            return {"kind": "webdataset", "shards": v.shards}
+        if d.kind == "synthetic":
             syn = d.synthetic
             streams = self.dp_world * max(1, int(d.num_workers))
-            over = {"synthetic": {"seed": syn.seed + 1000,
+            return {"synthetic": {"seed": syn.seed + 1000,
                                   "num_clips": max(syn.clips_per_shard * streams,
                                                    min_clips * self.dp_world)}}
-        else:
-            over = {}
-        return self.make({**over, **self.current_shape()}, shuffle=False)
+        return {}
+
+    def heldout(self, min_clips: int) -> ShardLoader:
+        """Held-out data (:meth:`heldout_data`) in fixed order at the current phase's size."""
+        return self.make({**self.heldout_data(min_clips), **self.current_shape()}, shuffle=False)
 
     def probe(self) -> ShardLoader:
         """The data in fixed order at the current phase's size (the same clips every time)."""
