@@ -220,6 +220,13 @@ def test_eval_reports_every_metric(workflow: Path) -> None:
     assert rep["action_following/ratio_to_seed_noise"] == pytest.approx(
         rep["action_following/divergence_other_actions"]
         / rep["action_following/divergence_other_seed"], rel=1e-6)
+    for f in ("report.md", "rollout_psnr.png", "rollout_ssim.png", "videos/contact_sheet.png"):
+        assert (out / f).is_file(), f
+    assert (out / "rollout_psnr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    # An export folder's report lands next to it: <run>/eval/<folder name>/.
+    merged = workflow / "studio" / "eval" / "merged" / "report.json"
+    assert json.loads(merged.read_text())["val_loss"] > 0
 
 
 def test_action_following_fails_for_a_model_blind_to_its_actions(workflow: Path) -> None:
@@ -245,13 +252,6 @@ def test_action_following_fails_for_a_model_blind_to_its_actions(workflow: Path)
     blind = ev.action_following(ev.rollout_video(None, seed=0))
     assert blind["action_following/divergence_other_actions"] == 0.0
     assert blind["action_following/pass"] == 0.0 and blind["action_following/divergence_other_seed"] > 0
-    for f in ("report.md", "rollout_psnr.png", "rollout_ssim.png", "videos/contact_sheet.png"):
-        assert (out / f).is_file(), f
-    assert (out / "rollout_psnr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
-    # An export folder's report lands next to it: <run>/eval/<folder name>/.
-    merged = workflow / "studio" / "eval" / "merged" / "report.json"
-    assert json.loads(merged.read_text())["val_loss"] > 0
 
 
 def test_rollout_sample_writes_video(workflow: Path) -> None:
