@@ -381,12 +381,15 @@ def make_shards(
     options: IngestOptions | None = None,
     resume: bool = True,
     exclude: OptOut | None = None,
+    select: Callable[[list[SourceItem]], list[SourceItem]] | None = None,
 ) -> dict:
     """Write shards for every input under ``source`` into ``out_dir``; return the manifest
     (``shards``, ``shard_counts``, ``shard_bytes``, ``samples`` with per-sample resolution /
     fps / num_frames / duration / ``provenance``, ``skipped`` inputs with path and reason,
     and the ``provenance`` summary). Inputs on the ``exclude`` opt-out list are skipped as
-    ``opted_out``, later copies of identical content as ``duplicate``."""
+    ``opted_out``, later copies of identical content as ``duplicate``. ``select`` picks the
+    inputs this call writes from the full discovered list (keys stay those of the full list;
+    its ``str()`` goes into the journal header): ``ingest_dist.Partition`` for a scaled-out run."""
     options = options or IngestOptions()
     if max_count is None and max_bytes is None:
         raise ValueError("give max_count (samples per shard) and/or max_bytes (bytes per shard)")
@@ -398,7 +401,8 @@ def make_shards(
     out.mkdir(parents=True, exist_ok=True)
     journal = Journal(out / JOURNAL, {"source": str(Path(source).resolve()), "pattern": pattern,
                                       "max_count": max_count, "max_bytes": max_bytes,
-                                      "options": {**asdict(options), "limits": asdict(options.limits)}})
+                                      "options": {**asdict(options), "limits": asdict(options.limits)},
+                                      **({"select": str(select)} if select is not None else {})})
     records: list[dict] = []
     previous = journal.records() if resume else None
     if previous is not None:
@@ -421,8 +425,8 @@ def make_shards(
     remove_partial_shards(out)  # of an interrupted run
     records = [r for r in records if r.get("shard") is not None]  # trailing bad ones are redone
     done = {e["key"] for r in records for e in r["entries"]} | {b["key"] for r in records for b in r["bad"]}
-    items = [it for it in discover(source, options.source_root)
-             if it.key not in done]
+    found = discover(source, options.source_root)
+    items = [it for it in (select(found) if select is not None else found) if it.key not in done]
     log.info("make_shards: %d inputs to do, %d shards kept from a previous run", len(items), len(records))
 
     # What the open shard holds, and the inputs reported bad since the last journal record.

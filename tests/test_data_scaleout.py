@@ -1,0 +1,120 @@
+"""Preprocessing past one machine (worldline.data.ingest_dist, worldline.scripts.shards_slurm,
+worldline-encode-latents under torchrun): every scaled-out result equals a single process's.
+
+- (a) ``worldline-shards --partitions 2 --partition i`` as two separate processes + ``--merge``
+  gives the samples of one ``worldline-shards`` run: keys, order, every member's bytes,
+  manifest entries, skipped list and provenance summary (also with a duplicate that only the
+  merge can see, and a bad input); a finished partition is not redone;
+- (b) the same through a real SLURM array + dependent merge job on the local cluster;
+- (c) ``worldline-encode-latents`` under torchrun with 2 gloo ranks equals 1 process, per key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from _runs import BIN
+from worldline.data.video import encode_mp4
+
+
+def clip(seed: int, t: int = 4) -> bytes:
+    """A tiny 32x32 mp4, different per seed."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (1, 32, 32, 3), dtype=np.uint8)
+    return encode_mp4(np.repeat(base, t, axis=0) + np.arange(t, dtype=np.uint8)[:, None, None, None], 8.0)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """7 inputs: 5 good clips, a copy of the first one placed in the second half (a duplicate
+    only the merge can see) and a non-video (skipped)."""
+    root = tmp_path_factory.mktemp("scaleout_src")
+    for i in range(5):
+        (root / f"c{i}.mp4").write_bytes(clip(i))
+        (root / f"c{i}.txt").write_text(f"clip {i}")
+    (root / "c5_bad.mp4").write_bytes(b"not a video at all")
+    (root / "c6_copy.mp4").write_bytes((root / "c0.mp4").read_bytes())
+    return root
+
+
+def shards(*args: str) -> subprocess.CompletedProcess:
+    r = subprocess.run([str(BIN / "worldline-shards"), *args, "--max-count", "2", "--processes", "0", "-q"],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def members(out: Path) -> list[tuple[str, bytes]]:
+    """Every member of every shard, in manifest order: (name, bytes)."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    found = []
+    for name in manifest["shards"]:
+        with tarfile.open(out / name) as tar:
+            found += [(m.name, tar.extractfile(m).read()) for m in tar]
+    return found
+
+
+def same_samples(single: Path, merged: Path) -> None:
+    a, b = (json.loads((p / "manifest.json").read_text()) for p in (single, merged))
+    strip = lambda m: [{k: v for k, v in e.items() if k != "shard"} for e in m["samples"]]  # noqa: E731
+    assert strip(a) == strip(b)
+    assert a["skipped"] == b["skipped"] and a["provenance"] == b["provenance"]
+    assert a["num_samples"] == b["num_samples"]
+    assert members(single) == members(merged)
+    for m, out in ((a, single), (b, merged)):  # entries name the shard that holds them
+        for e in m["samples"]:
+            with tarfile.open(out / e["shard"]) as tar:
+                assert f"{e['key']}.mp4" in tar.getnames()
+
+
+def test_partitions_then_merge_equal_one_process(corpus: Path, tmp_path: Path) -> None:
+    single, dist = tmp_path / "single", tmp_path / "dist"
+    shards(str(corpus), str(single))
+    procs = [subprocess.Popen([str(BIN / "worldline-shards"), str(corpus), str(dist), "--partitions", "2",
+                               "--partition", str(i), "--max-count", "2", "--processes", "0", "-q"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for p in procs:  # concurrently, as two array tasks would
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, out + err
+    part1 = dist / "parts" / "part-1"
+    stamp = {p.name: p.stat().st_mtime_ns for p in part1.iterdir()}
+    shards(str(corpus), str(dist), "--partitions", "2", "--partition", "1")  # finished: a no-op
+    assert {p.name: p.stat().st_mtime_ns for p in part1.iterdir()} == stamp
+    r = shards(str(corpus), str(dist), "--partitions", "2", "--merge")
+    assert json.loads(r.stdout.splitlines()[-1])["samples"] == 5
+    same_samples(single, dist)
+    manifest = json.loads((dist / "manifest.json").read_text())
+    # The copy of c0 sits in partition 1: only the merge could drop it, naming c0 as one run does.
+    assert [b["key"] for b in manifest["skipped"]] == ["c5_bad", "c6_copy"]
+    assert manifest["skipped"][1]["reason"] == "duplicate" and "(key c0), kept" in manifest["skipped"][1]["message"]
+    assert manifest["shard_counts"] == [2, 1, 2]  # single run: [2, 2, 1] (boundaries may differ)
+    # The merge is idempotent too, and the parts keep only their small bookkeeping files.
+    before = (dist / "manifest.json").read_bytes()
+    shards(str(corpus), str(dist), "--partitions", "2", "--merge")
+    assert (dist / "manifest.json").read_bytes() == before
+    assert not list((dist / "parts").rglob("*.tar"))
+
+
+def test_merge_refuses_unfinished_or_foreign_partitions(corpus: Path, tmp_path: Path) -> None:
+    from worldline.data.ingest import make_shards
+    from worldline.data.ingest_dist import Partition, make_partition, merge_parts, partition
+
+    assert [partition(list(range(7)), 3, i) for i in range(3)] == [[0, 1], [2, 3], [4, 5, 6]]
+    make_partition(corpus, tmp_path, 2, 0, max_count=2, processes=0)
+    with pytest.raises(FileNotFoundError, match=r"partitions \[1\]"):
+        merge_parts(tmp_path, 2)
+    with pytest.raises(ValueError, match="other settings"):  # a 2-way part never resumes as 3-way
+        make_shards(corpus, tmp_path / "parts" / "part-0", max_count=2, processes=0, select=Partition(3, 0))
+    with pytest.raises(ValueError, match="written as 'partition 0 of 2'"):
+        merge_parts(tmp_path, 1)
