@@ -118,3 +118,60 @@ def test_merge_refuses_unfinished_or_foreign_partitions(corpus: Path, tmp_path: 
         make_shards(corpus, tmp_path / "parts" / "part-0", max_count=2, processes=0, select=Partition(3, 0))
     with pytest.raises(ValueError, match="written as 'partition 0 of 2'"):
         merge_parts(tmp_path, 1)
+
+
+def latents_by_key(out: Path) -> dict[str, dict]:
+    """key -> {member ext: bytes} over every latent shard of ``out``'s manifest."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    found: dict[str, dict] = {}
+    for name in manifest["shards"]:
+        with tarfile.open(out / name) as tar:
+            for m in tar:
+                key, _, ext = m.name.partition(".")
+                found.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return found
+
+
+@pytest.mark.dist
+def test_encode_latents_two_gloo_ranks_equal_one_process(data_synthetic_dir: str, tmp_path: Path) -> None:
+    import torch
+    from dataclasses import asdict
+    from safetensors.numpy import load
+
+    from worldline.models.autoencoder import AutoencoderArgs, VideoAutoencoder
+    from worldline.train.checkpoint import Checkpointer
+    from worldline.train.state import TrainState
+
+    torch.manual_seed(0)
+    ae = VideoAutoencoder(AutoencoderArgs(latent_channels=4, base_channels=8, channel_mult=[1, 2, 2],
+                                          temporal_downsample=4, spatial_downsample=8)).eval()
+    run = tmp_path / "ae_run"
+    Checkpointer(run, keep_last=1).save(1, {"model": ae.state_dict()}, TrainState(), {},
+                                        {"config": {"model": {"autoencoder": asdict(ae.args)}}})
+    args = ["--checkpoint", str(run), "--num-frames", "5", "--resolution", "32", "32", "--position",
+            "random", "--workers", "0", "--dtype", "float32", "--device", "cpu", "--batch-size", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = subprocess.run([str(BIN / "worldline-encode-latents"), data_synthetic_dir, str(one), *args],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    start = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(BIN / "worldline-encode-latents"), data_synthetic_dir, str(two), *args],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    print(f"2 gloo ranks: {time.monotonic() - start:.1f} s")
+    a, b = (json.loads((p / "manifest.json").read_text()) for p in (one, two))
+    assert a == b  # shards, counts, per-sample entries, skips, clip settings
+    la, lb = latents_by_key(one), latents_by_key(two)
+    assert sorted(la) == sorted(lb) and len(la) == 24
+    for key in la:  # per key, every tensor (latents, actions, camera) and the metadata
+        ta, tb = load(la[key]["safetensors"]), load(lb[key]["safetensors"])
+        assert set(ta) == set(tb)
+        for name in ta:
+            np.testing.assert_array_equal(ta[name], tb[name])
+        assert la[key]["json"] == lb[key]["json"]
+    journals = sorted(p.name for p in two.iterdir() if p.name.startswith(".encode_latents"))
+    assert journals == [".encode_latents.journal.rank0-of-2.jsonl", ".encode_latents.journal.rank1-of-2.jsonl"]
+    ranks = [{json.loads(line)["shard"] for line in (two / j).read_text().splitlines()[1:]} for j in journals]
+    assert ranks[0] and ranks[1] and not ranks[0] & ranks[1]  # each rank wrote its own shards
