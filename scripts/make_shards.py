@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.slurm:
         from worldline.scripts.shards_slurm import submit_partitions
 
-        print(json.dumps(submit_partitions(argv if argv is not None else sys.argv[1:], args)))
+        print(json.dumps(submit_partitions(argv if argv is not None else sys.argv[1:], args, main)))
         return 0
     if args.merge:
         from worldline.data.ingest_dist import merge_parts

@@ -11,6 +11,8 @@ partitions are not redone. Logs: ``OUT/parts/slurm/<job id>_<task>_log.{out,err}
 from __future__ import annotations
 
 import argparse
+import functools
+from collections.abc import Callable
 from pathlib import Path
 
 #: Flags of this submission only: the jobs get the rest of the command line.
@@ -33,20 +35,19 @@ def job_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def run_step(argv: list[str]) -> int:
-    """One job's work: ``worldline-shards argv`` in this process; raises when it fails, so
-    SLURM marks the task failed and the dependent merge never starts."""
-    from worldline.scripts.make_shards import main
-
+def run_step(main: Callable[[list[str]], int], argv: list[str]) -> int:
+    """One job's work: ``main(argv)`` (``worldline-shards``' main, passed in rather than
+    imported: make_shards imports this module) in this process; raises when it fails, so SLURM
+    marks the task failed and the dependent merge never starts."""
     code = main(argv)
     if code != 0:
         raise RuntimeError(f"worldline-shards {' '.join(argv)} exited {code}")
     return code
 
 
-def submit_partitions(argv: list[str], args: argparse.Namespace) -> dict:
-    """Submit ``args.partitions`` array tasks and the dependent merge job; returns
-    ``{"array": id, "merge": id, "logs": folder}``."""
+def submit_partitions(argv: list[str], args: argparse.Namespace, main: Callable[[list[str]], int]) -> dict:
+    """Submit ``args.partitions`` array tasks running ``main(argv + ["--partition", i])`` and
+    the dependent ``--merge`` job; returns ``{"array": id, "merge": id, "logs": folder}``."""
     import submitit
 
     base = job_argv(argv)
@@ -65,9 +66,9 @@ def submit_partitions(argv: list[str], args: argparse.Namespace) -> dict:
     if "--processes" not in " ".join(base):  # a task uses the CPUs it asked for
         base += ["--processes", str(args.slurm_cpus)]
     tasks = [[*base, "--partition", str(i)] for i in range(args.partitions)]
-    jobs = executor.map_array(run_step, tasks)
+    jobs = executor.map_array(functools.partial(run_step, main), tasks)
     array = jobs[0].job_id.split("_")[0]
     executor.update_parameters(name="worldline-shards-merge", cpus_per_task=1,
                                slurm_additional_parameters={"dependency": f"afterok:{array}"})
-    merge = executor.submit(run_step, [*base, "--merge"])
+    merge = executor.submit(run_step, main, [*base, "--merge"])
     return {"array": array, "merge": merge.job_id, "logs": str(logs)}

@@ -106,6 +106,32 @@ def test_partitions_then_merge_equal_one_process(corpus: Path, tmp_path: Path) -
     assert not list((dist / "parts").rglob("*.tar"))
 
 
+@pytest.mark.slurm
+def test_slurm_array_then_merge_job_equal_one_process(corpus: Path, tmp_path: Path, slurm_env) -> None:
+    from _slurm import TERMINAL, job_state
+
+    single, dist = tmp_path / "single", tmp_path / "dist"
+    shards(str(corpus), str(single))
+    start = time.monotonic()
+    r = subprocess.run([str(BIN / "worldline-shards"), str(corpus), str(dist), "--partitions", "2", "--slurm",
+                        "--slurm-cpus", "1", "--slurm-time", "10", "--max-count", "2", "-q"],
+                       capture_output=True, text=True, timeout=120, env=slurm_env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    jobs = json.loads(r.stdout.splitlines()[-1])
+    logs = lambda: "\n".join(p.read_text()[-3000:] for p in Path(jobs["logs"]).rglob("*_log.*"))  # noqa: E731
+    state = ""
+    while state not in TERMINAL:
+        assert time.monotonic() - start < 240, f"merge job {jobs['merge']} still {state}:\n{logs()}"
+        time.sleep(0.5)
+        state = job_state(slurm_env, jobs["merge"]).get("JobState", "")
+    assert state == "COMPLETED", logs()
+    print(f"SLURM array (2 tasks) + merge: {time.monotonic() - start:.1f} s")
+    tasks = [job_state(slurm_env, f"{jobs['array']}_{i}") for i in range(2)]
+    assert all(t.get("JobState") == "COMPLETED" for t in tasks), tasks
+    assert {t["NodeList"] for t in tasks} <= {"node1", "node2"}
+    same_samples(single, dist)
+
+
 def test_merge_refuses_unfinished_or_foreign_partitions(corpus: Path, tmp_path: Path) -> None:
     from worldline.data.ingest import make_shards
     from worldline.data.ingest_dist import Partition, make_partition, merge_parts, partition
