@@ -104,6 +104,14 @@ def test_partitions_then_merge_equal_one_process(corpus: Path, tmp_path: Path) -
     shards(str(corpus), str(dist), "--partitions", "2", "--merge")
     assert (dist / "manifest.json").read_bytes() == before
     assert not list((dist / "parts").rglob("*.tar"))
+    # A merge interrupted after moving the shards (before its manifest) finishes on a rerun.
+    (dist / "manifest.json").unlink()
+    shards(str(corpus), str(dist), "--partitions", "2", "--merge")
+    assert (dist / "manifest.json").read_bytes() == before
+    # --partitions without --partition: every partition in this process, then the merge.
+    here = tmp_path / "here"
+    shards(str(corpus), str(here), "--partitions", "3")
+    same_samples(single, here)
 
 
 @pytest.mark.slurm
@@ -158,35 +166,36 @@ def latents_by_key(out: Path) -> dict[str, dict]:
     return found
 
 
-@pytest.mark.dist
-def test_encode_latents_two_gloo_ranks_equal_one_process(data_synthetic_dir: str, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def encoded_once(data_synthetic_dir: str, tmp_path_factory) -> tuple[list[str], Path]:
+    """A tiny saved autoencoder, the encode arguments, and one process's latent output."""
     import torch
     from dataclasses import asdict
-    from safetensors.numpy import load
 
     from worldline.models.autoencoder import AutoencoderArgs, VideoAutoencoder
     from worldline.train.checkpoint import Checkpointer
     from worldline.train.state import TrainState
 
+    tmp = tmp_path_factory.mktemp("scaleout_latents")
     torch.manual_seed(0)
     ae = VideoAutoencoder(AutoencoderArgs(latent_channels=4, base_channels=8, channel_mult=[1, 2, 2],
                                           temporal_downsample=4, spatial_downsample=8)).eval()
-    run = tmp_path / "ae_run"
+    run = tmp / "ae_run"
     Checkpointer(run, keep_last=1).save(1, {"model": ae.state_dict()}, TrainState(), {},
                                         {"config": {"model": {"autoencoder": asdict(ae.args)}}})
     args = ["--checkpoint", str(run), "--num-frames", "5", "--resolution", "32", "32", "--position",
             "random", "--workers", "0", "--dtype", "float32", "--device", "cpu", "--batch-size", "3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    one, two = tmp_path / "one", tmp_path / "two"
+    one = tmp / "one"
     r = subprocess.run([str(BIN / "worldline-encode-latents"), data_synthetic_dir, str(one), *args],
-                       capture_output=True, text=True, timeout=300, env=env)
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    start = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(BIN / "worldline-encode-latents"), data_synthetic_dir, str(two), *args],
-                       capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    print(f"2 gloo ranks: {time.monotonic() - start:.1f} s")
+    return args, one
+
+
+def same_latents(one: Path, two: Path, world: int = 2) -> None:
+    """``two`` (a ``world``-rank run) holds exactly ``one``'s latent samples and manifest."""
+    from safetensors.numpy import load
+
     a, b = (json.loads((p / "manifest.json").read_text()) for p in (one, two))
     assert a == b  # shards, counts, per-sample entries, skips, clip settings
     la, lb = latents_by_key(one), latents_by_key(two)
@@ -198,6 +207,51 @@ def test_encode_latents_two_gloo_ranks_equal_one_process(data_synthetic_dir: str
             np.testing.assert_array_equal(ta[name], tb[name])
         assert la[key]["json"] == lb[key]["json"]
     journals = sorted(p.name for p in two.iterdir() if p.name.startswith(".encode_latents"))
-    assert journals == [".encode_latents.journal.rank0-of-2.jsonl", ".encode_latents.journal.rank1-of-2.jsonl"]
+    assert journals == [f".encode_latents.journal.rank{r}-of-{world}.jsonl" for r in range(world)]
     ranks = [{json.loads(line)["shard"] for line in (two / j).read_text().splitlines()[1:]} for j in journals]
-    assert ranks[0] and ranks[1] and not ranks[0] & ranks[1]  # each rank wrote its own shards
+    assert all(ranks) and not set.intersection(*ranks)  # each rank wrote its own shards
+
+
+@pytest.mark.dist
+def test_encode_latents_two_gloo_ranks_equal_one_process(data_synthetic_dir: str, encoded_once, tmp_path: Path) -> None:
+    args, one = encoded_once
+    two = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    start = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(BIN / "worldline-encode-latents"), data_synthetic_dir, str(two), *args],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    print(f"2 gloo ranks: {time.monotonic() - start:.1f} s")
+    same_latents(one, two)
+
+
+@pytest.mark.slurm
+def test_encode_latents_srun_two_nodes_equal_one_process(data_synthetic_dir: str, encoded_once, tmp_path: Path,
+                                                         slurm_env) -> None:
+    """One srun task per node on the local cluster (ranks from SLURM_PROCID, master from
+    scontrol), gloo."""
+    from _slurm import TERMINAL, job_state
+
+    args, one = encoded_once
+    two = tmp_path / "two"
+    script = tmp_path / "encode.sbatch"
+    script.write_text("\n".join([
+        "#!/bin/bash", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --cpus-per-task=1",
+        "#SBATCH --time=10", f"#SBATCH --output={tmp_path}/job.out", "export OMP_NUM_THREADS=1",
+        " ".join(["srun", str(BIN / "worldline-encode-latents"), data_synthetic_dir, str(two), *args]), ""]))
+    start = time.monotonic()
+    r = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=60,
+                       env=slurm_env)
+    assert r.returncode == 0, r.stderr
+    job, state = r.stdout.strip().split(";")[0], ""
+    log = lambda: (tmp_path / "job.out").read_text()[-4000:] if (tmp_path / "job.out").exists() else ""  # noqa: E731
+    while state not in TERMINAL:
+        assert time.monotonic() - start < 240, f"job {job} still {state}:\n{log()}"
+        time.sleep(0.5)
+        state = job_state(slurm_env, job).get("JobState", "")
+    assert state == "COMPLETED", log()
+    print(f"srun, 2 nodes x 1 rank: {time.monotonic() - start:.1f} s")
+    assert job_state(slurm_env, job)["NodeList"] == "node[1-2]"
+    assert "rank 1/2 (local 0) up via srun" in (tmp_path / "job.out").read_text()
+    same_latents(one, two)
