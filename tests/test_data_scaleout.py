@@ -35,15 +35,25 @@ def clip(seed: int, t: int = 4) -> bytes:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    """7 inputs: 5 good clips, a copy of the first one placed in the second half (a duplicate
-    only the merge can see) and a non-video (skipped)."""
+    """8 inputs: 5 good clips, a non-video (skipped) and two copies of the first clip in the
+    second half: partition 1 keeps c6_copy and skips c7_copy as its duplicate; only the merge
+    sees that both copy c0."""
     root = tmp_path_factory.mktemp("scaleout_src")
     for i in range(5):
         (root / f"c{i}.mp4").write_bytes(clip(i))
         (root / f"c{i}.txt").write_text(f"clip {i}")
     (root / "c5_bad.mp4").write_bytes(b"not a video at all")
     (root / "c6_copy.mp4").write_bytes((root / "c0.mp4").read_bytes())
+    (root / "c7_copy.mp4").write_bytes((root / "c0.mp4").read_bytes())
     return root
+
+
+@pytest.fixture(scope="module")
+def single(corpus: Path, tmp_path_factory) -> Path:
+    """The reference: one ``worldline-shards`` process over the corpus."""
+    out = tmp_path_factory.mktemp("scaleout_single") / "single"
+    shards(str(corpus), str(out))
+    return out
 
 
 def shards(*args: str) -> subprocess.CompletedProcess:
@@ -77,9 +87,8 @@ def same_samples(single: Path, merged: Path) -> None:
                 assert f"{e['key']}.mp4" in tar.getnames()
 
 
-def test_partitions_then_merge_equal_one_process(corpus: Path, tmp_path: Path) -> None:
-    single, dist = tmp_path / "single", tmp_path / "dist"
-    shards(str(corpus), str(single))
+def test_partitions_then_merge_equal_one_process(corpus: Path, single: Path, tmp_path: Path) -> None:
+    dist = tmp_path / "dist"
     procs = [subprocess.Popen([str(BIN / "worldline-shards"), str(corpus), str(dist), "--partitions", "2",
                                "--partition", str(i), "--max-count", "2", "--processes", "0", "-q"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -95,10 +104,12 @@ def test_partitions_then_merge_equal_one_process(corpus: Path, tmp_path: Path) -
     assert json.loads(r.stdout.splitlines()[-1])["samples"] == 5
     same_samples(single, dist)
     manifest = json.loads((dist / "manifest.json").read_text())
-    # The copy of c0 sits in partition 1: only the merge could drop it, naming c0 as one run does.
-    assert [b["key"] for b in manifest["skipped"]] == ["c5_bad", "c6_copy"]
-    assert manifest["skipped"][1]["reason"] == "duplicate" and "(key c0), kept" in manifest["skipped"][1]["message"]
-    assert manifest["shard_counts"] == [2, 1, 2]  # single run: [2, 2, 1] (boundaries may differ)
+    # The copies of c0 sit in partition 1: the merge drops c6_copy from its shard and names
+    # c0 as the kept copy for both, as one run does (same_samples compared the messages).
+    assert [b["key"] for b in manifest["skipped"]] == ["c5_bad", "c6_copy", "c7_copy"]
+    assert all(b["reason"] == "duplicate" and b["message"].endswith("(key c0), kept")
+               for b in manifest["skipped"][1:])
+    assert json.loads((single / "manifest.json").read_text())["shard_counts"] == [2, 2, 1]
     # The merge is idempotent too, and the parts keep only their small bookkeeping files.
     before = (dist / "manifest.json").read_bytes()
     shards(str(corpus), str(dist), "--partitions", "2", "--merge")
@@ -115,11 +126,11 @@ def test_partitions_then_merge_equal_one_process(corpus: Path, tmp_path: Path) -
 
 
 @pytest.mark.slurm
-def test_slurm_array_then_merge_job_equal_one_process(corpus: Path, tmp_path: Path, slurm_env) -> None:
+def test_slurm_array_then_merge_job_equal_one_process(corpus: Path, single: Path, tmp_path: Path,
+                                                      slurm_env) -> None:
     from _slurm import TERMINAL, job_state
 
-    single, dist = tmp_path / "single", tmp_path / "dist"
-    shards(str(corpus), str(single))
+    dist = tmp_path / "dist"
     start = time.monotonic()
     r = subprocess.run([str(BIN / "worldline-shards"), str(corpus), str(dist), "--partitions", "2", "--slurm",
                         "--slurm-cpus", "1", "--slurm-time", "10", "--max-count", "2", "-q"],
