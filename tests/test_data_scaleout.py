@@ -266,3 +266,29 @@ def test_encode_latents_srun_two_nodes_equal_one_process(data_synthetic_dir: str
     assert job_state(slurm_env, job)["NodeList"] == "node[1-2]"
     assert "rank 1/2 (local 0) up via srun" in (tmp_path / "job.out").read_text()
     same_latents(one, two)
+
+
+def test_latent_ranks_in_one_process_resume_and_merge(data_synthetic_dir: str, tmp_path: Path) -> None:
+    """The data-layer contract behind the torchrun run, without a process group: ranks 0 and 1
+    of 2 called one after the other write disjoint shards, a finished rank's rerun encodes
+    nothing, and ``write_latent_manifest`` equals a one-process run's manifest."""
+    import torch
+
+    from worldline.data.latents import encode_latent_shards, write_latent_manifest
+
+    calls = []
+
+    def encode(video: torch.Tensor) -> torch.Tensor:
+        calls.append(len(video))
+        return torch.nn.functional.avg_pool3d(video.float() / 127.5 - 1, (4, 8, 8), ceil_mode=True)
+
+    kw = dict(num_frames=5, resolution=(32, 32), position="random", batch_size=4, dtype="float32", seed=2)
+    one = encode_latent_shards(data_synthetic_dir, tmp_path / "one", encode, **kw)
+    for rank in (1, 0):
+        assert encode_latent_shards(data_synthetic_dir, tmp_path / "two", encode, rank=rank, world_size=2, **kw) is None
+    assert not (tmp_path / "two" / "manifest.json").exists()  # only the manifest step writes it
+    calls.clear()
+    encode_latent_shards(data_synthetic_dir, tmp_path / "two", encode, rank=1, world_size=2, **kw)
+    assert calls == []  # rank 1's shards are journaled: nothing to redo
+    assert write_latent_manifest(tmp_path / "two", 2) == one
+    assert latents_by_key(tmp_path / "one") == latents_by_key(tmp_path / "two")
