@@ -69,6 +69,9 @@ def submit_partitions(argv: list[str], args: argparse.Namespace, main: Callable[
     jobs = executor.map_array(functools.partial(run_step, main), tasks)
     array = jobs[0].job_id.split("_")[0]
     executor.update_parameters(name="worldline-shards-merge", cpus_per_task=1,
-                               slurm_additional_parameters={"dependency": f"afterok:{array}"})
+                               # A failed task cancels the merge instead of leaving it pending
+                               # forever; rerunning the command redoes only unfinished parts.
+                               slurm_additional_parameters={"dependency": f"afterok:{array}",
+                                                            "kill-on-invalid-dep": "yes"})
     merge = executor.submit(run_step, main, [*base, "--merge"])
     return {"array": array, "merge": merge.job_id, "logs": str(logs)}
