@@ -5,8 +5,14 @@ worldline-encode-latents under torchrun): every scaled-out result equals a singl
   gives the samples of one ``worldline-shards`` run: keys, order, every member's bytes,
   manifest entries, skipped list and provenance summary (also with a duplicate that only the
   merge can see, and a bad input); a finished partition is not redone;
-- (b) the same through a real SLURM array + dependent merge job on the local cluster;
-- (c) ``worldline-encode-latents`` under torchrun with 2 gloo ranks equals 1 process, per key.
+- (b) the same through a real SLURM array + dependent merge job on the local cluster; a failing
+  task cancels the merge, and resubmitting the command redoes nothing finished;
+- (c) ``worldline-encode-latents`` under torchrun with 2 gloo ranks, and as 2 srun tasks on the
+  two cluster nodes, equals 1 process, per key (plus the rank/resume/manifest contract of
+  ``encode_latent_shards`` in one process).
+
+Measured on the shared 2-core machine: the whole module ~110 s with the cluster (start/stop
+~10 s), the non-SLURM tests ~35 s.
 """
 
 from __future__ import annotations
@@ -125,29 +131,55 @@ def test_partitions_then_merge_equal_one_process(corpus: Path, single: Path, tmp
     same_samples(single, here)
 
 
+def submit_shards(slurm_env: dict, *args: str) -> dict:
+    """``worldline-shards ... --slurm`` on the local cluster; returns its printed job ids."""
+    r = subprocess.run([str(BIN / "worldline-shards"), *args, "--slurm", "--slurm-cpus", "1", "--slurm-time", "10",
+                        "--max-count", "2", "-q"], capture_output=True, text=True, timeout=120, env=slurm_env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads(r.stdout.splitlines()[-1])
+
+
+def wait_job(slurm_env: dict, jobs: dict, job: str, timeout: float = 240) -> str:
+    """Poll ``job`` to a terminal state (its task logs attached on a timeout)."""
+    from _slurm import TERMINAL, job_state
+
+    deadline, state = time.monotonic() + timeout, ""
+    while state not in TERMINAL:
+        logs = "\n".join(p.read_text()[-3000:] for p in Path(jobs["logs"]).rglob("*_log.*"))
+        assert time.monotonic() < deadline, f"job {job} still {state}:\n{logs}"
+        time.sleep(0.5)
+        state = job_state(slurm_env, job).get("JobState", "")
+    return state
+
+
 @pytest.mark.slurm
 def test_slurm_array_then_merge_job_equal_one_process(corpus: Path, single: Path, tmp_path: Path,
                                                       slurm_env) -> None:
-    from _slurm import TERMINAL, job_state
+    from _slurm import job_state
 
     dist = tmp_path / "dist"
+    # A failing task (--strict: partition 1 holds a bad input) cancels the merge job.
     start = time.monotonic()
-    r = subprocess.run([str(BIN / "worldline-shards"), str(corpus), str(dist), "--partitions", "2", "--slurm",
-                        "--slurm-cpus", "1", "--slurm-time", "10", "--max-count", "2", "-q"],
-                       capture_output=True, text=True, timeout=120, env=slurm_env)
-    assert r.returncode == 0, r.stdout + r.stderr
-    jobs = json.loads(r.stdout.splitlines()[-1])
-    logs = lambda: "\n".join(p.read_text()[-3000:] for p in Path(jobs["logs"]).rglob("*_log.*"))  # noqa: E731
-    state = ""
-    while state not in TERMINAL:
-        assert time.monotonic() - start < 240, f"merge job {jobs['merge']} still {state}:\n{logs()}"
-        time.sleep(0.5)
-        state = job_state(slurm_env, jobs["merge"]).get("JobState", "")
-    assert state == "COMPLETED", logs()
-    print(f"SLURM array (2 tasks) + merge: {time.monotonic() - start:.1f} s")
+    jobs = submit_shards(slurm_env, str(corpus), str(dist), "--partitions", "2", "--strict")
+    assert wait_job(slurm_env, jobs, jobs["merge"]) == "CANCELLED"
+    states = [job_state(slurm_env, f"{jobs['array']}_{i}").get("JobState") for i in range(2)]
+    assert states == ["COMPLETED", "FAILED"], states
+    assert not (dist / "manifest.json").exists()
+    print(f"SLURM array with a failing task, merge cancelled: {time.monotonic() - start:.1f} s")
+    # The same command again (without --strict): finished partitions are kept, the merge runs.
+    start = time.monotonic()
+    mtimes = {p: p.stat().st_mtime_ns for p in (dist / "parts").rglob("*")
+              if p.is_file() and "slurm" not in p.parts}  # the parts' shards and bookkeeping
+    jobs = submit_shards(slurm_env, str(corpus), str(dist), "--partitions", "2")
+    assert wait_job(slurm_env, jobs, jobs["merge"]) == "COMPLETED"
+    print(f"SLURM array (2 tasks, already done) + merge: {time.monotonic() - start:.1f} s")
     tasks = [job_state(slurm_env, f"{jobs['array']}_{i}") for i in range(2)]
     assert all(t.get("JobState") == "COMPLETED" for t in tasks), tasks
     assert {t["NodeList"] for t in tasks} <= {"node1", "node2"}
+    # The partitions were not redone: their files are untouched, only the shards were moved.
+    assert {p: p.stat().st_mtime_ns for p in mtimes if p.suffix != ".tar"} == \
+        {p: t for p, t in mtimes.items() if p.suffix != ".tar"}
+    assert any(p.suffix == ".tar" for p in mtimes) and not any(p.exists() for p in mtimes if p.suffix == ".tar")
     same_samples(single, dist)
 
 
