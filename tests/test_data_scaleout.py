@@ -11,8 +11,8 @@ worldline-encode-latents under torchrun): every scaled-out result equals a singl
   two cluster nodes, equals 1 process, per key (plus the rank/resume/manifest contract of
   ``encode_latent_shards`` in one process).
 
-Measured on the shared 2-core machine: the whole module ~110 s with the cluster (start/stop
-~10 s), the non-SLURM tests ~35 s.
+Measured on the shared 2-core machine: the whole module ~80 s with the cluster (start/stop
+~10 s), the non-SLURM tests ~37 s.
 """
 
 from __future__ import annotations
