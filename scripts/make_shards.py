@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="%(message)s")
     if args.max_count is None and args.max_size is None:
         args.max_count = 1000  # webdataset's usual granularity when nothing is asked for
@@ -119,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                                                          args.require_license))
     scaled = args.partition is not None or args.merge or args.slurm
     if scaled and not args.partitions:
-        raise SystemExit("worldline-shards: --partition, --merge and --slurm need --partitions N")
+        parser.error("--partition, --merge and --slurm need --partitions N")
+    if args.partitions is not None and not (args.partitions >= 1 and 0 <= (args.partition or 0) < args.partitions):
+        parser.error(f"need --partitions >= 1 and 0 <= --partition < {args.partitions}")
     if args.slurm:
         from worldline.scripts.shards_slurm import submit_partitions
 
