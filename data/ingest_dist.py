@@ -21,7 +21,9 @@ hold byte-identical members. Exact de-duplication spans partitions: a later copy
 kept by an earlier partition is dropped at merge (its shard rewritten without it) and listed
 as ``duplicate``, naming the first copy, as one process would. What may differ is where the
 shard boundaries fall: each partition closes its last shard early, so with ``max_count=4``
-and 10 inputs in 2 partitions the shards hold 4,1,4,1 samples instead of 4,4,2.
+and 10 inputs in 2 partitions the shards hold 4,1,4,1 samples instead of 4,4,2. The source
+must not change while the partition tasks run (each lists it on its own; overlapping blocks
+are refused at merge).
 
 Tiny CPU example::
 
@@ -174,7 +176,11 @@ def merge_parts(out_dir: str | os.PathLike, n: int) -> dict:
     if drop:
         log.info("merge_parts: %d duplicates across partitions dropped", len(drop))
     # One process lists skipped inputs in input order; the keys files give that order.
-    rank = {k: j for j, k in enumerate(k for i in range(n) for k in _keys(out, i))}
+    listed = [k for i in range(n) for k in _keys(out, i)]
+    rank = {k: j for j, k in enumerate(listed)}
+    if len(rank) != len(listed):  # tasks listed different inputs: the blocks overlap
+        raise ValueError(f"{out}: partitions list some inputs twice; the source changed while "
+                         f"they ran (rerun them with --overwrite on an unchanging source)")
     skipped.sort(key=lambda b: rank[b["key"]])
 
     names, counts, sizes, renamed = [], [], [], {}
