@@ -451,12 +451,15 @@ def make_shards(
     options: IngestOptions | None = None,
     resume: bool = True,
     exclude: OptOut | None = None,
+    select: Callable[[list[SourceItem]], list[SourceItem]] | None = None,
 ) -> dict:
     """Write shards for every input under ``source`` into ``out_dir``; return the manifest
     (``shards``, ``shard_counts``, ``shard_bytes``, ``samples`` with per-sample resolution /
     fps / num_frames / duration / ``provenance``, ``skipped`` inputs with path and reason,
     and the ``provenance`` summary). Inputs on the ``exclude`` opt-out list are skipped as
-    ``opted_out``, later copies of identical content as ``duplicate``."""
+    ``opted_out``, later copies of identical content as ``duplicate``. ``select`` picks the
+    inputs this call writes from the full discovered list (keys stay those of the full list;
+    its ``str()`` goes into the journal header): ``ingest_dist.Partition`` for a scaled-out run."""
     options = options or IngestOptions()
     if max_count is None and max_bytes is None:
         raise ValueError("give max_count (samples per shard) and/or max_bytes (bytes per shard)")
@@ -468,12 +471,15 @@ def make_shards(
     out.mkdir(parents=True, exist_ok=True)
     journal = Journal(out / JOURNAL, {"source": str(Path(source).resolve()), "pattern": pattern,
                                       "max_count": max_count, "max_bytes": max_bytes,
-                                      "options": {**asdict(options), "limits": asdict(options.limits)}},
+                                      "options": {**asdict(options), "limits": asdict(options.limits)},
+                                      **({"select": str(select)} if select is not None else {})},
                       restart="--overwrite (make_shards(..., resume=False))")
     ours = _pattern_regex(pattern)
     records: list[dict] = []
     previous = journal.records() if resume else None
     items = discover(source, options.source_root)
+    if select is not None:  # one partition of the inputs (data/ingest_dist.py)
+        items = select(items)
     if previous is not None:
         complete = (out / MANIFEST).exists()
         for r in previous:  # keep journaled shards up to the first one that went missing

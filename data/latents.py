@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from worldline.data.buckets import Bucket, BucketSet
 from worldline.data.loader import _identity, resolve_shards
 from worldline.data.samples import PixelCodec, Skip, iter_tar_samples
+from worldline.data.atomic import TMP_MARK
 from worldline.data.shards import Journal, TarShard, remove_partial_shards, write_manifest
 
 log = logging.getLogger(__name__)
@@ -103,13 +104,22 @@ def encode_latent_shards(
     resume: bool = True,
     provenance: dict | None = None,
     audio_rate: int = 0,
-) -> dict:
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict | None:
     """Encode every usable sample of ``shards`` into latent shards in ``out_dir``; returns the
     latent manifest. ``encode`` gets uint8 ``[B, 3, T, H, W]`` on CPU and returns float
     ``[B, C, t, h, w]`` (any device); it runs under ``torch.no_grad()``. ``provenance``
     (e.g. ``{"autoencoder": {...}, "text_encoder": {"path", "sha256", "max_len"}}``) is
     written into the manifest, so training refuses embeddings of another encoder.
-    ``audio_rate > 0`` stores each clip's audio window (``PixelCodec(audio_rate=...)``)."""
+    ``audio_rate > 0`` stores each clip's audio window (``PixelCodec(audio_rate=...)``).
+
+    ``world_size > 1`` (one call per rank, e.g. under torchrun or srun): this rank encodes
+    input shards ``rank::world_size`` only, journals them in its own journal and returns
+    ``None``; once every rank is done, one process calls ``write_latent_manifest(out_dir,
+    world_size)``. Output shards keep their input shard's name, so ranks never write the same
+    file, and each sample's clip is drawn from the input shard's index, not the rank: the
+    result equals a one-process run's."""
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
     urls = resolve_shards(shards)
@@ -122,16 +132,22 @@ def encode_latent_shards(
             "resolution": list(resolution), "position": position, "crop": crop, "seed": seed}
     if audio_rate:  # only when on: journals of runs without audio stay resumable
         clip["audio_rate"] = int(audio_rate)
-    journal = Journal(out / JOURNAL, {"shards": names, "clip": clip, "dtype": dtype,
+    journal = Journal(out / journal_name(rank, world_size), {"shards": names, "clip": clip, "dtype": dtype,
                                       "text": text_encode is not None,
                                       "provenance": provenance or {}})
     previous = journal.records() if resume else None
     if previous is None:
         journal.start()
     records = [r for r in previous or [] if (out / r["shard"]).is_file()]
-    remove_partial_shards(out)  # of an interrupted run
+    mine = list(range(len(names)))[rank::world_size]
+    if world_size == 1:
+        remove_partial_shards(out)  # of an interrupted run
+    else:  # only our own: the other ranks are writing theirs right now
+        for name in os.listdir(out):
+            if any(name.startswith(f".{names[i]}{TMP_MARK}") for i in mine):
+                (out / name).unlink()
     done = {r["shard"] for r in records}
-    todo = [i for i, n in enumerate(names) if n not in done]
+    todo = [i for i in mine if names[i] not in done]
 
     bucket = Bucket(resolution[0], resolution[1], num_frames, batch_size)
     codec = PixelCodec(BucketSet([bucket], upscale=True, frame_stride=frame_stride, fps=fps), position, crop,
@@ -200,6 +216,36 @@ def encode_latent_shards(
         for shard, _ in writers.values():  # interrupted: drop partial shards
             shard.abort()
 
+    if world_size > 1:
+        return None
+    return _manifest(out, names, records, journal.header["header"])
+
+
+def journal_name(rank: int = 0, world_size: int = 1) -> str:
+    """The journal of one rank of ``world_size`` (one process: ``JOURNAL``)."""
+    return JOURNAL if world_size == 1 else f".encode_latents.journal.rank{rank}-of-{world_size}.jsonl"
+
+
+def write_latent_manifest(out_dir: str | os.PathLike, world_size: int) -> dict:
+    """The manifest of a ``world_size``-rank ``encode_latent_shards`` run, from every rank's
+    journal (call once, after all ranks finished); the same as a one-process run writes."""
+    out = Path(out_dir)
+    heads, records = [], []
+    for r in range(world_size):
+        lines = (out / journal_name(r, world_size)).read_text().splitlines()
+        heads.append(json.loads(lines[0])["header"])
+        records += [json.loads(line) for line in lines[1:] if line.strip()]
+    if any(h != heads[0] for h in heads):
+        raise ValueError(f"{out}: the ranks' journals were written with different settings")
+    return _manifest(out, heads[0]["shards"], [r for r in records if (out / r["shard"]).is_file()], heads[0])
+
+
+def _manifest(out: Path, names: list[str], records: list[dict], settings: dict) -> dict:
+    """Write the latent manifest of ``records`` (journal records, any order) over input shard
+    ``names``; ``settings``: the journal header (clip, dtype, provenance)."""
+    clip, dtype, provenance = settings["clip"], settings["dtype"], settings["provenance"]
+    order = {n: j for j, n in enumerate(names)}
+    records = sorted(records, key=lambda r: order[r["shard"]])  # skipped: in input order
     by_name = {r["shard"]: r for r in records}
     kept = [by_name[n] for n in names if n in by_name and by_name[n]["count"] > 0]
     shapes = {tuple(s["latent_shape"]) for r in kept for s in r["samples"]}

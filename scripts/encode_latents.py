@@ -13,6 +13,13 @@ frozen ``autoencoder`` of a later stage's checkpoint works too) and writes laten
 posterior *mean*, not normalised: the trainer applies ``autoencoder.normalize`` as it does
 for on-the-fly encoding. This is the one script that imports models/; data/ only ever sees
 the ``encode`` callable.
+
+Across GPUs and nodes: start it under ``torchrun --nproc_per_node=8 ...`` or one ``srun`` task
+per GPU. Rank ``r`` of ``W`` encodes input shards ``r::W`` on its local GPU (gloo on CPU) into
+latent shards named like their input shards, so ranks never share a file; after a barrier
+rank 0 writes the one ``manifest.json`` from every rank's journal. The result equals a
+one-process run's (clip windows are drawn per input shard, not per rank), and a rerun with
+the same world size resumes each rank's journal.
 """
 
 from __future__ import annotations
@@ -107,7 +114,24 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from worldline.data.latents import encode_latent_shards
+    from worldline.train.dist import dist_env, run_and_finish
+
+    if dist_env().distributed:  # torchrun / srun: every rank encodes its shards
+        run_and_finish(lambda: _encode(args))  # barrier, destroy, flush, os._exit: never returns
+    return _encode(args)
+
+
+def _encode(args: argparse.Namespace) -> int:
+    """Encode (this rank's share of) the shards; under several ranks, rank 0 writes the
+    manifest once every rank is done."""
+    import torch.distributed as dist
+
+    from worldline.data.latents import encode_latent_shards, write_latent_manifest
+    from worldline.train.dist import init_distributed, pick_device
+
+    info = init_distributed()
+    if info.distributed and args.device == "cuda":
+        args.device = str(pick_device())  # this rank's local GPU
 
     try:
         ae, text, provenance = _encoders(args)
@@ -120,7 +144,13 @@ def main(argv: list[str] | None = None) -> int:
         position=args.position, crop=args.crop, batch_size=args.batch_size, dtype=args.dtype,
         num_workers=args.workers, seed=args.seed, resume=not args.overwrite,
         text_encode=text, provenance=provenance, audio_rate=args.audio_rate,
+        rank=info.rank, world_size=info.world_size,
     )
+    if info.distributed:
+        dist.barrier()  # every rank's shards and journal are on disk
+        if info.rank != 0:
+            return 0
+        manifest = write_latent_manifest(args.out, info.world_size)
     print(json.dumps({"out": args.out, "shards": len(manifest["shards"]), "samples": manifest["num_samples"],
                       "latent_shape": manifest["latent_shape"], "skipped": manifest["skipped_reasons"]}))
     return 0

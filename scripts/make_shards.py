@@ -7,6 +7,11 @@ Examples (tiny, CPU)::
     # an interrupted run continues where it stopped when re-run with the same arguments;
     # a rerun on a finished output says "nothing new", or appends new / changed inputs
     worldline-shards clips/ /data/shards --num-actions 8 --max-input-size 2GiB
+    # past one machine: 2 partition tasks (any hosts sharing /data), then one merge
+    worldline-shards clips/ /data/shards --partitions 2 --partition 0   # and --partition 1
+    worldline-shards clips/ /data/shards --partitions 2 --merge
+    # the same as a SLURM array (submitit) + a merge job that waits for it
+    worldline-shards clips/ /data/shards --partitions 64 --slurm --slurm-partition cpu
 
 Writes ``shard-000000.tar ...`` and ``manifest.json`` (per-shard sample counts and bytes, and
 per sample: resolution, fps, frame count, duration). Every path under the source is either
@@ -93,11 +98,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start over: delete our shards and journal in OUT (needed when settings changed)")
     p.add_argument("--strict", action="store_true", help="exit 1 if any input was skipped")
     p.add_argument("-q", "--quiet", action="store_true")
+    scale = p.add_argument_group("scaling out (worldline.data.ingest_dist; SLURM: worldline.scripts.shards_slurm)")
+    scale.add_argument("--partitions", type=int, metavar="N",
+                       help="split the inputs into N contiguous partitions written to OUT/parts/part-<i>/")
+    scale.add_argument("--partition", type=int, metavar="I",
+                       help="write only partition I of --partitions (one task; idempotent, resumable)")
+    scale.add_argument("--merge", action="store_true",
+                       help="merge the N finished partitions into OUT (one numbered shard "
+                            "sequence, one manifest.json)")
+    scale.add_argument("--slurm", action="store_true",
+                       help="submit the N partitions as a SLURM array job (submitit) and the "
+                            "merge as a job depending on it; prints the job ids")
+    scale.add_argument("--slurm-partition", help="SLURM partition of the jobs")
+    scale.add_argument("--slurm-account", help="SLURM account")
+    scale.add_argument("--slurm-time", type=int, default=1440, metavar="MIN",
+                       help="time limit of each job in minutes")
+    scale.add_argument("--slurm-cpus", type=int, default=8,
+                       help="CPUs per partition task (its --processes unless given)")
+    scale.add_argument("--slurm-parallelism", type=int, default=256,
+                       help="partition tasks running at once")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="%(message)s")
     if args.max_count is None and args.max_size is None:
         args.max_count = 1000  # webdataset's usual granularity when nothing is asked for
@@ -107,11 +132,38 @@ def main(argv: list[str] | None = None) -> int:
                             max_input_bytes=args.max_input_size, max_sidecar_bytes=args.max_sidecar_size,
                             provenance=ProvenanceOptions(args.default_license, args.default_source,
                                                          args.require_license))
+    scaled = args.partition is not None or args.merge or args.slurm
+    if scaled and not args.partitions:
+        parser.error("--partition, --merge and --slurm need --partitions N")
+    if args.partitions is not None and not (args.partitions >= 1 and 0 <= (args.partition or 0) < args.partitions):
+        parser.error(f"need --partitions >= 1 and 0 <= --partition < {args.partitions}")
+    if args.slurm:
+        from worldline.scripts.shards_slurm import submit_partitions
+
+        print(json.dumps(submit_partitions(argv if argv is not None else sys.argv[1:], args, main)))
+        return 0
+    exclude = OptOut.load(args.exclude) if args.exclude else None
     try:
-        manifest = make_shards(args.source, args.out, max_count=args.max_count, max_bytes=args.max_size,
-                               pattern=args.pattern, processes=args.processes, options=options,
-                               resume=not args.overwrite,
-                               exclude=OptOut.load(args.exclude) if args.exclude else None)
+        if args.merge:
+            from worldline.data.ingest_dist import merge_parts
+
+            manifest = merge_parts(args.out, args.partitions)
+        elif args.partitions:
+            from worldline.data.ingest_dist import make_partition, merge_parts
+
+            todo = [args.partition] if args.partition is not None else range(args.partitions)
+            for i in todo:  # without --partition: every partition here, then the merge
+                manifest = make_partition(args.source, args.out, args.partitions, i,
+                                          max_count=args.max_count, max_bytes=args.max_size,
+                                          pattern=args.pattern, processes=args.processes,
+                                          options=options, resume=not args.overwrite,
+                                          exclude=exclude)
+            if args.partition is None:
+                manifest = merge_parts(args.out, args.partitions)
+        else:
+            manifest = make_shards(args.source, args.out, max_count=args.max_count, max_bytes=args.max_size,
+                                   pattern=args.pattern, processes=args.processes, options=options,
+                                   resume=not args.overwrite, exclude=exclude)
     except (ValueError, FileNotFoundError) as exc:  # other settings, a foreign folder, no source
         print(f"worldline-shards: {exc}", file=sys.stderr)
         return 2

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from _slurm import slurm_env  # noqa: F401  (the local SLURM cluster, shared by slurm tests)
+
 
 @pytest.fixture(scope="session")
 def data_small_cfg():

@@ -19,9 +19,7 @@ stop 5-11 s).
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -30,60 +28,17 @@ import pytest
 from omegaconf import OmegaConf
 
 from _runs import BIN
+from _slurm import TERMINAL, job_state
 from worldline.train.tracking import read_metrics
 
 pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parent.parent
-CLUSTER = REPO / "slurm" / "local_cluster.sh"
 STEPS = 40
 COMMON = ["experiment=smoke", "stage=autoencoder", "dist=ddp", "run.threads=1",
           f"train.steps={STEPS}", "train.log_every=1", f"train.ckpt_every={STEPS}",
           "sample.num_steps=1", "slurm.nodes=2", "slurm.gpus_per_node=0",
           "slurm.cpus_per_task=1", "slurm.time=10", "slurm.signal_s=60"]
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-            "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
-PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
-
-
-def _packages_missing() -> list[str]:
-    missing = []
-    for p in PACKAGES:
-        r = subprocess.run(["dpkg-query", "-W", "-f=${Status}", p], capture_output=True,
-                           text=True)
-        if "install ok installed" not in r.stdout:
-            missing.append(p)
-    return missing
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-@pytest.fixture(scope="session")
-def slurm_env(tmp_path_factory) -> dict[str, str]:
-    """Start the local cluster (installing SLURM if needed); yield the env for its clients."""
-    if os.geteuid() != 0 and _packages_missing():
-        pytest.skip(f"SLURM packages {_packages_missing()} missing and not root to install them")
-    state = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, "WORLDLINE_SLURM_PORTS": " ".join(map(str, _free_ports(3)))}
-    r = subprocess.run([str(CLUSTER), "start", str(state)], capture_output=True, text=True,
-                       env=env, timeout=300)
-    assert r.returncode == 0, f"cluster start failed:\n{r.stdout}\n{r.stderr}"
-    env["SLURM_CONF"] = str(state / "slurm.conf")
-    env["OMP_NUM_THREADS"] = "1"
-    try:
-        yield env
-    finally:
-        subprocess.run([str(CLUSTER), "stop", str(state)], env=env, timeout=120)
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("slurm_runs")
@@ -100,13 +55,6 @@ def datasets(root) -> Path:
     syn = SyntheticWorldConfig(**OmegaConf.to_container(cfg.data.synthetic, resolve=True))
     ensure_synthetic_dataset(root / "_datasets", syn)
     return root / "_datasets"
-
-
-def job_state(env: dict[str, str], job: str) -> dict[str, str]:
-    """``scontrol show job`` as a dict (no accounting here: sacct does not work)."""
-    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True,
-                         env=env, timeout=30).stdout
-    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
 
 
 def wait_done(env: dict[str, str], job: str, run_dir: Path, timeout: float = 240) -> str:
