@@ -170,7 +170,8 @@ def merge_parts(out_dir: str | os.PathLike, n: int) -> dict:
                 continue
             moved[e["key"]] = screen.first[e["provenance"]["sha256"]]
             drop.add(e["key"])
-            skipped.append({"key": e["key"], "path": e["source"], "reason": refused[0], "message": refused[1]})
+            skipped.append({"key": e["key"], "path": e["source"], "reason": refused[0],
+                            "message": refused[1], "input": e.get("input")})
         for b in part["skipped"]:
             skipped.append(_repoint(b, moved))
     if drop:
