@@ -193,8 +193,8 @@ def _parse_json(raw: RawSample, required: bool) -> dict:
 
 def parse_actions(value, num_actions: int = 0) -> np.ndarray:
     """Per-frame actions -> int64 ``[N, S]`` (a flat list is ``S = 1``); ``ValueError`` if
-    ragged, non-finite (NaN/inf), not integral, booleans, or (``num_actions`` > 0) outside
-    ``[0, num_actions)``: an id out of range would index another slot's embedding rows."""
+    ragged, non-finite (NaN/inf), not integral, booleans, negative, or (``num_actions`` > 0)
+    not below ``num_actions``: an id out of range would index another slot's embedding rows."""
     if np.asarray(value).dtype == bool or any(
             isinstance(v, (bool, np.bool_)) for v in np.asarray(value, dtype=object).ravel()):
         raise ValueError("actions must be integers, not booleans")
@@ -207,7 +207,9 @@ def parse_actions(value, num_actions: int = 0) -> np.ndarray:
         raise ValueError("actions contain non-finite values (NaN/inf)")
     if (arr != np.round(arr)).any():
         raise ValueError("actions must be integers")
-    if num_actions > 0 and arr.size and (arr.min() < 0 or arr.max() >= num_actions):
+    if arr.size and arr.min() < 0:  # an id is an index: never negative, whatever the table
+        raise ValueError(f"action ids must be >= 0, got {int(arr.min())}")
+    if num_actions > 0 and arr.size and arr.max() >= num_actions:
         raise ValueError(f"action ids must be in [0, {num_actions}) (model.dit.num_actions), "
                          f"got {int(arr.min())}..{int(arr.max())}")
     return arr.astype(np.int64)

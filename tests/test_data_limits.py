@@ -135,6 +135,12 @@ def test_action_range_and_booleans_checked_at_ingest(tmp_path, capsys):
     assert {k: r for k, (r, _) in bad.items()} == {"above.mp4": "bad_actions", "negative.mp4": "bad_actions",
                                                    "bools.mp4": "bad_actions"}
     assert "[0, 5)" in bad["above.mp4"][1] and "boolean" in bad["bools.mp4"][1]
+    # Without --num-actions a negative id is still refused (ids index a table); large ids are
+    # recorded in the manifest's controls, which the run checks against the model before start.
+    code, m, _ = run(src, tmp_path / "out2", capsys=capsys)
+    assert {k: r for k, (r, _) in skipped(m).items()} == {"negative.mp4": "bad_actions",
+                                                          "bools.mp4": "bad_actions"}
+    assert m["controls"]["actions"]["max"] == 7
 
 
 def test_limits_checked_before_reading(tmp_path, capsys):
