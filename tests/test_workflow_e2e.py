@@ -213,6 +213,8 @@ def test_eval_reports_every_metric(workflow: Path) -> None:
               "action_following/position_error_ground_truth_video"):
         assert k in rep, k
     assert len(rep["rollout/psnr"]) == len(rep["rollout/baseline_psnr"]) == 2  # 3 latent frames
+    assert len(rep["rollout/psnr_moving"]) == len(rep["rollout/baseline_psnr_moving"]) == 2
+    assert rep["reconstruction/psnr_moving"] < rep["reconstruction/psnr"]
     # The colour detector finds the sprites in the real clips to within a few pixels.
     assert rep["action_following/position_error_ground_truth_video"] < 3
     assert rep["data_split"] == "heldout"

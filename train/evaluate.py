@@ -5,10 +5,12 @@ folder) on an eval data spec, written as ``report.json``, ``report.md`` and PNG 
 Flow checkpoints (``eval.metrics`` picks the groups):
 
 * ``val_loss``: flow-matching loss at fixed timesteps with fixed noise (deterministic).
-* ``reconstruction``: the frozen autoencoder's PSNR/SSIM on the eval clips.
+* ``reconstruction``: the frozen autoencoder's PSNR/SSIM on the eval clips, and PSNR on the
+  pixels that move (``psnr_moving``: whole-frame PSNR hides erased small moving objects).
 * ``rollout``: world-model rollout from the first frame (KV-cached, block-causal models; else
   image-to-video sampling) with the clips' own actions/camera; PSNR/SSIM per horizon step
-  (latent frame) against ground truth, next to the copy-last-frame baseline.
+  (latent frame) against ground truth, next to the copy-last-frame baseline; both also on
+  the moving pixels (``psnr_moving``, ``baseline_psnr_moving``).
 * ``action_following``: the same rollout under another clip's actions must differ (mean
   absolute pixel difference, next to the difference two noise seeds make: the noise floor);
   ``ratio_to_seed_noise`` ≥ ``eval.action_following_threshold`` passes (``pass`` 1/0), a
@@ -38,7 +40,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from worldline.models.av_sync import av_sync_metrics
-from worldline.models.metrics import psnr, ssim
+from worldline.models.metrics import moving_mask, psnr, ssim
 from worldline.train.dist import all_reduce_scalars
 from worldline.train.pipeline import to_unit_range
 from worldline.train.plots import line_plot
@@ -128,6 +130,8 @@ class FlowEvaluator:
     def reconstruction(self) -> dict[str, float]:
         recon = self.pipe.decode(self.x0)
         return {"reconstruction/psnr": float(psnr(recon, self.video).mean()),
+                "reconstruction/psnr_moving": float(
+                    psnr(recon, self.video, mask=moving_mask(self.video)).nanmean()),
                 "reconstruction/ssim": float(ssim(recon, self.video).mean())}
 
     def _horizon_groups(self) -> list[list[int]]:
@@ -141,13 +145,17 @@ class FlowEvaluator:
         gen = self.rollout_video(None, seed=0)
         gt = self.video
         copy = gt[:, :, :1].expand_as(gt)
-        out: dict[str, Any] = {"psnr": [], "ssim": [], "baseline_psnr": [], "baseline_ssim": []}
+        moving = moving_mask(gt)
+        out: dict[str, Any] = {"psnr": [], "ssim": [], "baseline_psnr": [], "baseline_ssim": [],
+                               "psnr_moving": [], "baseline_psnr_moving": []}
         for frames in self._horizon_groups():
-            g, c, y = gen[:, :, frames], copy[:, :, frames], gt[:, :, frames]
+            g, c, y, m = gen[:, :, frames], copy[:, :, frames], gt[:, :, frames], moving[:, :, frames]
             out["psnr"].append(float(psnr(g, y).mean()))
             out["ssim"].append(float(ssim(g, y).mean()))
             out["baseline_psnr"].append(float(psnr(c, y).mean()))
             out["baseline_ssim"].append(float(ssim(c, y).mean()))
+            out["psnr_moving"].append(float(psnr(g, y, mask=m).nanmean()))
+            out["baseline_psnr_moving"].append(float(psnr(c, y, mask=m).nanmean()))
         return {f"rollout/{k}": v for k, v in out.items()}, gen
 
     @torch.no_grad()

@@ -28,7 +28,7 @@ from worldline.models.flow import (
     sample_timesteps,
     velocity_target,
 )
-from worldline.models.metrics import psnr, ssim
+from worldline.models.metrics import moving_mask, psnr, ssim
 from worldline.train.pipeline import WorldPipeline, to_unit_range
 from worldline.train.tasks import TaskProbs, clean_prefix_inputs, sample_prefix_lengths
 
@@ -336,15 +336,22 @@ class AutoencoderObjective:
     @torch.no_grad()
     def evaluate(self, pipe: WorldPipeline, loader: Any, num_batches: int,
                  timesteps: Sequence[float] = ()) -> dict[str, float]:
-        """Reconstruction PSNR/SSIM over the first ``num_batches`` batches in fixed order."""
+        """Reconstruction PSNR/SSIM over the first ``num_batches`` batches in fixed order, and
+        PSNR over the pixels that move (``psnr_moving``; ``moving_fraction`` of them)."""
         it = iter(loader)
-        vals, sims = [], []
+        vals, sims, moving, frac = [], [], [], []
         for _ in range(num_batches):
             x = to_unit_range(next(it)["video"].to(pipe.device))
             recon = self.reconstruct(pipe, x)
             vals.append(psnr(recon, x))
             sims.append(ssim(recon, x))
+            # Whole-frame PSNR alone hides erased small moving objects (models/metrics.py).
+            mask = moving_mask(x)
+            moving.append(psnr(recon, x, mask=mask))
+            frac.append(mask.flatten(1).float().mean(1))
         return {"psnr": float(torch.cat(vals).mean()), "ssim": float(torch.cat(sims).mean()),
+                "psnr_moving": float(torch.cat(moving).nanmean()),
+                "moving_fraction": float(torch.cat(frac).mean()),
                 "num_clips": len(torch.cat(vals))}
 
     @torch.no_grad()
@@ -354,4 +361,6 @@ class AutoencoderObjective:
         x = to_unit_range(batch["video"])
         recon = self.reconstruct(pipe, x)
         return ({"input": x, "reconstruction": recon},
-                {"sample/psnr": float(psnr(recon, x).mean())}, None)
+                {"sample/psnr": float(psnr(recon, x).mean()),
+                 "sample/psnr_moving": float(psnr(recon, x, mask=moving_mask(x)).nanmean())},
+                None)
