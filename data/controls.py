@@ -26,9 +26,14 @@ __all__ = ["sample_controls", "summarize_controls"]
 def sample_controls(record: dict[str, Any], num_refs: int = 0) -> dict[str, Any]:
     """The ``controls`` facts of one sample's JSON record (``actions``, ``camera``)."""
     out: dict[str, Any] = {}
+    if not isinstance(record, dict):  # a raw writer's hostile JSON: the loader skips it
+        return out
     actions = record.get("actions")
     if actions is not None:
-        a = np.asarray(actions)
+        try:
+            a = np.asarray(actions)
+        except ValueError:  # ragged
+            a = np.zeros((0, 0))
         if a.ndim == 2 and a.size and np.issubdtype(a.dtype, np.integer):
             out.update(action_slots=int(a.shape[1]), action_min=int(a.min()),
                        action_max=int(a.max()))

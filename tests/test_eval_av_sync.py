@@ -4,13 +4,11 @@ and still video, masked audio; and the ``av_sync`` eval group on batch dicts (< 
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from worldline.models.av_sync import av_sync, av_sync_metrics, motion_energy, onset_envelope
-from worldline.train.evaluate import FlowEvaluator
 
 B, T, SPF = 12, 24, 80  # clips, frames, audio samples per frame
 
@@ -186,16 +184,19 @@ def test_eval_group_scores_generated_and_real_clips_or_says_it_skipped() -> None
 
 
 def test_eval_clips_pad_audio_of_different_lengths() -> None:
-    """The evaluator's clip gathering keeps audio whose length differs between loader batches
-    (right-padded, mask False on the padding) instead of dropping it."""
-    parts = [{"caption": ["a", "b"], "audio": torch.ones(2, 5),
-              "audio_mask": torch.ones(2, 5, dtype=torch.bool)},
-             {"caption": ["c", "d"], "audio": torch.ones(2, 3),
-              "audio_mask": torch.ones(2, 3, dtype=torch.bool)}]
-    ev = FlowEvaluator.__new__(FlowEvaluator)
-    ev.device = torch.device("cpu")
-    ev.run = SimpleNamespace(loaders=SimpleNamespace(make=lambda shuffle: iter(parts)))
-    out = ev._clips(3)
+    """The evaluator's clip gathering (``first_clips`` over loader batches) keeps audio whose
+    length differs between batches (right-padded, mask False on the padding)."""
+    from worldline.data.batch import Batch
+    from worldline.train.inference import first_clips
+
+    def batch(keys: list[str], n: int) -> Batch:
+        b = len(keys)
+        return Batch(key=keys, caption=keys, style=[[]] * b, epoch=[0] * b,
+                     actions=torch.zeros(b, 4, 0, dtype=torch.long), camera=torch.zeros(b, 4, 2),
+                     clip_shape=(4, 8, 8), video=torch.zeros(b, 3, 4, 8, 8, dtype=torch.uint8),
+                     audio=torch.ones(b, n), audio_mask=torch.ones(b, n, dtype=torch.bool))
+
+    out = first_clips(iter([batch(["a", "b"], 5), batch(["c", "d"], 3)]), 3, torch.device("cpu"))
     assert out["caption"] == ["a", "b", "c"] and out["audio"].shape == (3, 5)
     assert out["audio_mask"].dtype == torch.bool
     assert out["audio_mask"][2].tolist() == [True, True, True, False, False]
