@@ -215,6 +215,10 @@ def test_eval_reports_every_metric(workflow: Path) -> None:
     assert len(rep["rollout/psnr"]) == len(rep["rollout/baseline_psnr"]) == 2  # 3 latent frames
     assert len(rep["rollout/psnr_moving"]) == len(rep["rollout/baseline_psnr_moving"]) == 2
     assert rep["reconstruction/psnr_moving"] < rep["reconstruction/psnr"]
+    # References: against no reference and another clip's, with the seed noise floor.
+    assert rep["reference/noise_floor"] >= 0 and rep["reference/pass"] in (0.0, 1.0)
+    assert rep["reference/gain_over_other_ref"] == pytest.approx(
+        rep["reference/similarity_with_ref"] - rep["reference/similarity_other_ref"], abs=1e-6)
     # The colour detector finds the sprites in the real clips to within a few pixels.
     assert rep["action_following/position_error_ground_truth_video"] < 3
     assert rep["data_split"] == "heldout"

@@ -18,8 +18,10 @@ Flow checkpoints (``eval.metrics`` picks the groups):
   world, sprite positions found by colour in the generated frames are compared with where
   the actions put them (error with the true actions vs with other actions, and the detector's
   own error on the ground-truth video).
-* ``reference``: similarity of generated frames to the reference image with and without it
-  as a condition (a local TorchScript feature extractor, or a built-in colour histogram).
+* ``reference``: similarity of generated frames to the reference image with it, without it
+  and with another clip's reference as the condition (a local TorchScript feature
+  extractor, or a built-in colour histogram); the seed-to-seed noise floor of that
+  similarity; ``pass`` when both gains exceed 3x the noise floor.
 * ``av_sync``: when the clips carry ``audio`` / ``audio_mask``, whether the rollout moves in
   sync with the audio (``av_sync/*``, models/av_sync.py) next to the same score of the real
   clips (``av_sync_real/*``); without audio, ``av_sync/skipped`` says so.
@@ -227,7 +229,7 @@ class FlowEvaluator:
             f"action_following/detections_{k}": len(v) for k, v in errs.items()}
 
     @torch.no_grad()
-    def reference_consistency(self) -> dict[str, float]:
+    def reference_consistency(self) -> dict[str, Any]:
         pipe = self.pipe
         if "refs" not in pipe.conditions:
             return {}
@@ -240,17 +242,36 @@ class FlowEvaluator:
                   batch=self.batch)
         with_r = pipe.generate(prompts, refs=refs, **kw)
         without = pipe.generate(prompts, **kw)
+        # Controls: another clip's reference (does it carry *this* subject, or any?), and the
+        # same reference at another seed (the seed-to-seed noise floor of the similarity).
+        other = pipe.generate(prompts, refs=refs.roll(1, 0), **kw) if len(prompts) > 1 else None
+        reseeded = pipe.generate(prompts, refs=refs, **{**kw, "seed": 1})
         feat = self._features()
         r = feat(ref_px)
 
-        def sim(v: torch.Tensor) -> float:
+        def sims(v: torch.Tensor) -> torch.Tensor:  # per clip [B]
             b, _, t, h, w = v.shape
             f = feat(v.permute(0, 2, 1, 3, 4).reshape(b * t, 3, h, w)).view(b, t, -1)
-            return float(torch.nn.functional.cosine_similarity(f, r[:, None], dim=-1).mean())
+            return torch.nn.functional.cosine_similarity(f, r[:, None], dim=-1).mean(1)
 
-        return {"reference/similarity_with_ref": sim(with_r),
-                "reference/similarity_without_ref": sim(without),
-                "reference/feature": self.e.feature_extractor or "colour_histogram"}
+        s_with, s_without = sims(with_r), sims(without)
+        noise = float((s_with - sims(reseeded)).abs().mean())
+        rep: dict[str, Any] = {
+            "reference/similarity_with_ref": float(s_with.mean()),
+            "reference/similarity_without_ref": float(s_without.mean()),
+            "reference/noise_floor": noise,
+            "reference/gain_over_no_ref": float((s_with - s_without).mean()),
+            "reference/feature": self.e.feature_extractor or "colour_histogram"}
+        gains = [rep["reference/gain_over_no_ref"]]
+        if other is not None:
+            s_other = sims(other)
+            rep["reference/similarity_other_ref"] = float(s_other.mean())
+            rep["reference/gain_over_other_ref"] = float((s_with - s_other).mean())
+            gains.append(rep["reference/gain_over_other_ref"])
+        # Passes when the reference pulls the sample towards itself by more than 3x what a
+        # second seed moves it, both against no reference and against another clip's.
+        rep["reference/pass"] = float(all(g >= 3 * noise for g in gains))
+        return rep
 
     def _features(self):
         if not self.e.feature_extractor:
