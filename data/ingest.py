@@ -66,7 +66,7 @@ import numpy as np
 
 from worldline.data.audio import AudioDecodeError, probe_audio
 from worldline.data.controls import sample_controls
-from worldline.data.probe import ProbeError, VideoLimits, is_iso_bmff, probe_file, probe_video
+from worldline.data.probe import ProbeError, VideoInfo, VideoLimits, is_iso_bmff, probe_file, probe_video
 from worldline.data.provenance import IngestScreen, OptOut, ProvenanceOptions, summarize_manifest
 from worldline.data.provenance import describe as describe_provenance
 from worldline.data.rerun import describe, plan_rerun, stat_fingerprint
@@ -266,10 +266,11 @@ def _provenance(item: SourceItem, meta: dict, sha256: str, opts: ProvenanceOptio
     return prov
 
 
-def _precheck(item: SourceItem, opts: IngestOptions) -> dict:
+def _precheck(item: SourceItem, opts: IngestOptions) -> tuple[dict, VideoInfo]:
     """Everything decided before the video is read: a listed-but-unusable path, an unsafe
     key, the file's size (``stat``) and its header (``probe_file``: only the boxes it needs);
-    returns the input's fingerprint (size, mtime, sha256: what a rerun compares, ``data.rerun``)."""
+    returns the input's fingerprint (size, mtime, sha256: what a rerun compares, ``data.rerun``)
+    and that header."""
     if item.problem is not None:
         raise BadInput(*item.problem)
     if bad := key_problem(item.key):
@@ -284,19 +285,19 @@ def _precheck(item: SourceItem, opts: IngestOptions) -> dict:
     if fp["size"] > opts.max_input_bytes:
         raise BadInput("too_large", f"{fp['size']} bytes > max_input_bytes={opts.max_input_bytes} (--max-input-size)")
     try:
-        probe_file(item.video, opts.limits)
+        header = probe_file(item.video, opts.limits)
     except ProbeError as exc:
         raise BadInput(exc.reason, str(exc)) from None
     except OSError as exc:
         raise BadInput("unreadable", f"{type(exc).__name__}: {exc}") from None
-    return {**fp, "sha256": file_sha256(item.video)}
+    return {**fp, "sha256": file_sha256(item.video)}, header
 
 
 def prepare(item: SourceItem, opts: IngestOptions) -> dict:
     """One input -> ``{"ok": True, "sample": {...}, "entry": {...}}`` or ``{"ok": False,
     "key", "path", "reason", "message"}``. Runs in pool workers; never raises for bad data."""
     try:
-        fp = _precheck(item, opts)
+        fp, probed = _precheck(item, opts)
         try:
             data = Path(item.video).read_bytes()
         except OSError as exc:
@@ -306,10 +307,8 @@ def prepare(item: SourceItem, opts: IngestOptions) -> dict:
         original_bytes = data
         # Check the original before handing it to an encoder, then the result again. Inputs
         # the loader cannot read correctly as they are (reencode_reason) are always re-encoded.
-        try:
-            header = probe_video(data, opts.limits) if is_iso_bmff(data) else None
-        except ProbeError as exc:
-            raise BadInput(exc.reason, str(exc)) from None
+        # The precheck's header is these bytes' (same probe); None marks a non-ISO container.
+        header = probed if is_iso_bmff(data) else None
         why = reencode_reason(header)
         undecodable = header is not None and header.codec in DECORD_UNDECODABLE
         original = None if why in ("container", "codec") else validate_video(data, full=False, limits=opts.limits)
