@@ -11,6 +11,20 @@
 * `torch.nn.functional.scaled_dot_product_attention` otherwise (CPU, fp32, arbitrary masks),
   which itself dispatches to PyTorch's flash / memory-efficient / math kernels.
 
+Block-causal self-attention comes as a :class:`~worldline.models.layout.FrameCausal` in
+``attn_mask`` (not a dense mask). The backend switch decides who runs it, and who runs
+padded-key cross-attention when flash-attn cannot:
+
+* ``"auto"`` (default): FlexAttention (models/flex.py, compiled, block-sparse) on CUDA; the
+  dense [N, past + N] mask (``FrameCausal.dense``) through the kernels above elsewhere. On
+  CPU flex is forward-only in torch 2.13, eager flex is an unfused reference, and compiled
+  CPU flex takes ~30 s to build: the dense path is the CPU default (BENCHMARKS.md).
+* ``"flex"``: FlexAttention wherever torch allows it (on CPU: no gradients; else dense).
+* ``"dense"``: never FlexAttention.
+
+Set it with ``set_backend(...)`` or the environment variable ``WORLDLINE_ATTENTION``.
+Full (unmasked) attention always stays on flash-attn / SDPA.
+
 flash-attn is optional: nothing here requires it to be installed.
 
     >>> q = k = v = torch.randn(2, 4, 16, 32)   # [B, heads, N, Dh]
@@ -20,9 +34,14 @@ flash-attn is optional: nothing here requires it to be installed.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from worldline.models import flex
+from worldline.models.layout import FrameCausal
 
 try:  # Optional dependency; import errors (missing wheel, ABI mismatch) mean "not available".
     from flash_attn import flash_attn_func as _flash_attn_func
@@ -36,6 +55,11 @@ except Exception:  # noqa: BLE001 - any failure to import just disables the fast
 
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
+_BACKENDS = ("auto", "flex", "dense")
+_backend = os.environ.get("WORLDLINE_ATTENTION", "auto")
+if _backend not in _BACKENDS:
+    raise ValueError(f"WORLDLINE_ATTENTION={_backend!r}: expected one of {_BACKENDS}")
+
 # CPU, bf16: an explicit matmul -> softmax -> matmul, over query chunks whose score block stays
 # in cache, runs fwd+bwd in well under the time of SDPA's CPU flash kernel (measured by
 # `python -m worldline.scripts.bench_attention`, table in BENCHMARKS.md). In fp32 the two tie
@@ -45,7 +69,27 @@ _CPU_MATMUL_CHUNK_SCORES = 1 << 18  # per head and query chunk: 512 KiB of bf16 
 # backward: 2^24 elements (32 MiB bf16 per layer) bounds that whatever the batch and heads.
 _CPU_MATMUL_MAX_SCORES = 1 << 24
 
-__all__ = ["attention", "flash_attn_available", "CrossAttentionProjections"]
+__all__ = ["attention", "flash_attn_available", "CrossAttentionProjections", "set_backend",
+           "get_backend"]
+
+
+def set_backend(name: str) -> None:
+    """Choose who runs structured masks: "auto", "flex" or "dense" (module docstring)."""
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"attention backend {name!r}: expected one of {_BACKENDS}")
+    _backend = name
+
+
+def get_backend() -> str:
+    """The backend set by :func:`set_backend` / ``WORLDLINE_ATTENTION`` (default "auto")."""
+    return _backend
+
+
+def _use_flex(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """FlexAttention for this call: per the backend switch, and only where torch runs it."""
+    wanted = _backend == "flex" or (_backend == "auto" and q.is_cuda)
+    return wanted and flex.supported(q, k, v)
 
 
 def flash_attn_available() -> bool:
@@ -132,7 +176,7 @@ def attention(
     k: Tensor,
     v: Tensor,
     *,
-    attn_mask: Tensor | None = None,
+    attn_mask: Tensor | FrameCausal | None = None,
     is_causal: bool = False,
     key_padding_mask: Tensor | None = None,
 ) -> Tensor:
@@ -141,7 +185,8 @@ def attention(
     Args:
         q: [B, heads, Nq, Dh]; k, v: [B, heads, Nk, Dh].
         attn_mask: optional mask broadcastable to [B, heads, Nq, Nk]; bool (True = attend) or
-            additive float. Rules out flash-attn.
+            additive float; or a :class:`FrameCausal` layout (FlexAttention per the backend
+            switch, else its dense mask). Rules out flash-attn.
         is_causal: causal (lower-triangular) masking.
         key_padding_mask: optional [B, Nk] bool, True for real keys. Uses flash-attn varlen on
             CUDA, an SDPA mask otherwise. Every row must keep at least one key.
@@ -149,6 +194,10 @@ def attention(
     Returns:
         [B, heads, Nq, Dh], same dtype as q.
     """
+    if isinstance(attn_mask, FrameCausal):
+        if not is_causal and key_padding_mask is None and _use_flex(q, k, v):
+            return flex.block_causal_attention(q, k, v, attn_mask)
+        attn_mask = attn_mask.dense(q.device)
     if attn_mask is None and _can_use_flash(q, k, v):
         if key_padding_mask is None:
             # flash-attn layout is [B, N, heads, Dh].
@@ -159,6 +208,9 @@ def attention(
         if not is_causal:
             return _flash_varlen_keys(q, k, v, key_padding_mask)
 
+    if (key_padding_mask is not None and attn_mask is None and not is_causal
+            and _use_flex(q, k, v)):  # CUDA without flash-attn: no [B, 1, Nq, Nk] mask
+        return flex.padded_keys_attention(q, k, v, key_padding_mask)
     if key_padding_mask is not None:
         attn_mask = _fold_mask(attn_mask, key_padding_mask.bool()[:, None, None, :])
     use_matmul = _use_cpu_matmul(q, k, v)

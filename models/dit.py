@@ -38,10 +38,12 @@ from worldline.models.attention import CrossAttentionProjections, attention
 from worldline.models.audio import AudioCrossAttention, audio_cross_attn
 from worldline.models.conditioning import ConditionEmbedder
 from worldline.models.init import reset_default_parameters
-from worldline.models.kv_cache import KVBlock, kv_length
+from worldline.models.kv_cache import KVBlock
+from worldline.models.layout import (  # noqa: F401 - re-exported: the old home of these
+    REF_TIME_POS, FrameCausal, attention_layout, frame_causal_mask, rope_3d, rope_axis_dims)
 
 __all__ = ["DiTArgs", "VideoDiT", "rope_3d", "apply_rope", "frame_causal_mask",
-           "attention_layout", "REF_TIME_POS"]
+           "attention_layout", "REF_TIME_POS", "FrameCausal"]
 
 
 @dataclass
@@ -96,40 +98,6 @@ class DiTArgs:
 # ---------------------------------------------------------------------------------------------
 # 3D rotary position embedding
 # ---------------------------------------------------------------------------------------------
-def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
-    """Split of the head dim over (t, h, w); each even, h == w, t takes the remainder."""
-    if head_dim % 2:
-        raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
-    d_hw = 2 * (head_dim // 6)
-    return head_dim - 2 * d_hw, d_hw, d_hw
-
-
-def rope_3d(
-    grid: tuple[int, int, int], head_dim: int, theta: float, device=None, t_start: int = 0
-) -> tuple[Tensor, Tensor]:
-    """cos, sin [N, head_dim // 2] for a (t, h, w) token grid flattened t-major.
-
-    Computed from the actual grid on every call, so unseen sizes (longer videos, larger
-    frames) just work; `t_start` offsets frame positions (for rolling generation later).
-    """
-    angles = []
-    for size, dim, start in zip(grid, rope_axis_dims(head_dim), (t_start, 0, 0)):
-        inv_freq = theta ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float64) / dim)
-        pos = torch.arange(start, start + size, device=device, dtype=torch.float64)
-        angles.append(torch.outer(pos, inv_freq))  # [size, dim / 2]
-    gt, gh, gw = grid
-    at, ah, aw = angles
-    full = torch.cat(
-        [
-            at[:, None, None].expand(gt, gh, gw, -1),
-            ah[None, :, None].expand(gt, gh, gw, -1),
-            aw[None, None, :].expand(gt, gh, gw, -1),
-        ],
-        dim=-1,
-    ).reshape(gt * gh * gw, head_dim // 2)
-    return full.cos().float(), full.sin().float()
-
-
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate consecutive pairs of x [B, H, N, Dh] by angles (cos, sin [N, Dh/2]); fp32 math."""
     # One complex multiply instead of 6 real elementwise ops + a stack: ~3x less memory
@@ -137,50 +105,6 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
     out = torch.view_as_real(xc * torch.complex(cos, sin))
     return out.flatten(-2).to(x.dtype)
-
-
-# Reserved RoPE time position of reference tokens: just before frame 0, never a video frame.
-REF_TIME_POS = -1
-
-
-def frame_causal_mask(
-    frames: int, refs: int, per_frame: int, past: int = 0, device=None
-) -> Tensor:
-    """Block-causal attention mask [N, past + N] bool (True = attend) for token frames
-    0..frames-1 followed by `refs` reference frames, `per_frame` tokens each.
-
-    Video frame i attends frames <= i and every reference; references attend references only
-    (so they never see the video, and cached reference K/V stay valid). The first `past` keys
-    (a KV cache of earlier frames and references) are visible to every video token.
-    """
-    rank = torch.cat([torch.arange(frames, device=device),
-                      torch.full((refs,), -1, device=device)]).repeat_interleave(per_frame)
-    mask = rank[:, None] >= rank[None, :]
-    if past:
-        seen = (rank >= 0)[:, None].expand(-1, past)
-        mask = torch.cat([seen, mask], dim=1)
-    return mask
-
-
-def attention_layout(
-    grid: tuple[int, int, int], head_dim: int, theta: float, device, t_start: int, refs: int,
-    causal: bool, past_kv: list | None = None,
-) -> tuple[tuple[Tensor, Tensor], Tensor | None]:
-    """RoPE angles and attention mask of one DiT forward (shared by every DiT layout): video
-    tokens on ``grid`` at absolute frame positions from ``t_start`` (a rollout keeps counting
-    up), then ``refs`` reference frames at REF_TIME_POS; block-causal mask when ``causal``,
-    with the KV cache ``past_kv`` visible to every video token."""
-    rope = rope_3d(grid, head_dim, theta, device, t_start=t_start)
-    if refs:
-        r_cos, r_sin = rope_3d((1, grid[1], grid[2]), head_dim, theta, device=device,
-                               t_start=REF_TIME_POS)
-        rope = (torch.cat([rope[0], r_cos.repeat(refs, 1)]),
-                torch.cat([rope[1], r_sin.repeat(refs, 1)]))
-    mask = None
-    if causal and (grid[0] > 1 or refs):
-        n_past = 0 if past_kv is None else kv_length(past_kv[0])
-        mask = frame_causal_mask(grid[0], refs, grid[1] * grid[2], n_past, device)
-    return rope, mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,10 +164,11 @@ class SelfAttention(nn.Module):
         self,
         x: Tensor,
         rope: tuple[Tensor, Tensor],
-        attn_mask: Tensor | None = None,
+        attn_mask: "Tensor | FrameCausal | None" = None,
         past_kv: "tuple[Tensor, Tensor] | KVBlock | None" = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """x [B, N, D]; attn_mask [N, N_past + N] bool (True = attend); past_kv: cached
+        """x [B, N, D]; attn_mask: a :class:`FrameCausal` or an
+        [N, N_past + N] bool mask (True = attend); past_kv: cached
         (k, v) [B, H, N_past, Dh] of earlier tokens (already rotated), or a preallocated
         :class:`KVBlock` holding them, prepended to this call's keys. Returns (out [B, N, D], (k, v) of this call's tokens, for a KV cache)."""
         b, n, d = x.shape
@@ -310,7 +235,7 @@ class DiTBlock(nn.Module):
         rope: tuple[Tensor, Tensor],
         ctx: Tensor | None = None,
         ctx_mask: Tensor | None = None,
-        attn_mask: Tensor | None = None,
+        attn_mask: "Tensor | FrameCausal | None" = None,
         past_kv: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """x [B, N, D]; mod [B, F, 6, D] shared modulation; ctx [B, L, D] -> ([B, N, D], kv)."""

@@ -16,6 +16,7 @@ from torch import Tensor
 from worldline.models.attention import attention
 from worldline.models.dit import DiTArgs, _at_least_fp32, _qk_norm, apply_rope
 from worldline.models.kv_cache import KVBlock
+from worldline.models.layout import FrameCausal
 
 __all__ = ["FP32LayerNorm", "PatchEmbed", "WanSelfAttention", "WanCrossAttention", "WanBlock",
            "WanConditionEmbedder", "modulate_frames"]
@@ -169,7 +170,7 @@ class WanSelfAttention(nn.Module):
         self,
         x: Tensor,
         rope: tuple[Tensor, Tensor],
-        attn_mask: Tensor | None = None,
+        attn_mask: "Tensor | FrameCausal | None" = None,
         past_kv: "tuple[Tensor, Tensor] | KVBlock | None" = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """As ``dit.SelfAttention.forward``: x [B, N, D] -> (out [B, N, D], this call's (k, v))."""
@@ -259,7 +260,7 @@ class WanBlock(nn.Module):
         rope: tuple[Tensor, Tensor],
         ctx: Tensor | None = None,
         ctx_mask: Tensor | None = None,
-        attn_mask: Tensor | None = None,
+        attn_mask: "Tensor | FrameCausal | None" = None,
         past_kv: "tuple[Tensor, Tensor] | KVBlock | None" = None,
         img: Tensor | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
