@@ -70,7 +70,7 @@ _CPU_MATMUL_CHUNK_SCORES = 1 << 18  # per head and query chunk: 512 KiB of bf16 
 _CPU_MATMUL_MAX_SCORES = 1 << 24
 
 __all__ = ["attention", "flash_attn_available", "CrossAttentionProjections", "set_backend",
-           "get_backend"]
+           "get_backend", "cpu_bf16_hardware"]
 
 
 def set_backend(name: str) -> None:
@@ -106,6 +106,11 @@ def _can_use_flash(q: Tensor, k: Tensor, v: Tensor) -> bool:
         # flash-attn supports head dims up to 256.
         and q.shape[-1] <= 256
     )
+
+
+def cpu_bf16_hardware() -> bool:
+    """Whether this CPU has bf16 arithmetic in hardware (AVX512-BF16 or AMX tiles)."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def _use_cpu_matmul(q: Tensor, k: Tensor, v: Tensor) -> bool:

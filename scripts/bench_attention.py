@@ -1,6 +1,12 @@
 """Attention kernels on CPU: fwd+bwd of the explicit (query-chunked) matmul path of
 `worldline.models.attention` against PyTorch's SDPA (its CPU flash kernel), per precision and
-shape. The dispatch thresholds in models/attention.py come from this table.
+shape. The dispatch thresholds in models/attention.py come from this table; the CPU
+capability (``torch.backends.cpu.get_cpu_capability()``, bf16 hardware support) is printed
+with it, since the bf16 choice depends on it.
+
+Then, side by side at one moderate DiT shape, block-causal vs full attention: full SDPA,
+block-causal through the dense mask (SDPA / the dispatcher), and FlexAttention (eager, and
+compiled when --compiled-flex; forward only: torch 2.13 has no flex backward on CPU).
 
     python -m worldline.scripts.bench_attention            # ~2 min on 2 CPU cores
     python -m worldline.scripts.bench_attention --quick    # smoke run (seconds)
@@ -22,7 +28,9 @@ from datetime import datetime, timezone
 import torch
 import torch.nn.functional as F
 
-from worldline.models.attention import _matmul_attention
+from worldline.models import flex
+from worldline.models.attention import _matmul_attention, attention, cpu_bf16_hardware
+from worldline.models.layout import FrameCausal
 
 # (batch, heads, queries, keys, head dim): DiT self-attention at growing token counts, and
 # text cross-attention (32 keys).
@@ -53,18 +61,94 @@ def crossover(shape: tuple[int, ...], dtype: torch.dtype, warmup: int, repeats: 
             "matmul_over_sdpa": mm / sdpa}
 
 
+def cpu_info() -> dict:
+    """CPU capability as PyTorch dispatches kernels for it, and bf16 hardware support."""
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "bf16_hardware": cpu_bf16_hardware()}
+
+
+def _median(fn, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def block_causal(frames: int, per_frame: int, heads: int, dh: int, warmup: int, repeats: int,
+                 compiled_flex: bool) -> list[dict]:
+    """Milliseconds per call, block-causal vs full attention at one shape, fp32 and bf16."""
+    layout = FrameCausal(frames, 0, per_frame, 0)
+    n = layout.num_queries
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = (torch.randn(1, heads, n, dh, dtype=dtype, requires_grad=True)
+                   for _ in range(3))
+        mask = layout.dense()
+
+        def fwd_bwd(fn):
+            return lambda: fn().sum().backward()
+
+        def fwd(fn):
+            def run():
+                with torch.no_grad():
+                    fn()
+            return run
+
+        cases = {
+            "full sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+            "full dispatch": lambda: attention(q, k, v),
+            "causal dense sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+            "causal dense dispatch": lambda: attention(q, k, v, attn_mask=layout),
+        }
+        qd, kd, vd = q.detach(), k.detach(), v.detach()
+        flex_cases = {"causal flex eager": lambda: flex.block_causal_attention(
+            qd, kd, vd, layout, compiled=False)}
+        if compiled_flex:
+            flex_cases["causal flex compiled"] = lambda: flex.block_causal_attention(
+                qd, kd, vd, layout, compiled=True)
+        for name, fn in {**cases, **flex_cases}.items():
+            t0 = time.perf_counter()
+            fwd(fn)()  # first call: builds (and for compiled flex, compiles) the kernel
+            first = time.perf_counter() - t0
+            r = {"case": name, "dtype": str(dtype).removeprefix("torch."), "tokens": n,
+                 "frames": frames, "heads": heads, "head_dim": dh, "first_call_s": first,
+                 "fwd_ms": 1e3 * _median(fwd(fn), warmup, repeats),
+                 "fwd_bwd_ms": (1e3 * _median(fwd_bwd(fn), warmup, repeats)
+                                if name in cases else None)}
+            rows.append(r)
+            fb = "      -" if r["fwd_bwd_ms"] is None else f"{r['fwd_bwd_ms']:7.1f}"
+            print(f"{r['dtype']:9s} N={n:5d} {name:22s} fwd {r['fwd_ms']:7.1f} ms  "
+                  f"fwd+bwd {fb} ms  first call {first:5.1f} s", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="two small shapes, few repeats")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--compiled-flex", action="store_true",
+                   help="also time torch.compile'd CPU flex (needs a C++ compiler; ~30 s build)")
+    p.add_argument("--skip-crossover", action="store_true", help="block-causal table only")
+    p.add_argument("--max-scores", type=int, default=None,
+                   help="only shapes with at most this many scores per head (slow CPUs)")
+    p.add_argument("--repeats", type=int, default=15, help="timed repeats (medians)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     shapes = [(1, 2, 32, 32, 16), (1, 2, 32, 8, 16)] if a.quick else SHAPES
-    warmup, repeats = (2, 2) if a.quick else (10, 15)
+    if a.max_scores:
+        shapes = [s for s in shapes if s[2] * s[3] <= a.max_scores]
+    warmup, repeats = (2, 2) if a.quick else (max(3, a.repeats * 2 // 3), a.repeats)
     print(f"# {datetime.now(timezone.utc).isoformat(timespec='seconds')}, "
-          f"{platform.machine()}, {a.threads} threads, torch {torch.__version__}")
-    rows = []
+          f"{platform.machine()}, {a.threads} threads, torch {torch.__version__}, "
+          f"{cpu_info()}")
+    rows: list[dict] = []
+    if a.skip_crossover:
+        shapes = []
     for dtype in (torch.bfloat16, torch.float32):  # untimed pass: the process's cold start
         for shape in shapes:
             crossover(shape, dtype, 3, 1)
@@ -75,10 +159,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"{r['dtype']:9s} {str(tuple(shape)):26s} scores/head {r['scores_per_head']:>8d}"
                   f"  sdpa {r['sdpa_ms']:7.2f} ms  matmul {r['matmul_ms']:7.2f} ms"
                   f"  ratio {r['matmul_over_sdpa']:.2f}", flush=True)
+    causal = (block_causal(2, 16, 2, 16, 1, 2, a.compiled_flex) if a.quick else
+              block_causal(8, 128, 6, 64, 3, max(3, a.repeats // 2), a.compiled_flex))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    return rows
+            json.dump({**cpu_info(), "torch": torch.__version__, "crossover": rows,
+                       "block_causal": causal}, f, indent=1)
+    return rows + causal
 
 
 if __name__ == "__main__":

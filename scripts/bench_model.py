@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(a.threads)
     res = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "machine": f"{platform.processor() or platform.machine()}, {a.threads} threads, "
-                      f"torch {torch.__version__}"}
+                      f"torch {torch.__version__}",
+           "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     precisions = a.precisions.split(",")
     if bad := sorted(set(precisions) - set(PRECISIONS)):
         p.error(f"--precisions: unknown {bad}; choose from {sorted(PRECISIONS)}")

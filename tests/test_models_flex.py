@@ -74,11 +74,10 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-10
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("frames,refs,past", [(1, 0, 0), (1, 1, 0), (2, 0, 0), (2, 2, 0),
-                                              (5, 1, 0), (5, 0, 0), (1, 0, 7), (2, 1, 7),
-                                              (5, 2, 9), (2, 0, 40)])
+@pytest.mark.parametrize("frames,refs,past", [(1, 0, 0), (2, 2, 0), (5, 1, 0), (1, 0, 7),
+                                              (2, 1, 7), (5, 2, 9), (2, 0, 40)])
 def test_block_causal_equals_dense(cpu_flex_grad, dtype, frames, refs, past):
-    """Output and q/k/v gradients; past 7/9/40 differs from N (3/6/24/21/6)."""
+    """Output and q/k/v gradients; past 7/9/40 differs from N (3/9/24)."""
     layout = FrameCausal(frames, refs, 3, past)
     q, k, v = _qkv(layout.num_queries, layout.num_keys, dtype)
     got = _out_and_grads(lambda *t: flex.block_causal_attention(*t, layout), q, k, v)
@@ -170,7 +169,7 @@ def test_dit_forward_backward_flex_equals_dense(cpu_flex_grad, dtype):
         torch.testing.assert_close(a, b, **TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float64])
 def test_kv_cached_step_flex_equals_dense(dtype):
     """Prefill 2 frames (+ a reference), then 2 new frames over the cache (tuple and KVBlock
     pasts): flex (CPU inference, no gradients: no check lifted) equals dense."""
