@@ -5,9 +5,11 @@
 * flash-attn (`flash_attn_func`, or `flash_attn_varlen_func` when a key-padding mask is
   given) when the package imports, the tensors live on CUDA in fp16/bf16 and no arbitrary
   mask is needed;
-* on CPU in bf16/fp16, unless the scores would take too much memory, an explicit
-  matmul -> softmax -> matmul over cache-sized query chunks (PyTorch's CPU flash kernel is
-  ~2x slower there; see `_use_cpu_matmul`);
+* on CPU in bf16/fp16 on a CPU with bf16 hardware (AVX512-BF16 or AMX), unless the scores
+  would take too much memory, an explicit matmul -> softmax -> matmul over cache-sized query
+  chunks (PyTorch's CPU flash kernel is ~2x slower there; see `_use_cpu_matmul`). Without
+  bf16 hardware (e.g. AVX2) that path is 2-3.5x slower than SDPA, and bf16 attention itself
+  ~100x slower than fp32: do not run bf16 on such CPUs (BENCHMARKS.md, issue 16);
 * `torch.nn.functional.scaled_dot_product_attention` otherwise (CPU, fp32, arbitrary masks),
   which itself dispatches to PyTorch's flash / memory-efficient / math kernels.
 
@@ -113,9 +115,16 @@ def cpu_bf16_hardware() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
+# Decided once: the capability cannot change under a running process.
+_CPU_BF16_HARDWARE = cpu_bf16_hardware()
+
+
 def _use_cpu_matmul(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """The explicit-matmul path: CPU, reduced precision, bounded score memory (see above)."""
+    """The explicit-matmul path: CPU with bf16 hardware, reduced precision, bounded score
+    memory (see above)."""
     if q.device.type != "cpu" or q.dtype not in _FLASH_DTYPES or not q.dtype == k.dtype == v.dtype:
+        return False
+    if not _CPU_BF16_HARDWARE:  # emulated bf16 (AVX2): SDPA's kernel measured faster
         return False
     return q.numel() // q.shape[-1] * k.shape[-2] <= _CPU_MATMUL_MAX_SCORES
 

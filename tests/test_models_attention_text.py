@@ -117,10 +117,12 @@ def test_text_encoder_shapes_and_padding_invariance():
 
 
 @pytest.mark.parametrize("case", ["plain", "causal", "padding", "frame_mask", "additive"])
-def test_cpu_bf16_matmul_path_matches_sdpa_values_and_grads(case):
+def test_cpu_bf16_matmul_path_matches_sdpa_values_and_grads(case, monkeypatch):
     """bf16 on CPU takes the explicit matmul path (small scores); it must agree with SDPA in
     fp32 on outputs and on the gradients of q, k and v, for every kind of mask."""
     import worldline.models.attention as attn_mod
+
+    monkeypatch.setattr(attn_mod, "_CPU_BF16_HARDWARE", True)  # the path, whatever this CPU
 
     q, k, v = _qkv(b=2, h=3, nq=12, nk=12, d=16)
     kw: dict = {}
@@ -149,9 +151,13 @@ def test_cpu_bf16_matmul_path_matches_sdpa_values_and_grads(case):
         torch.testing.assert_close(a.grad.float(), b.grad, atol=5e-2, rtol=5e-2)
 
 
-def test_cpu_matmul_path_only_for_reduced_precision_and_bounded_scores():
+def test_cpu_matmul_path_only_for_reduced_precision_and_bounded_scores(monkeypatch):
     import worldline.models.attention as attn_mod
 
+    small = torch.zeros(1, 2, 64, 16, dtype=torch.bfloat16)
+    monkeypatch.setattr(attn_mod, "_CPU_BF16_HARDWARE", False)  # AVX2: SDPA measured faster
+    assert not attn_mod._use_cpu_matmul(small, small, small)
+    monkeypatch.setattr(attn_mod, "_CPU_BF16_HARDWARE", True)  # AVX512-BF16 / AMX
     small = torch.zeros(1, 2, 64, 16, dtype=torch.bfloat16)
     assert attn_mod._use_cpu_matmul(small, small, small)
     assert not attn_mod._use_cpu_matmul(small.float(), small.float(), small.float())
@@ -165,6 +171,7 @@ def test_cpu_matmul_query_chunks_are_exact(monkeypatch, mask):
     """Query chunks (forced small here) give the unchunked result, masks sliced per chunk."""
     import worldline.models.attention as attn_mod
 
+    monkeypatch.setattr(attn_mod, "_CPU_BF16_HARDWARE", True)
     q, k, v = (t.bfloat16() for t in _qkv(b=2, h=2, nq=12, nk=12, d=8))
     kw: dict = {}
     if mask == "frame":
