@@ -63,7 +63,8 @@ if _backend not in _BACKENDS:
     raise ValueError(f"WORLDLINE_ATTENTION={_backend!r}: expected one of {_BACKENDS}")
 
 # CPU, bf16: an explicit matmul -> softmax -> matmul, over query chunks whose score block stays
-# in cache, runs fwd+bwd in well under the time of SDPA's CPU flash kernel (measured by
+# in cache, runs fwd+bwd in well under the time of SDPA's CPU flash kernel on a CPU with bf16
+# hardware (AVX512-BF16 / AMX; on AVX2 it loses 2-6x, so it is gated on that) (measured by
 # `python -m worldline.scripts.bench_attention`, table in BENCHMARKS.md). In fp32 the two tie
 # up to 1024^2 scores per head and SDPA wins beyond, so fp32 stays on SDPA.
 _CPU_MATMUL_CHUNK_SCORES = 1 << 18  # per head and query chunk: 512 KiB of bf16 scores
@@ -112,7 +113,10 @@ def _can_use_flash(q: Tensor, k: Tensor, v: Tensor) -> bool:
 
 def cpu_bf16_hardware() -> bool:
     """Whether this CPU has bf16 arithmetic in hardware (AVX512-BF16 or AMX tiles)."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    # Private torch probes (cpuinfo); a torch without them counts as "no bf16 hardware".
+    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None),
+              getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(bool(p()) for p in probes if p is not None)
 
 
 # Decided once: the capability cannot change under a running process.
