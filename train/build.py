@@ -212,6 +212,8 @@ def _trained_module(cfg: DictConfig, mesh: Any, dims: ParallelDims, device: torc
                                                           "lora": {"enabled": False}}},
                           autoencoder=not flow)
     module = wm if flow else ae
+    # Distinct clip shapes the blocks will see: sizes dynamo's recompile limit (compile).
+    num_shapes = max(1, len(cfg.data.buckets))
     init_from = ckpt_lib.resolve_checkpoint(st.init_from) if st.init_from else None
     new: set[str] = set()
 
@@ -240,15 +242,15 @@ def _trained_module(cfg: DictConfig, mesh: Any, dims: ParallelDims, device: torc
         load_init()
         inject_lora(module, st.lora)
         _freeze(module, st.freeze)
-        model = parallelize(module, mesh, cfg.dist, precision, device)
+        model = parallelize(module, mesh, cfg.dist, precision, device, num_shapes)
         return module, model, new
     _freeze(module, st.freeze)
     if str(cfg.dist.backend) == "fsdp" and mesh is not None:
-        model = parallelize(module, mesh, cfg.dist, precision, device)
+        model = parallelize(module, mesh, cfg.dist, precision, device, num_shapes)
         materialize(module, device)  # only this rank's shards, as one process would init them
     else:  # DDP broadcasts rank 0's weights when it wraps: they must exist by then
         materialize(module, device)
-        model = parallelize(module, mesh, cfg.dist, precision, device)
+        model = parallelize(module, mesh, cfg.dist, precision, device, num_shapes)
     load_init()
     return module, model, new
 

@@ -193,12 +193,15 @@ class DistConfig:
     backend: DistBackend = DistBackend.single
     # Collective timeout: a dead or stalled rank fails the others instead of hanging them.
     timeout_s: float = 600.0
-    # Activation checkpointing of transformer blocks / autoencoder stages (every_k: every
-    # ac_every-th block).
+    # Activation checkpointing of transformer blocks / autoencoder stages: none | full (every
+    # block) | every_k (every ac_every-th block) | attention (only the self-attention of every
+    # ac_every-th DiT block; MLP activations kept) | selective (every ac_every-th block, saving
+    # matmul/attention outputs, recomputing the rest). See train/parallel/base.py.
     activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.none
     ac_every: int = 2
-    # torch.compile each block separately (after AC, before wrapping).
-    compile_blocks: bool = False
+    # torch.compile each block separately (after AC, before wrapping). null = auto: on when
+    # training on CUDA, off elsewhere; true forces it (also on CPU); false keeps eager.
+    compile_blocks: Optional[bool] = None
     # DDP
     find_unused_parameters: bool = False
     bucket_mb: int = 25

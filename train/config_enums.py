@@ -31,7 +31,8 @@ Objective = _enum("Objective", "autoencoder", "flow")
 Condition = _enum("Condition", "text", "actions", "camera", "refs", "audio")
 DistBackend = _enum("DistBackend", "single", "ddp", "fsdp", "deepspeed_zero1", "deepspeed_zero2",
                     "deepspeed_zero3")
-ActivationCheckpointing = _enum("ActivationCheckpointing", "none", "full", "every_k")
+ActivationCheckpointing = _enum("ActivationCheckpointing", "none", "full", "every_k",
+                                "attention", "selective")
 LoggerKind = _enum("LoggerKind", "wandb", "none")
 LoggerMode = _enum("LoggerMode", "offline", "online", "disabled")
 Precision = _enum("Precision", "fp32", "bf16")

@@ -27,6 +27,7 @@ from worldline.train.guard import NonFiniteGuard
 from worldline.train.hooks import Hook
 from worldline.train.objectives import MicroBatchRNG
 from worldline.train.parallel import ParallelDims, StepEngine
+from worldline.train.parallel.compile import compile_metrics
 from worldline.train.perf import peak_flops, peak_memory_bytes
 from worldline.train.pipeline import WorldPipeline
 from worldline.train.precision import PrecisionPolicy
@@ -258,7 +259,7 @@ class Trainer:
             peak_mem_gb_rank0=peak_memory_bytes(self.device) / 2**30,
             epoch=self.loader.epoch,
             skipped_samples=int(self.loader.stats.get("skipped", 0)),
-            **self.log_extras)
+            **compile_metrics(), **self.log_extras)
         step = self.state.step
         self.tracker.log(row, step)
         self._data_wait = 0.0

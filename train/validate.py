@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from worldline.train.config import ConfigError, WorldlineConfig
+from worldline.train.config_enums import ActivationCheckpointing
 
 __all__ = ["ConfigError", "data_controls", "validate"]
 
@@ -52,6 +53,16 @@ def validate(cfg: DictConfig | WorldlineConfig) -> None:
 
         resolve_pretrained(cfg)
     _check(cfg.dist.ac_every >= 1, "dist.ac_every", "must be >= 1")
+    # Hydra composition already rejects other values of the enum; a config built in code
+    # (WorldlineConfig(...)) is not type-checked, so the rule is repeated here.
+    ac_modes = [m.value for m in ActivationCheckpointing]
+    _check(str(cfg.dist.activation_checkpointing) in ac_modes, "dist.activation_checkpointing",
+           f"{cfg.dist.activation_checkpointing!r} is not one of {', '.join(ac_modes)}")
+    # Ulysses CP replaces each block's attn.forward after AC: it would drop attention-only AC.
+    _check(cfg.dist.cp == 1 or cfg.dist.activation_checkpointing != "attention",
+           "dist.activation_checkpointing",
+           "attention-only checkpointing with context parallelism (dist.cp > 1) is not "
+           "supported yet; use full, every_k or selective")
     _check(cfg.dist.replicate >= 1, "dist.replicate", "must be >= 1")
     _check(cfg.dist.cp >= 1, "dist.cp", "must be >= 1")
     _check(cfg.dist.replicate == 1 or cfg.dist.backend == "fsdp", "dist.replicate",
@@ -217,7 +228,8 @@ def _validate_faults(cfg: Any) -> None:
         _check(d.reshard_after_forward, "dist.reshard_after_forward",
                "false cannot be combined with dist.backend=deepspeed_zero3 (ZeRO-3 always "
                "re-partitions after forward); use deepspeed_zero2 to keep parameters whole")
-        _check(not d.compile_blocks, "dist.compile_blocks",
+        # Only an explicit true: auto (null) resolves to off there (train/parallel/compile.py).
+        _check(d.compile_blocks is not True, "dist.compile_blocks",
                "per-block torch.compile is not supported with dist.backend=deepspeed_zero3; "
                "use dist=fsdp for compiled blocks")
     m = cfg.model

@@ -3,8 +3,9 @@ wrapped model out, and the optimizer-step interface the Trainer drives.
 
 :func:`parallelize` applies, in this fixed order, and never sees a Trainer::
 
-    activation checkpointing (full, or every k-th block)  ->  per-block torch.compile
-        ->  context parallelism (once, for every backend)  ->  DDP | FSDP2 wrapping
+    activation checkpointing (full / every k-th block / attention-only / selective)
+        ->  per-block torch.compile (auto: on CUDA)  ->  context parallelism (once, for every
+        backend)  ->  DDP | FSDP2 wrapping
 
 :func:`make_step_engine` gives the :class:`~worldline.train.parallel.base.StepEngine` of the
 backend: gradient sync during accumulation, backward, clip + guarded update. DeepSpeed's engine
@@ -34,6 +35,7 @@ from worldline.train.parallel.base import (
     block_modules,
     compile_blocks,
 )
+from worldline.train.parallel.compile import configure_recompile_limit, resolve_compile_blocks
 from worldline.train.parallel.mesh import ParallelDims, cp_group
 from worldline.train.precision import PrecisionPolicy
 
@@ -49,9 +51,13 @@ def deepspeed_stage(backend: str) -> Optional[int]:
 
 
 def parallelize(module: nn.Module, mesh: Optional[Any], dist_cfg: Any,
-                precision: PrecisionPolicy, device: torch.device) -> nn.Module:
+                precision: PrecisionPolicy, device: torch.device,
+                num_shapes: int = 1) -> nn.Module:
     """AC -> compile -> CP -> wrap ``module`` for ``dist_cfg.backend``; returns the model
-    forward/backward run on (``module`` itself when nothing wraps it)."""
+    forward/backward run on (``module`` itself when nothing wraps it). ``num_shapes``: the
+    distinct clip shapes (data buckets) training feeds, which size dynamo's recompile limit
+    when blocks are compiled (``dist.compile_blocks``, resolved by
+    :func:`~worldline.train.parallel.compile.resolve_compile_blocks`)."""
     backend = str(dist_cfg.backend)
     world = 1 if mesh is None else mesh.size()
     if backend == "single" and world > 1 and dist_cfg.cp != world:
@@ -59,9 +65,16 @@ def parallelize(module: nn.Module, mesh: Optional[Any], dist_cfg: Any,
                            "fsdp or deepspeed_zero*")
     n_ac = apply_activation_checkpointing(module, dist_cfg.activation_checkpointing,
                                           dist_cfg.ac_every)
-    n_c = compile_blocks(module) if dist_cfg.compile_blocks else 0
-    if n_ac or n_c:
-        log.info("activation checkpointing on %d blocks, compiled %d blocks", n_ac, n_c)
+    if n_ac:
+        log.info("activation checkpointing (%s) on %d modules", dist_cfg.activation_checkpointing,
+                 n_ac)
+    on, why = resolve_compile_blocks(dist_cfg.compile_blocks, device, backend)
+    if on:
+        limit = configure_recompile_limit(num_shapes)
+        log.info("compile_blocks=true (%s): compiled %d blocks, dynamo recompile limit %d for "
+                 "%d bucket shape(s)", why, compile_blocks(module), limit, num_shapes)
+    else:
+        log.info("compile_blocks=false (%s)", why)
     group = cp_group(mesh)
     if group is not None:
         from worldline.train.parallel.context import apply_context_parallel

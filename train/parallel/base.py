@@ -41,35 +41,72 @@ def _contains(parent: nn.Module, child: nn.Module) -> bool:
     return any(c is child for c in parent.modules())
 
 
+# "selective" keeps what is expensive to recompute: matmul and attention outputs (the FLOPs
+# of a block) and recomputes the cheap, memory-heavy rest (norms, modulation, activations,
+# RoPE) — torch's selective activation checkpointing (create_selective_checkpoint_contexts)
+# with a fixed op list, the policy torchtitan's "op" mode uses. A per-op list is simple and
+# needs no model change; it composes with non-reentrant checkpoint and torch.compile.
+_SAC_SAVE = [getattr(torch.ops.aten, name).default for name in (
+    "mm", "addmm", "bmm", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_flash_attention_for_cpu") if hasattr(torch.ops.aten, name)]
+
+
+def _checkpointed(inner: Any, selective: bool) -> Any:
+    """``inner`` run under non-reentrant ``torch.utils.checkpoint`` while grad is enabled
+    (eval / sampling under no_grad runs it plainly: nothing to save)."""
+    kw: dict[str, Any] = {}
+    if selective:
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        kw["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _SAC_SAVE)
+
+    @functools.wraps(inner)
+    def fwd(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return inner(*args, **kwargs)
+        return checkpoint(inner, *args, use_reentrant=False, **kw, **kwargs)
+
+    return fwd
+
+
 def apply_activation_checkpointing(module: nn.Module, mode: str, every: int) -> int:
-    """Recompute block activations in backward. Patches the block's ``forward`` on the
-    instance (non-reentrant ``torch.utils.checkpoint``) instead of inserting a wrapper module,
-    so parameter names — and therefore checkpoints and EMA keys — stay the same with AC on or
-    off. Returns the number of checkpointed blocks."""
+    """Recompute activations in backward (``dist.activation_checkpointing``):
+
+    - ``full``: every block; ``every_k``: every ``every``-th block (the whole block);
+    - ``attention``: only the self-attention (``block.attn``) of every ``every``-th block —
+      the MLP keeps its activations (cheaper backward than full AC, less memory saved);
+      blocks without ``attn`` (autoencoder stages) are left alone;
+    - ``selective``: every ``every``-th block, saving matmul/attention outputs and
+      recomputing the rest (``_SAC_SAVE``).
+
+    Patches ``forward`` on the instance (non-reentrant ``torch.utils.checkpoint``) instead of
+    inserting a wrapper module, so parameter names — and therefore checkpoints and EMA keys —
+    stay the same with AC on or off. Returns the number of checkpointed modules."""
     if mode == "none":
         return 0
     n = 0
     for i, block in enumerate(block_modules(module)):
-        if mode == "every_k" and i % every != 0:
+        if mode != "full" and i % every != 0:
             continue
-        inner = block.forward
-
-        @functools.wraps(inner)
-        def fwd(*args: Any, _inner=inner, **kwargs: Any) -> Any:
-            if not torch.is_grad_enabled():
-                return _inner(*args, **kwargs)
-            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
-
-        block.forward = fwd
+        target = block
+        if mode == "attention":
+            target = getattr(block, "attn", None)
+            if not isinstance(target, nn.Module):
+                continue
+        target.forward = _checkpointed(target.forward, selective=mode == "selective")
         n += 1
     return n
 
 
-def compile_blocks(module: nn.Module) -> int:
-    """``torch.compile`` each block in place (``nn.Module.compile`` keeps parameter names)."""
+def compile_blocks(module: nn.Module, backend: str = "inductor") -> int:
+    """``torch.compile`` each block in place (regional compilation: ``nn.Module.compile``
+    keeps parameter names, and blocks of one class share their compiled graphs, so the compile
+    time is one block's, not the model's). ``backend``: torch.compile's (tests use
+    ``aot_eager``: same dynamo graphs and recompiles, no minutes of Inductor C++ builds)."""
     blocks = block_modules(module)
     for block in blocks:
-        block.compile()
+        block.compile(backend=backend)
     return len(blocks)
 
 
