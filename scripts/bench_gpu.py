@@ -244,7 +244,8 @@ def bench_trainer(quick: bool, budget_s: float) -> dict[str, Any]:
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                   "--nproc_per_node=1", "-m", "worldline.train.main"]
     common = [*data, f"run.root={root}", f"data.root={root / 'data'}", "logger=none",
-              f"model={size}", f"dist={dist}", "train.log_every=1"]
+              f"model={size}", f"dist={dist}", "train.log_every=1",
+              *(["run.threads=1"] if quick else [])]
     t0 = time.perf_counter()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for name, extra in (("ae", ["stage=autoencoder", "train.steps=1", "train.ckpt_every=1"]),
@@ -325,6 +326,10 @@ def run_all(quick: bool, rollout_sizes: list[str], trainer_budget_s: float,
     """Every part, in order (cheap and headline first), each guarded; parts that would start
     after ``budget_s`` are recorded as skipped."""
     dev = torch.device("cuda" if torch.cuda.is_available() and not quick else "cpu")
+    if quick:
+        # One intra-op thread: on a small shared CPU every small op of a 2-thread region
+        # waits for a busy core (BENCHMARKS.md, worldline-play: 3x+ slower with 2 threads).
+        torch.set_num_threads(1)
     DEADLINE[0] = time.perf_counter() + budget_s
     out: dict[str, Any] = {"quick": quick, "machine": machine(dev)}
     log(f"# bench_gpu {'--quick (CPU smoke, not a GPU result)' if quick else ''}")
