@@ -249,8 +249,8 @@ def bench_trainer(quick: bool, budget_s: float) -> dict[str, Any]:
     t0 = time.perf_counter()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for name, extra in (("ae", ["stage=autoencoder", "train.steps=1", "train.ckpt_every=1"]),
-                        ("pre", ["stage=pretrain", f"train.steps={steps}",
-                                 "train.ckpt_every=1000", f"stage.autoencoder_from={root / 'ae'}"])):
+                        ("pre", ["stage=pretrain", f"train.steps={steps}", "train.ckpt_every=1000",
+                                 f"stage.autoencoder_from={root / 'ae'}"])):
         left = budget_s - (time.perf_counter() - t0)
         r = subprocess.run([*launch, *common, f"run.name={name}", *extra], capture_output=True,
                            text=True, timeout=max(left, 1), env=env)
@@ -295,11 +295,12 @@ def bench_rollout(dev: torch.device, size: str, quick: bool, mode: str) -> dict[
     noise = torch.randn(1, c, new, h, w, generator=g).to(dev, dtype)
     text = torch.randn(1, 16, d["text_dim"], generator=g).to(dev, dtype)
 
+    compile_mode = "reduce-overhead" if mode == "decode_compiled" else None
+
     def run():
         return rollout_decoded(dit, ae, ctx, new, decode=mode != "no_decode", noise=noise,
                                decode_dtype=None if quick else torch.bfloat16, text=text,
-                               num_steps=4, window=window,
-                               compile_mode="reduce-overhead" if mode == "decode_compiled" else None)
+                               num_steps=4, window=window, compile_mode=compile_mode)
 
     warm = run()  # warm-up (and the compile, for the fast path); --quick keeps this one
     res = warm if quick else min((run() for _ in range(2)), key=lambda r: r.seconds)
@@ -326,11 +327,20 @@ def run_all(quick: bool, rollout_sizes: list[str], trainer_budget_s: float,
     """Every part, in order (cheap and headline first), each guarded; parts that would start
     after ``budget_s`` are recorded as skipped."""
     dev = torch.device("cuda" if torch.cuda.is_available() and not quick else "cpu")
+    DEADLINE[0] = time.perf_counter() + budget_s
+    threads = torch.get_num_threads()
     if quick:
         # One intra-op thread: on a small shared CPU every small op of a 2-thread region
         # waits for a busy core (BENCHMARKS.md, worldline-play: 3x+ slower with 2 threads).
         torch.set_num_threads(1)
-    DEADLINE[0] = time.perf_counter() + budget_s
+    try:
+        return _run_parts(dev, quick, rollout_sizes, trainer_budget_s, log)
+    finally:  # a caller in the same process (a test) keeps its own setting
+        torch.set_num_threads(threads)
+
+
+def _run_parts(dev: torch.device, quick: bool, rollout_sizes: list[str],
+               trainer_budget_s: float, log: Callable[[str], None]) -> dict[str, Any]:
     out: dict[str, Any] = {"quick": quick, "machine": machine(dev)}
     log(f"# bench_gpu {'--quick (CPU smoke, not a GPU result)' if quick else ''}")
     log(f"machine: {out['machine']}")
@@ -363,10 +373,11 @@ def table(out: dict[str, Any]) -> list[str]:
     """The markdown table the run prints (the JSON holds the rest)."""
     rows = ["| measurement | value | note |", "|---|---|---|"]
     mm = out["matmul"]
-    rows.append(f"| matmul ceiling TFLOP/s | {_fmt(mm, 'tflops')} | "
-                f"{mm['n'] if isinstance(mm, dict) else ''}^3 {mm.get('dtype', '') if isinstance(mm, dict) else ''} |")
+    shape = f"{mm['n']}^3 {mm['dtype']}" if isinstance(mm, dict) else ""
+    rows.append(f"| matmul ceiling TFLOP/s | {_fmt(mm, 'tflops')} | {shape} |")
     for k, v in out["step"].items():
-        note = f"{v['tokens']} tok, {_fmt(v, 'median_s', 1e3, '.1f')} ms" if isinstance(v, dict) else ""
+        note = (f"{v['tokens']} tok, {_fmt(v, 'median_s', 1e3, '.1f')} ms"
+                if isinstance(v, dict) else "")
         rows.append(f"| step {k} MFU % | {_fmt(v, 'mfu', 100, '.1f')} | {note} |")
     w = out["wan"]
     rows.append(f"| WanDiT / diffusers Wan step time | {_fmt(w, 'time_ratio')} | |")
