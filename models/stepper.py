@@ -23,11 +23,13 @@ from collections import deque
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from worldline.models.dit import VideoDiT
 from worldline.models.flow import guided_velocity, sampling_schedule
 from worldline.models.rollout import KVCache, _per_frame
+# Re-exported: it lives with the rest of the streaming decode (models/stream_decode.py).
+from worldline.models.stream_decode import StreamDecoder
 
 __all__ = ["RolloutStepper", "StreamDecoder"]
 
@@ -210,34 +212,3 @@ class RolloutStepper:
                           kvs[0][0].shape[2] - n_tok if first_refs is not None else 0)
         self._kept.append((x, actions, camera, aud))
         return x
-
-
-class StreamDecoder:
-    """Decode normalised latents [B, C, n, h, w] chunk by chunk with the autoencoder's causal
-    state carried between calls: pixel frames [B, 3, T, H, W] in [-1, 1] (1 + (n - 1) * tf
-    for the first call, n * tf after). Equals one whole-video decode up to float rounding.
-
-    The state lives in this object, not in the autoencoder, so several sessions can share one
-    model as long as their calls do not overlap (the player runs them on one worker thread)."""
-
-    def __init__(self, autoencoder: nn.Module) -> None:
-        self.ae = autoencoder
-        self._mods = [m for m in autoencoder.decoder.modules() if hasattr(m, "_stream")]
-        self._state: Optional[list] = None
-
-    def reset(self) -> None:
-        """Forget the carried state (the next call starts a new video)."""
-        self._state = None
-
-    @torch.no_grad()
-    def __call__(self, z: Tensor) -> Tensor:
-        state = self._state or [{} for _ in self._mods]
-        for m, s in zip(self._mods, state):
-            m._stream = s  # the autoencoder's chunked-decode hook (models/autoencoder.py)
-        try:
-            out = self.ae.decoder(self.ae.denormalize(z))
-            self._state = [m._stream for m in self._mods]
-        finally:
-            for m in self._mods:
-                m._stream = None
-        return out.clamp(-1, 1)
