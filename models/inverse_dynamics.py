@@ -36,7 +36,8 @@ class InverseDynamics(nn.Module):
     """Frame pair → per-slot action logits ``[B, num_slots, num_actions]`` (slot order is
     arbitrary: see the module docstring)."""
 
-    def __init__(self, num_slots: int, num_actions: int, width: int = 16, size: int = 32) -> None:
+    def __init__(self, num_slots: int, num_actions: int, width: int = 16,
+                 size: int | None = None) -> None:
         super().__init__()
         self.num_slots, self.num_actions, self.size = num_slots, num_actions, size
         c = width
@@ -54,7 +55,10 @@ class InverseDynamics(nn.Module):
     def forward(self, before: Tensor, after: Tensor) -> Tensor:
         """``before``, ``after``: frames ``[B, 3, H, W]`` in [-1, 1] → ``[B, S, A]``."""
         x = torch.cat([before, after, after - before], 1)
-        if x.shape[-2:] != (self.size, self.size):  # a fixed working size: CPU-cheap, any input
+        # Optional fixed working size (CPU-cheaper); by default the input's own: halving
+        # 64x64 frames turns the sprites' 2-pixel steps into 1 and cost 0.65 -> 0.57 real
+        # accuracy on the default world (400 steps).
+        if self.size is not None and x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="area")
         return self.head(self.features(x).amax((2, 3))).view(-1, self.num_slots, self.num_actions)
 

@@ -83,7 +83,7 @@ def _as_clips(data: Clips, max_clips: int) -> tuple[Tensor, Tensor]:
 
 def train_idm(loader_or_clips: Clips, steps: int = 300, *, batch_size: int = 32,
               lr: float = 2e-3, seed: int = 0, num_actions: int = NUM_ACTIONS,
-              max_clips: int = 256, width: int = 16, size: int = 32,
+              max_clips: int = 256, width: int = 16, size: int | None = None,
               device: torch.device | str = "cpu") -> InverseDynamics:
     """Fit an :class:`InverseDynamics` to the frame pairs of real clips (``video`` in
     [-1, 1] with its per-frame ``actions``): ``steps`` Adam steps on random pairs, the
