@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["InverseDynamics", "frame_pairs", "matched_loss", "matched_accuracy", "MAX_MATCHED_SLOTS"]
+__all__ = ["InverseDynamics", "frame_pairs", "matched_loss", "matched_accuracy",
+           "MAX_MATCHED_SLOTS"]
 
 # Slot matching enumerates all S! permutations; beyond 6 slots (720) slots keep their order.
 MAX_MATCHED_SLOTS = 6

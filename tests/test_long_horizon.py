@@ -72,7 +72,8 @@ def test_long_horizon_runs_end_to_end_in_eval(play_model: dict, tmp_path: Path) 
     frames = 6
     cfg = compose_cfg(smoke_overrides(
         root, "play", root / "_datasets", f"eval.checkpoint={play_model['run']}",
-        "eval.metrics=[reconstruction]", "eval.num_steps=1", "eval.num_clips=2",
+        # eval.split=train: the fixture's clips, no held-out world to render and encode.
+        "eval.split=train", "eval.metrics=[reconstruction]", "eval.num_steps=1", "eval.num_clips=2",
         f"eval.long_horizon.frames={frames}", "eval.long_horizon.idm_steps=20",
         "eval.long_horizon.idm_train_clips=8", f"eval.out={tmp_path / 'eval'}"))
     report = run_eval(cfg)

@@ -52,7 +52,8 @@ def synthetic_clips(world: Any, indices: Iterable[int], num_frames: int,
     if (h, w) != (cfg.height, cfg.width):
         n, c, t = video.shape[:3]
         flat = video.transpose(1, 2).reshape(n * t, c, cfg.height, cfg.width)
-        flat = F.interpolate(flat, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+        flat = F.interpolate(flat, size=(h, w), mode="bilinear", antialias=True,
+                             align_corners=False)
         video = flat.reshape(n, t, c, h, w).transpose(1, 2).clamp(-1, 1)
     cam = np.stack([c["camera"] for c in clips]).astype(np.float64)  # [N, T, 2] (x, y)
     deltas = np.diff(cam, axis=1, prepend=cam[:, :1]) * np.array([w / cfg.width, h / cfg.height])
