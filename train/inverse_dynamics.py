@@ -66,11 +66,14 @@ def synthetic_clips(world: Any, indices: Iterable[int], num_frames: int,
 def _as_clips(data: Clips, max_clips: int) -> tuple[Tensor, Tensor]:
     """(video [N, 3, T, H, W], actions [N, T, S]) from a mapping / Batch with ``video`` and
     ``actions``, a (video, actions) pair, or an iterable of either (up to ``max_clips``)."""
+    def unit(v: Tensor) -> Tensor:  # a loader's uint8 frames → [-1, 1], as evaluate does
+        return v.float() / 127.5 - 1 if v.dtype == torch.uint8 else v.float()
+
     if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
-        return data[0].float(), data[1].long()
+        return unit(data[0]), data[1].long()
     if isinstance(data, Mapping) or hasattr(data, "video"):
         get = data.__getitem__ if isinstance(data, Mapping) else lambda k: getattr(data, k)
-        return get("video").float(), get("actions").long()
+        return unit(get("video")), get("actions").long()
     vids, acts, have = [], [], 0
     for part in data:
         v, a = _as_clips(part, max_clips)

@@ -119,8 +119,10 @@ def long_horizon_metrics(ev: Any) -> dict[str, Any]:
     out.update(horizon_metrics(gen, video, ae_first, tf))
     acts = clips["actions"]
     if "actions" in pipe.conditions and acts.shape[-1] > 0:
-        # The IDM learns from the training world (the model's own data), scored on held-out.
-        train = synthetic_clips(run.cfg.data.synthetic, range(int(lc.idm_train_clips)),
+        # The IDM learns from the training world (the model's own data); indices after the
+        # scored clips', so that with eval.split=train it never trains on the clips it scores.
+        n = int(lc.num_clips)
+        train = synthetic_clips(run.cfg.data.synthetic, range(n, n + int(lc.idm_train_clips)),
                                 int(run.cfg.data.num_frames), res)
         idm = train_idm(train, int(lc.idm_steps), num_actions=int(dit.args.num_actions),
                         seed=0, device=ev.device)
