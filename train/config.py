@@ -322,6 +322,17 @@ class SampleConfig:
 
 
 @dataclass
+class LongHorizonConfig:
+    """``eval.long_horizon`` (train/long_horizon.py): long rollouts on the synthetic world."""
+
+    frames: int = 0  # latent frames to roll out (>= 64 for the real test); 0: off
+    window: Optional[int] = None  # KV-cache window; None: the training clip's latent frames - 1
+    num_clips: int = 2
+    idm_steps: int = 300  # inverse-dynamics model training steps
+    idm_train_clips: int = 64
+
+
+@dataclass
 class EvalConfig:
     """``worldline-eval``: validation metrics of a checkpoint on a data spec."""
 
@@ -352,6 +363,7 @@ class EvalConfig:
     # rollout (same seed) at least this many times as much as a second seed changes it (the
     # noise floor). 1: actions move the video as much as a new noise draw does.
     action_following_threshold: float = 1.0
+    long_horizon: LongHorizonConfig = field(default_factory=LongHorizonConfig)
 
 
 @dataclass

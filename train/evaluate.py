@@ -26,6 +26,8 @@ Flow checkpoints (``eval.metrics`` picks the groups):
   sync with the audio (``av_sync/*``, models/av_sync.py) next to the same score of the real
   clips (``av_sync_real/*``); without audio, ``av_sync/skipped`` says so.
 * FVD, only when ``eval.i3d`` names local I3D TorchScript weights.
+* ``long_horizon/*``, only when ``eval.long_horizon.frames`` > 0: long rollouts with both
+  copy-last baselines, drift and action accuracy by inverse dynamics (train/long_horizon.py).
 
 Metrics use held-out clips by default (``eval.split``; ``report.json`` ``data_split``).
 Autoencoder checkpoints report reconstruction PSNR/SSIM.
@@ -395,6 +397,10 @@ def run_eval(cfg: DictConfig) -> Optional[dict[str, Any]]:
         if "av_sync" in metrics:
             report.update(av_sync_metrics(ev.batch, gen, ev.video))  # says if it skipped
         report.update(ev.fvd(gen) if gen is not None else {})
+        if int(e.long_horizon.frames) > 0:  # off by default: minutes of rollout on a CPU
+            from worldline.train.long_horizon import long_horizon_metrics
+
+            report.update(long_horizon_metrics(ev))
     report = _reduce_over_ranks(run, report)
     if run.rank != 0:
         return None
