@@ -165,7 +165,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides (key=value)")
     a = ap.parse_args(argv)
     if a.quick:
-        a.frames, a.size, a.batch, a.rounds, a.steps, a.warmup = 9, 32, 2, 2, 2, 2
+        a.frames, a.size, a.batch, a.rounds, a.steps, a.warmup = 9, 32, 2, 2, 1, 1
     with tempfile.TemporaryDirectory(prefix="bench_trainer_") as tmp:
         res = bench(a.model, a.frames, a.size, a.batch, a.rounds, a.steps, a.warmup,
                     a.threads, a.log_every, a.workers, list(a.overrides), Path(tmp))
