@@ -6,7 +6,7 @@ MFU reads as "fraction of what this machine's matmul reaches".
 
 A measured peak can be wrong: a probe that runs while the CPU is busy (another job, a W&B
 service starting, data workers) reads low, and every MFU after it reads high (a real run
-logged 209-219 %). So the Trainer probes first thing in ``train()`` (before the resume, the
+logged 209-219 %). So the Trainer probes at the start of ``train()`` (before the resume, the
 tracker and the loader's workers), the probe keeps the best of several bursts, and
 :class:`PeakFlops` judges each MFU it divides out: ``mfu_reliable`` is logged next to ``mfu``,
 0 when the MFU exceeds 1.0 (impossible against a true peak) or the probe read far below what

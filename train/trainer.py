@@ -193,12 +193,12 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def train(self) -> TrainState:
         """Resume if asked, then run to the last step; checkpoint, log and run the hooks."""
-        # The CPU probe runs in the training precision (bf16 matmuls run ~4x fp32 on CPUs
-        # with AMX), and first: before the resume, the tracker's service and the loader's
-        # workers load the CPU (a probe on a busy CPU reads low; train/perf.py).
-        self._peak = PeakFlops.measure(self.device, self.precision.peak_dtype)
-        for h in self.hooks:
+        for h in self.hooks:  # first: stop signals are handled from here on
             h.on_train_start(self)
+        # The CPU probe runs in the training precision (bf16 matmuls run ~4x fp32 on CPUs
+        # with AMX), and before the resume, the tracker's service and the loader's workers
+        # load the CPU (a probe on a busy CPU reads low; train/perf.py).
+        self._peak = PeakFlops.measure(self.device, self.precision.peak_dtype)
         resumed = self.resume(self)
         self.tracker = self.tracker_factory(self.state, resumed)
         self.state.wandb_run_id = self.tracker.run_id
