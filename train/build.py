@@ -293,6 +293,8 @@ def build_trainer(cfg: DictConfig) -> Trainer:
                               grad_clip=t.grad_clip, precision=precision)
     pipe.forward_model = engine.model
     ema = engine.make_ema(t.ema_decay) if t.ema_decay > 0 else None
+    if ema is not None:
+        ema.every = t.ema_every
     holder: dict[str, Trainer] = {}
     loader = loaders.training(lambda: holder["t"].state.step)
     generators = Generators(cfg.run.seed, dims.dp_rank, t.grad_accum, device)
@@ -342,6 +344,10 @@ def _hooks(cfg: DictConfig, objective: Any, loaders: LoaderFactory, module: torc
     out.append(hk.SamplingHook(objective, loaders, cfg.sample, cfg.train.sample_every,
                                num_clips=len(cfg.sample.prompts) if flow else None))
     out.append(hk.PreemptionHook(cfg.preempt))
+    if cfg.train.profile:
+        from worldline.train.profiling import ProfilerHook
+
+        out.append(ProfilerHook(cfg.train.profile))
     return out
 
 

@@ -264,6 +264,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     # 0 disables EMA.
     ema_decay: float = 0.999
+    # Update the EMA every k optimizer steps (1: every step). k > 1 trades a k-times
+    # coarser average for k-times less EMA traffic (one read+write of the weights per update).
+    ema_every: int = 1
     # bf16: autocast + bf16 collectives where the backend has them (train/precision.py).
     precision: Precision = Precision.fp32
     log_every: int = 10
@@ -281,6 +284,9 @@ class TrainConfig:
     # A checkpoint write that fails (full or read-only disk): "continue" training (the next
     # save retries; the previous checkpoint stays the latest) or "exit" cleanly.
     on_save_error: OnSaveError = OnSaveError["exit"]
+    # Profile this many steps (after a short warm-up) with torch.profiler into
+    # <run dir>/profile/ (Chrome trace + key-averages table; train/profiling.py). 0: off.
+    profile: int = 0
 
 
 @dataclass

@@ -28,7 +28,7 @@ from worldline.train.hooks import Hook
 from worldline.train.objectives import MicroBatchRNG
 from worldline.train.parallel import ParallelDims, StepEngine
 from worldline.train.parallel.compile import compile_metrics
-from worldline.train.perf import peak_flops, peak_memory_bytes
+from worldline.train.perf import PeakFlops, peak_memory_bytes
 from worldline.train.pipeline import WorldPipeline
 from worldline.train.precision import PrecisionPolicy
 from worldline.train.resume import Generators, RunCheckpoint
@@ -84,7 +84,7 @@ class Trainer:
         self._step_flops = 0.0
         self._step_samples = 0
         self._flops_seen = 0.0
-        self._peak = 1.0  # FLOP/s; probed when the loop starts
+        self._peak = PeakFlops(1.0, "unset")  # probed when the loop starts
 
     # ------------------------------------------------------------------ surface for hooks
     @property
@@ -194,17 +194,18 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def train(self) -> TrainState:
         """Resume if asked, then run to the last step; checkpoint, log and run the hooks."""
-        for h in self.hooks:
+        for h in self.hooks:  # first: stop signals are handled from here on
             h.on_train_start(self)
+        # The CPU probe runs in the training precision (bf16 matmuls run ~4x fp32 on CPUs
+        # with AMX), and before the resume, the tracker's service and the loader's workers
+        # load the CPU (a probe on a busy CPU reads low; train/perf.py).
+        self._peak = PeakFlops.measure(self.device, self.precision.peak_dtype)
         resumed = self.resume(self)
         self.tracker = self.tracker_factory(self.state, resumed)
         self.state.wandb_run_id = self.tracker.run_id
-        # The CPU probe runs in the training precision (bf16 matmuls run ~4x fp32 on CPUs
-        # with AMX): an fp32 peak would overstate a bf16 run's MFU.
-        self._peak, src = peak_flops(self.device, self.precision.peak_dtype)
         log.info("%s: %.2fM trainable params, peak %.3g FLOP/s (%s)",
-                 type(self.objective).__name__,
-                 sum(p.numel() for p in self.engine.params) / 1e6, self._peak, src)
+                 type(self.objective).__name__, sum(p.numel() for p in self.engine.params) / 1e6,
+                 self._peak.value, self._peak.source)
         self.model.train()
         bar = self._progress_bar()
         acc: dict[str, torch.Tensor] = {}
@@ -253,13 +254,14 @@ class Trainer:
             lr=self.scheduler.get_last_lr()[0],
             samples_per_s=(self.state.samples_seen - samples0) / dt,
             tokens_per_s=(self.state.tokens_seen - tokens0) / dt,
-            mfu=(self._flops_seen - flops0) / dt / self._peak / self.world_size,
+            mfu=self._peak.mfu((self._flops_seen - flops0) / dt / self.world_size),
             # The slowest rank's data wait and the largest per-rank peak memory.
             data_wait_frac=worst["data_wait_frac"], peak_mem_gb=worst["peak_mem_gb"],
             peak_mem_gb_rank0=peak_memory_bytes(self.device) / 2**30,
             epoch=self.loader.epoch,
             skipped_samples=int(self.loader.stats.get("skipped", 0)),
             **compile_metrics(), **self.log_extras)
+        row["mfu_reliable"] = self._peak.reliable(row["mfu"])  # 0: peak probe implausible
         step = self.state.step
         self.tracker.log(row, step)
         self._data_wait = 0.0

@@ -92,6 +92,8 @@ def validate(cfg: DictConfig | WorldlineConfig) -> None:
     _check(cfg.train.ckpt_every >= 1, "train.ckpt_every", "must be >= 1")
     _check(cfg.train.keep_last >= 1, "train.keep_last", "must be >= 1")
     _check(0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
+    _check(cfg.train.ema_every >= 1, "train.ema_every", "must be >= 1")
+    _check(cfg.train.profile >= 0, "train.profile", "must be >= 0 (0: off)")
     _validate_faults(cfg)
     _check(len(cfg.optim.betas) == 2, "optim.betas", "must be [beta1, beta2]")
 

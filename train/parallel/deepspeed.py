@@ -114,10 +114,12 @@ class DeepSpeedEMA(EMA):
     def update(self, step: int, ok: Optional[torch.Tensor] = None) -> None:
         if self.stage != 3:
             return super().update(step, ok)
-        d = min(self.decay, (1.0 + step) / (10.0 + step))
-        w: Any = 1.0 - d
+        lerp = self.blend_weight(step)
+        if lerp is None:
+            return
+        w: Any = lerp
         if ok is not None:  # weight 0 on a step the non-finite guard skipped (train/guard.py)
-            w = [ok.to(device=self._shadow[0].device, dtype=torch.float32) * (1.0 - d)] * len(
+            w = [ok.to(device=self._shadow[0].device, dtype=torch.float32) * lerp] * len(
                 self._shadow)
         torch._foreach_lerp_(self._shadow, [p.ds_tensor.detach().float() for p in self._params],
                              w)
