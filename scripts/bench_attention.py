@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from worldline.models import flex
 from worldline.models.attention import _matmul_attention, attention, cpu_bf16_hardware
 from worldline.models.layout import FrameCausal
+from worldline.scripts.bench_model import median_time
 
 # (batch, heads, queries, keys, head dim): DiT self-attention at growing token counts, and
 # text cross-attention (32 keys).
@@ -65,17 +66,6 @@ def cpu_info() -> dict:
     """CPU capability as PyTorch dispatches kernels for it, and bf16 hardware support."""
     return {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "bf16_hardware": cpu_bf16_hardware()}
-
-
-def _median(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def block_causal(frames: int, per_frame: int, heads: int, dh: int, warmup: int, repeats: int,
@@ -116,8 +106,8 @@ def block_causal(frames: int, per_frame: int, heads: int, dh: int, warmup: int, 
             first = time.perf_counter() - t0
             r = {"case": name, "dtype": str(dtype).removeprefix("torch."), "tokens": n,
                  "frames": frames, "heads": heads, "head_dim": dh, "first_call_s": first,
-                 "fwd_ms": 1e3 * _median(fwd(fn), warmup, repeats),
-                 "fwd_bwd_ms": (1e3 * _median(fwd_bwd(fn), warmup, repeats)
+                 "fwd_ms": 1e3 * median_time(fwd(fn), repeats, warmup),
+                 "fwd_bwd_ms": (1e3 * median_time(fwd_bwd(fn), repeats, warmup)
                                 if name in cases else None)}
             rows.append(r)
             fb = "      -" if r["fwd_bwd_ms"] is None else f"{r['fwd_bwd_ms']:7.1f}"
@@ -126,7 +116,9 @@ def block_causal(frames: int, per_frame: int, heads: int, dh: int, warmup: int, 
     return rows
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark; returns (and with --json writes) the CPU info, the SDPA/matmul
+    crossover rows and the block-causal vs full rows."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="two small shapes, few repeats")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -161,11 +153,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   f"  ratio {r['matmul_over_sdpa']:.2f}", flush=True)
     causal = (block_causal(2, 16, 2, 16, 1, 2, a.compiled_flex) if a.quick else
               block_causal(8, 128, 6, 64, 3, max(3, a.repeats // 2), a.compiled_flex))
+    res = {**cpu_info(), "torch": torch.__version__, "crossover": rows, "block_causal": causal}
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({**cpu_info(), "torch": torch.__version__, "crossover": rows,
-                       "block_causal": causal}, f, indent=1)
-    return rows + causal
+            json.dump(res, f, indent=1)
+    return res
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ from worldline.models.dit import DiTArgs, VideoDiT
 from worldline.models.rollout import rollout
 
 
-def _time(fn, repeats: int, warmup: int = 1) -> float:
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall seconds of `repeats` calls of fn after `warmup` untimed ones."""
     for _ in range(warmup):
         fn()
     ts = []
@@ -43,7 +44,7 @@ def _time(fn, repeats: int, warmup: int = 1) -> float:
 def matmul_flops(n: int, repeats: int, dtype: torch.dtype = torch.float32) -> float:
     """Best FLOP/s of a [2048, n] @ [n, 4n] probe (the MLP's shape) in `dtype`."""
     a, b = torch.randn(2048, n, dtype=dtype), torch.randn(n, 4 * n, dtype=dtype)
-    t = min(_time(lambda: a @ b, 1, 1) for _ in range(repeats))
+    t = min(median_time(lambda: a @ b, 1, 1) for _ in range(repeats))
     return 2 * 2048 * n * 4 * n / t
 
 
@@ -115,9 +116,9 @@ def bench_step(batch: int, latent: tuple[int, int, int, int], text_len: int, rep
             theirs()
     for _ in range(repeats):  # interleaved: all three see the same machine load
         res["probe"].append(matmul_flops(a.hidden_size, 3, dtype))
-        res["ours_s"].append(_time(ours, 1, 0))
+        res["ours_s"].append(median_time(ours, 1, 0))
         if wan is not None:
-            res["wan_s"].append(_time(theirs, 1, 0))
+            res["wan_s"].append(median_time(theirs, 1, 0))
     ours_s = statistics.median(res["ours_s"])
     flops = dit.flops_per_sample(latent, text_len) * batch
     out = {"precision": precision, "batch": batch, "latent": list(latent), "text_len": text_len,

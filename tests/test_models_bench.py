@@ -23,6 +23,14 @@ def test_bench_model_quick_reports_both_precisions(tmp_path):
 
 
 def test_bench_attention_quick_covers_both_kernels_and_dtypes():
-    rows = bench_attention.main(["--quick"])
+    res = bench_attention.main(["--quick"])
+    rows = res["crossover"]
     assert {r["dtype"] for r in rows} == {"bfloat16", "float32"}
     assert all(_finite_positive(r["sdpa_ms"]) and _finite_positive(r["matmul_ms"]) for r in rows)
+    assert res["cpu_capability"] and isinstance(res["bf16_hardware"], bool)
+    causal = res["block_causal"]
+    assert {r["case"] for r in causal} >= {"full sdpa", "causal dense dispatch",
+                                           "causal flex eager"}
+    assert all(_finite_positive(r["fwd_ms"]) for r in causal)
+    # Flex has no CPU backward in torch 2.13: only the SDPA/dispatch cases time fwd+bwd.
+    assert all(_finite_positive(r["fwd_bwd_ms"]) for r in causal if "flex" not in r["case"])
