@@ -213,6 +213,8 @@ def test_action_settings_are_checked_against_the_data(tmp_path, caplog, data, ke
     _validate_controls(compose_cfg(["stage=controllability", "data=webdataset", "data.shards="
                                     + _manifest(tmp_path, {"samples": 4, "camera": 0})]))
     assert "only ever see the null path" in caplog.text
+    # ... naming the conditions that would leave them out.
+    assert "actions and camera" in caplog.text and "stage.conditions=[text,refs]" in caplog.text
     _validate_controls(compose_cfg(["stage=controllability", "data=webdataset", "data.shards="
                                     + _manifest(tmp_path, {"samples": 4, "camera": 4, "refs": 0,
                                                            "actions": {"samples": 4, "slots": [3],

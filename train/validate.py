@@ -301,10 +301,15 @@ def _validate_controls(cfg: Any) -> None:
     acts = ctl.get("actions")
     # A condition the data lacks is legal (fine-tuning a controllable model on style clips
     # keeps its action modules), but worth saying: those modules only see the null path.
-    for name, present in (("actions", acts is not None), ("camera", bool(ctl.get("camera")))):
-        if name in active and not present:
-            log.warning("stage.conditions has %s, but no sample of %s carries them: the %s "
-                        "modules will only ever see the null path", name, where, name)
+    missing = [name for name, present in (("actions", acts is not None),
+                                          ("camera", bool(ctl.get("camera"))))
+               if name in active and not present]
+    if missing:
+        keep = ",".join(c for c in st.conditions if c not in missing)
+        log.warning("stage.conditions has %s, but no sample of %s carries them: their "
+                    "modules are added and will only ever see the null path (set "
+                    "stage.conditions=[%s] to leave them out)", " and ".join(missing), where,
+                    keep)
     if "actions" in active and acts is not None:
         if dit.action_dim == 0 and dit.num_action_slots > 0:
             slots = acts["slots"]
