@@ -82,3 +82,53 @@ def test_moving_region_psnr_catches_an_erased_small_object() -> None:
     assert whole > 24 and moving < 10  # fine overall, the object is gone
     assert psnr(faithful, video, mask=mask).item() > 35
     assert torch.isnan(psnr(bg, bg, mask=moving_mask(bg))).all()  # nothing moves: NaN
+
+
+def test_paired_steering_passes_only_above_three_times_the_seed_noise() -> None:
+    """The paired-seed verdict shared by the reference and text groups: a condition that pulls
+    samples to their target passes; one that changes nothing, or moves them no more than a
+    second seed does, fails."""
+    from worldline.train.evaluate import _paired_steering
+
+    target = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+
+    def sims(v: torch.Tensor) -> torch.Tensor:  # samples [B, D] -> similarity per clip
+        return torch.nn.functional.cosine_similarity(v, target, dim=-1)
+
+    steered, unsteered = target.clone(), torch.tensor([[0.6, 0.8], [0.8, 0.6]])
+    other = target.flip(0)
+    near = target + 0.01 * torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # a second seed: close
+    rep = _paired_steering("text", sims, steered, unsteered, other, near, None)
+    assert rep["text/pass"] == 1.0 and rep["text/gain_over_other_text"] == pytest.approx(1.0)
+    assert rep["text/noise_floor"] < 1e-3
+    # The condition does nothing: with == without == other.
+    rep = _paired_steering("text", sims, unsteered, unsteered, unsteered, near, None)
+    assert rep["text/pass"] == 0.0 and rep["text/gain_over_no_text"] == 0.0
+    # A real gain, but a second seed moves the samples as much: below 3x the floor.
+    rep = _paired_steering("reference", sims, steered, unsteered, None, unsteered, None)
+    assert rep["reference/pass"] == 0.0 and "reference/similarity_other_ref" not in rep
+
+
+def test_text_group_measures_the_caption_with_both_controls(play_model: dict,
+                                                             tmp_path: Path) -> None:
+    """``eval.metrics=[text]`` on a trained checkpoint: caption vs empty prompt vs a shuffled
+    caption, with the seed-to-seed noise floor, every value finite."""
+    import math
+
+    from _runs import compose_cfg, smoke_overrides
+    from worldline.train.evaluate import run_eval
+
+    root = play_model["root"]
+    cfg = compose_cfg(smoke_overrides(
+        root, "play", root / "_datasets", f"eval.checkpoint={play_model['run']}",
+        "eval.split=train", "eval.metrics=[text]", "eval.num_steps=1", "eval.num_clips=2",
+        f"eval.out={tmp_path / 'eval'}"))
+    rep = run_eval(cfg)
+    keys = ["text/" + k for k in ("similarity_with_text", "similarity_without_text",
+                                  "similarity_other_text", "noise_floor", "gain_over_no_text",
+                                  "gain_over_other_text", "pass")]
+    assert set(keys) <= set(rep), sorted(set(keys) - set(rep))
+    assert all(math.isfinite(rep[k]) for k in keys)
+    assert rep["text/pass"] == float(min(rep["text/gain_over_no_text"],
+                                         rep["text/gain_over_other_text"])
+                                     >= 3 * rep["text/noise_floor"])

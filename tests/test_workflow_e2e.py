@@ -219,6 +219,10 @@ def test_eval_reports_every_metric(workflow: Path) -> None:
     assert rep["reference/noise_floor"] >= 0 and rep["reference/pass"] in (0.0, 1.0)
     assert rep["reference/gain_over_other_ref"] == pytest.approx(
         rep["reference/similarity_with_ref"] - rep["reference/similarity_other_ref"], abs=1e-6)
+    # Text: the caption against an empty prompt and a shuffled caption, same noise floor.
+    assert rep["text/noise_floor"] >= 0 and rep["text/pass"] in (0.0, 1.0)
+    assert rep["text/gain_over_no_text"] == pytest.approx(
+        rep["text/similarity_with_text"] - rep["text/similarity_without_text"], abs=1e-6)
     # The colour detector finds the sprites in the real clips to within a few pixels.
     assert rep["action_following/position_error_ground_truth_video"] < 3
     assert rep["data_split"] == "heldout"

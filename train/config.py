@@ -356,7 +356,8 @@ class EvalConfig:
     # reconstruction PSNR/SSIM. ``av_sync`` needs audio in the eval data (else it reports
     # ``av_sync/skipped``).
     metrics: list[str] = field(default_factory=lambda: [
-        "val_loss", "reconstruction", "rollout", "action_following", "reference", "av_sync"])
+        "val_loss", "reconstruction", "rollout", "action_following", "reference", "text",
+        "av_sync"])
     # Clips used by the generative metrics, and sampler steps for them.
     num_clips: int = 4
     num_steps: int = 8

@@ -22,6 +22,9 @@ Flow checkpoints (``eval.metrics`` picks the groups):
   and with another clip's reference as the condition (a local TorchScript feature
   extractor, or a built-in colour histogram); the seed-to-seed noise floor of that
   similarity; ``pass`` when both gains exceed 3x the noise floor.
+* ``text``: the same paired measurement for the caption: similarity of samples to the clip
+  their caption describes, with the caption, with an empty prompt and with another clip's
+  caption (shuffled), the seed-to-seed noise floor, ``pass`` at 3x the floor.
 * ``av_sync``: when the clips carry ``audio`` / ``audio_mask``, whether the rollout moves in
   sync with the audio (``av_sync/*``, models/av_sync.py) next to the same score of the real
   clips (``av_sync_real/*``); without audio, ``av_sync/skipped`` says so.
@@ -250,30 +253,46 @@ class FlowEvaluator:
         reseeded = pipe.generate(prompts, refs=refs, **{**kw, "seed": 1})
         feat = self._features()
         r = feat(ref_px)
+        return _paired_steering("reference", self._similarity(r), with_r, without,
+                                other, reseeded, self.e.feature_extractor)
 
-        def sims(v: torch.Tensor) -> torch.Tensor:  # per clip [B]
+    @torch.no_grad()
+    def text_adherence(self) -> dict[str, Any]:
+        """Does the caption steer? Similarity of samples to the clip their caption describes
+        (mean feature of its ground-truth frames), generated with the caption, with none
+        (empty prompt) and with another clip's caption (shuffled); the seed-to-seed noise
+        floor; ``pass`` when both gains exceed 3x the floor."""
+        pipe = self.pipe
+        if "text" not in pipe.conditions:
+            return {}
+        prompts = list(self.batch["caption"])
+        kw = dict(seed=0, num_steps=self.e.num_steps, latent_shape=tuple(self.x0.shape[1:]),
+                  batch=self.batch)
+        own = pipe.generate(prompts, **kw)
+        empty = pipe.generate([""] * len(prompts), **kw)
+        shuffled = prompts[1:] + prompts[:1]
+        # A shuffle that hands every clip its own caption back is no control.
+        other = (pipe.generate(shuffled, **kw)
+                 if any(a != b for a, b in zip(prompts, shuffled)) else None)
+        reseeded = pipe.generate(prompts, **{**kw, "seed": 1})
+        b, _, t, h, w = self.video.shape
+        feat = self._features()
+        target = feat(self.video.permute(0, 2, 1, 3, 4).reshape(b * t, 3, h, w))
+        target = target.view(b, t, -1).mean(1)
+        return _paired_steering("text", self._similarity(target), own, empty, other,
+                                reseeded, self.e.feature_extractor)
+
+    def _similarity(self, target: torch.Tensor):
+        """Per clip [B]: cosine similarity of each generated frame's feature to ``target``
+        [B, D] (that clip's), averaged over frames."""
+        feat = self._features()
+
+        def sims(v: torch.Tensor) -> torch.Tensor:
             b, _, t, h, w = v.shape
             f = feat(v.permute(0, 2, 1, 3, 4).reshape(b * t, 3, h, w)).view(b, t, -1)
-            return torch.nn.functional.cosine_similarity(f, r[:, None], dim=-1).mean(1)
+            return torch.nn.functional.cosine_similarity(f, target[:, None], dim=-1).mean(1)
 
-        s_with, s_without = sims(with_r), sims(without)
-        noise = float((s_with - sims(reseeded)).abs().mean())
-        rep: dict[str, Any] = {
-            "reference/similarity_with_ref": float(s_with.mean()),
-            "reference/similarity_without_ref": float(s_without.mean()),
-            "reference/noise_floor": noise,
-            "reference/gain_over_no_ref": float((s_with - s_without).mean()),
-            "reference/feature": self.e.feature_extractor or "colour_histogram"}
-        gains = [rep["reference/gain_over_no_ref"]]
-        if other is not None:
-            s_other = sims(other)
-            rep["reference/similarity_other_ref"] = float(s_other.mean())
-            rep["reference/gain_over_other_ref"] = float((s_with - s_other).mean())
-            gains.append(rep["reference/gain_over_other_ref"])
-        # Passes when the reference pulls the sample towards itself by more than 3x what a
-        # second seed moves it, both against no reference and against another clip's.
-        rep["reference/pass"] = float(all(g >= 3 * noise for g in gains))
-        return rep
+        return sims
 
     def _features(self):
         if not self.e.feature_extractor:
@@ -299,6 +318,33 @@ class FlowEvaluator:
 
             real, fake = gather(real), gather(fake)
         return {"fvd": frechet_distance(real, fake), "fvd/num_videos": real.shape[0]}
+
+
+def _paired_steering(group: str, sims: Any, with_c: torch.Tensor, without: torch.Tensor,
+                     other: Optional[torch.Tensor], reseeded: torch.Tensor,
+                     feature: Optional[str]) -> dict[str, Any]:
+    """One conditioning signal measured with paired seeds: similarity to the target with the
+    condition, without it and with another clip's condition, and the noise floor (the same
+    condition at another seed). ``<group>/pass`` when the condition pulls the samples
+    towards their target by more than 3x what a second seed moves them, against both
+    controls."""
+    s_with, s_without = sims(with_c), sims(without)
+    noise = float((s_with - sims(reseeded)).abs().mean())
+    name = "ref" if group == "reference" else group
+    rep: dict[str, Any] = {
+        f"{group}/similarity_with_{name}": float(s_with.mean()),
+        f"{group}/similarity_without_{name}": float(s_without.mean()),
+        f"{group}/noise_floor": noise,
+        f"{group}/gain_over_no_{name}": float((s_with - s_without).mean()),
+        f"{group}/feature": feature or "colour_histogram"}
+    gains = [rep[f"{group}/gain_over_no_{name}"]]
+    if other is not None:
+        s_other = sims(other)
+        rep[f"{group}/similarity_other_{name}"] = float(s_other.mean())
+        rep[f"{group}/gain_over_other_{name}"] = float((s_with - s_other).mean())
+        gains.append(rep[f"{group}/gain_over_other_{name}"])
+    rep[f"{group}/pass"] = float(all(g >= 3 * noise for g in gains))
+    return rep
 
 
 def _markdown(report: dict[str, Any]) -> str:
@@ -394,6 +440,8 @@ def run_eval(cfg: DictConfig) -> Optional[dict[str, Any]]:
             report.update(ev.action_following(gen))
         if "reference" in metrics:
             report.update(ev.reference_consistency())
+        if "text" in metrics:
+            report.update(ev.text_adherence())
         if "av_sync" in metrics:
             report.update(av_sync_metrics(ev.batch, gen, ev.video))  # says if it skipped
         report.update(ev.fvd(gen) if gen is not None else {})
