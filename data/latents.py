@@ -45,6 +45,7 @@ from worldline.data.loader import _identity, resolve_shards
 from worldline.data.samples import PixelCodec, Skip, iter_tar_samples
 from worldline.data.atomic import TMP_MARK
 from worldline.data.shards import Journal, TarShard, remove_partial_shards, write_manifest
+from worldline.data.video import DEFAULT_MAX_CROP
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ def encode_latent_shards(
     resolution: tuple[int, int] = (64, 64),
     position: str = "start",
     crop: str = "center",
+    max_crop: float = DEFAULT_MAX_CROP,
     batch_size: int = 8,
     text_encode: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]] | None = None,
     dtype: str = "float16",
@@ -130,6 +132,8 @@ def encode_latent_shards(
     out.mkdir(parents=True, exist_ok=True)
     clip = {"num_frames": num_frames, "frame_stride": frame_stride, "fps": fps,
             "resolution": list(resolution), "position": position, "crop": crop, "seed": seed}
+    if max_crop < 1.0:  # only when bounded: journals written before the bound stay resumable
+        clip["max_crop"] = float(max_crop)
     if audio_rate:  # only when on: journals of runs without audio stay resumable
         clip["audio_rate"] = int(audio_rate)
     journal = Journal(out / journal_name(rank, world_size), {"shards": names, "clip": clip, "dtype": dtype,
@@ -151,7 +155,7 @@ def encode_latent_shards(
 
     bucket = Bucket(resolution[0], resolution[1], num_frames, batch_size)
     codec = PixelCodec(BucketSet([bucket], upscale=True, frame_stride=frame_stride, fps=fps), position, crop,
-                       audio_rate=audio_rate)
+                       audio_rate=audio_rate, max_crop=max_crop)
     # Open latent shards by input shard index (workers interleave shards), with their entries.
     writers: dict[int, tuple[TarShard, list[dict]]] = {}
     pending: list[tuple[int, dict]] = []

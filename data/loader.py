@@ -75,7 +75,7 @@ from worldline.data.provenance import OptOut, count_labels
 from worldline.data.samples import MAX_MEMBER_BYTES, LatentCodec, PixelCodec
 from worldline.data.state import STATE_VERSION, GlobalState, LoaderState, StreamState, empty_stats, merge_states
 from worldline.data.streams import POOL_SLOTS, Delivery, Stream, StreamPlan
-from worldline.data.video import CROPS, POSITIONS, resize_crop
+from worldline.data.video import CROPS, DEFAULT_MAX_CROP, POSITIONS, resize_crop
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +245,7 @@ class ShardLoader:
         *,
         fps: float | None = None,
         crop: str = "center",
+        max_crop: float = DEFAULT_MAX_CROP,
         buckets: Sequence[Bucket | Mapping | Sequence[int]] | None = None,
         upscale: bool | None = None,
         shuffle_buffer: int = 0,
@@ -296,7 +297,7 @@ class ShardLoader:
             bset = BucketSet(bucket_list, upscale=(not explicit) if upscale is None else upscale,
                              frame_stride=frame_stride, fps=fps)
             self.codec = PixelCodec(bset, position, crop, limits, with_refs, decode_threads, channels_last,
-                                    audio_rate=audio_rate, num_actions=num_actions)
+                                    audio_rate=audio_rate, num_actions=num_actions, max_crop=max_crop)
         # Sub-streams are tied to workers; 0 workers means one in-process stream.
         self.num_streams = max(1, num_workers)
         if not resample and len(self.shards) < world_size * self.num_streams:

@@ -40,7 +40,7 @@ from worldline.data.buckets import Bucket, BucketSet, NoBucket
 from worldline.data.probe import ProbeError, VideoLimits, probe_video
 from worldline.data.sources import SidecarError, decode_text, key_problem, parse_json
 from worldline.data.audio import AudioDecodeError, decode_audio_window, window_samples
-from worldline.data.video import ClipTooShortError, decode_clip, resize_crop
+from worldline.data.video import DEFAULT_MAX_CROP, ClipTooShortError, decode_clip, resize_crop
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +316,8 @@ class PixelCodec:
 
     def __init__(self, buckets: BucketSet, position: str = "start", crop: str = "center",
                  limits: VideoLimits | None = None, with_refs: bool = False, decode_threads: int = 1,
-                 channels_last: bool = False, audio_rate: int = 0, num_actions: int = 0):
+                 channels_last: bool = False, audio_rate: int = 0, num_actions: int = 0,
+                 max_crop: float = DEFAULT_MAX_CROP):
         if audio_rate < 0:
             raise ValueError(f"audio_rate must be >= 0 (0: no audio), got {audio_rate}")
         self.buckets, self.position, self.crop, self.channels_last = buckets, position, crop, channels_last
@@ -325,6 +326,9 @@ class PixelCodec:
         # Not in the signature: a filter of bad samples, fixed for a model, and runs saved
         # before it existed keep resuming.
         self.num_actions = int(num_actions)
+        # Not in the signature either: it changes a sample's pixels, not which samples are
+        # drawn or in what order, so a resumed stream stays exact.
+        self.max_crop = float(max_crop)
 
     def signature(self) -> list:
         sig = ["pixel", self.buckets.signature(), self.position, self.crop, self.with_refs, self.channels_last]
@@ -367,7 +371,7 @@ class PixelCodec:
         except Exception as exc:  # decord raises RuntimeError/DECORDError on corrupt input
             raise Skip("decode_error", f"{type(exc).__name__}: {exc}") from None
         # A view of decord's buffer (or of the resized frames): ``place`` copies it, once.
-        video, scale, _ = resize_crop(frames, (bucket.height, bucket.width), self.crop, rng)
+        video, scale, _ = resize_crop(frames, (bucket.height, bucket.width), self.crop, rng, self.max_crop)
         last = int(idx[-1])
         if cand.actions.size and len(cand.actions) <= last:
             raise Skip("bad_actions", f"{len(cand.actions)} action rows, clip needs frame {last}")
@@ -409,7 +413,7 @@ class PixelCodec:
                 raise Skip("absurd_dimensions", f"reference image: {exc}") from None
             except Exception as exc:
                 raise Skip("bad_reference", f"{type(exc).__name__}: {exc}") from None
-            img_t, _, _ = resize_crop(rgb[None], (bucket.height, bucket.width), "center")
+            img_t, _, _ = resize_crop(rgb[None], (bucket.height, bucket.width), "center", max_crop=self.max_crop)
             out.append(img_t[0].permute(2, 0, 1))
         if not out:
             return torch.zeros((0, 3, bucket.height, bucket.width), dtype=torch.uint8)

@@ -66,6 +66,9 @@ from worldline.data.atomic import atomic_write_bytes
 
 POSITIONS = ("start", "center", "random")
 CROPS = ("center", "random")
+# Loader default for ``resize_crop(max_crop=)``: a crop may remove at most a quarter of a
+# side; beyond that the clip is letterboxed rather than losing what was at its edges.
+DEFAULT_MAX_CROP = 0.25
 
 # Float slack when matching sample times to frame timestamps (timestamps are in seconds).
 _TIME_EPS = 1e-6
@@ -489,37 +492,66 @@ def resize_crop(
     size: tuple[int, int],
     crop: str = "center",
     rng: np.random.Generator | None = None,
+    max_crop: float = 1.0,
 ):
-    """Aspect-preserving resize to cover ``size``, then a centre or random crop to it.
+    """Aspect-preserving resize into ``size``, cropping at most ``max_crop`` of each side's
+    extent and letterboxing (black bars) the rest.
+
+    ``max_crop=1`` is the classic resize-to-cover + crop: a portrait clip in a square bucket
+    loses its top and bottom, and whatever was there (a controlled object, a face) is gone
+    from training. ``max_crop=0`` fits the whole frame inside the bucket. In between, the
+    resize covers the bucket when that crops no more than ``max_crop`` of the resized
+    width/height, else it shrinks until the crop is exactly ``max_crop`` and pads the other
+    axis. ``crop`` (center/random) places the crop window; padding is always centred.
 
     ``frames`` uint8 ``[T, h, w, 3]`` (numpy or torch) -> ``(uint8 tensor [T, H, W, 3] (a
-    view, maybe strided), scale, (top, left))``: ``scale`` maps source to output pixels and
-    ``(top, left)`` is the crop's corner in the resized frame. Frames stay uint8 throughout: torch's uint8
-    bilinear+antialias kernel runs on the channels-last layout decord already produces, about
-    10x faster than a float round trip. No resampling at all when only the aspect differs.
+    view, maybe strided, unless padded), scale, (top, left))``: ``scale`` maps source to
+    output pixels and ``(top, left)`` is the output's corner in the resized frame (negative
+    when padded). Frames stay uint8 throughout: torch's uint8 bilinear+antialias kernel runs
+    on the channels-last layout decord already produces, about 10x faster than a float round
+    trip. No resampling at all when only the aspect differs within the bound.
     """
     import torch
     import torch.nn.functional as F
 
     if crop not in CROPS:
         raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
+    if not 0.0 <= max_crop <= 1.0:
+        raise ValueError(f"max_crop must be in [0, 1] (fraction of a side a crop may remove), got {max_crop}")
     out_h, out_w = size
     _, h, w, _ = frames.shape
     video = torch.from_numpy(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
     scale = max(out_h / h, out_w / w)
-    new_h, new_w = max(out_h, round(h * scale)), max(out_w, round(w * scale))
+    if max_crop < 1.0:
+        # Largest scale whose crop removes at most max_crop of the resized extent per axis.
+        keep = 1.0 - max_crop
+        scale = max(min(scale, out_h / (h * keep), out_w / (w * keep)), min(out_h / h, out_w / w))
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    if max_crop >= 1.0:
+        new_h, new_w = max(out_h, new_h), max(out_w, new_w)
+    if abs(new_h - out_h) <= 1 and new_h != h:
+        new_h = out_h  # rounding must not turn an exact fit into a 1-pixel bar
+    if abs(new_w - out_w) <= 1 and new_w != w:
+        new_w = out_w
     if (new_h, new_w) == (h, w):
         scale = 1.0
+    over_h, over_w = max(0, new_h - out_h), max(0, new_w - out_w)
     if crop == "center":
-        top, left = (new_h - out_h) // 2, (new_w - out_w) // 2
+        top, left = over_h // 2, over_w // 2
     else:
         rng = rng or np.random.default_rng()
-        top, left = int(rng.integers(0, new_h - out_h + 1)), int(rng.integers(0, new_w - out_w + 1))
+        top, left = int(rng.integers(0, over_h + 1)), int(rng.integers(0, over_w + 1))
     if (new_h, new_w) != (h, w):
         x = video.permute(0, 3, 1, 2)  # [T, 3, h, w] view, channels-last strides
         x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
         video = x.permute(0, 2, 3, 1)
-    return video[:, top : top + out_h, left : left + out_w], scale, (top, left)
+    video = video[:, top : top + out_h, left : left + out_w]
+    pad_h, pad_w = out_h - video.shape[1], out_w - video.shape[2]
+    if pad_h or pad_w:
+        boxed = torch.zeros((video.shape[0], out_h, out_w, video.shape[3]), dtype=video.dtype)
+        boxed[:, pad_h // 2 : pad_h // 2 + video.shape[1], pad_w // 2 : pad_w // 2 + video.shape[2]] = video
+        video, top, left = boxed, top - pad_h // 2, left - pad_w // 2
+    return video, scale, (top, left)
 
 
 def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float, **kwargs) -> None:

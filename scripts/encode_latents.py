@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolution", type=int, nargs=2, default=[64, 64], metavar=("H", "W"))
     p.add_argument("--position", choices=("start", "center", "random"), default="start")
     p.add_argument("--crop", choices=("center", "random"), default="center")
+    p.add_argument("--max-crop", type=float, default=0.25,
+                   help="most a crop may remove of a side; beyond it the clip is letterboxed (data.max_crop)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=1, help="decoding worker processes")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
@@ -141,7 +143,7 @@ def _encode(args: argparse.Namespace) -> int:
     manifest = encode_latent_shards(
         args.shards, args.out, autoencoder_encoder(ae, args.device), num_frames=args.num_frames,
         frame_stride=args.frame_stride, fps=args.fps, resolution=tuple(args.resolution),
-        position=args.position, crop=args.crop, batch_size=args.batch_size, dtype=args.dtype,
+        position=args.position, crop=args.crop, max_crop=args.max_crop, batch_size=args.batch_size, dtype=args.dtype,
         num_workers=args.workers, seed=args.seed, resume=not args.overwrite,
         text_encode=text, provenance=provenance, audio_rate=args.audio_rate,
         rank=info.rank, world_size=info.world_size,

@@ -70,7 +70,8 @@ def test_resize_and_crop_preserve_aspect():
 
 
 def test_loader_resizes_and_scales_camera(data_synthetic_dir, data_small_cfg):
-    loader = ShardLoader(data_synthetic_dir, batch_size=2, num_frames=9, resolution=(16, 24), shuffle_shards=False)
+    loader = ShardLoader(data_synthetic_dir, batch_size=2, num_frames=9, resolution=(16, 24), shuffle_shards=False,
+                         max_crop=1.0)
     batch = next(iter(loader))
     assert batch["video"].shape == (2, 3, 9, 16, 24)
     cam = render_clip(data_small_cfg, 0)["camera"]
@@ -323,3 +324,22 @@ def test_pooled_batch_buffers_are_never_overwritten_while_held(data_synthetic_di
         assert torch.equal(view, ref["video"][:1])  # held views were never overwritten
     for got, ref in zip(rest, reference[10:]):
         assert torch.equal(got, ref["video"])
+
+
+def test_default_resize_keeps_the_frame_edges(tmp_path):
+    """A portrait clip in a square bucket: resize-to-cover cuts its top and bottom (a marker
+    there disappears); the default bound (data.max_crop 0.25) keeps it and letterboxes."""
+    frames = np.full((9, 128, 64, 3), 90, np.uint8)
+    frames[:, 14:28, 20:44] = 255  # an object in the top sixth (a 32-row centre crop of the cover resize drops it)
+    sample = {"__key__": "portrait", "mp4": encode_mp4(frames, fps=8.0), "json": {"caption": "portrait"}}
+    write_shards([sample], tmp_path / "shards", samples_per_shard=1)
+
+    def first(**kw) -> np.ndarray:
+        loader = ShardLoader(tmp_path / "shards", batch_size=1, num_frames=5, resolution=(32, 32), **kw)
+        return next(iter(loader))["video"][0, :, 0].permute(1, 2, 0).numpy()  # [H, W, 3]
+
+    kept, cut = first(), first(max_crop=1.0)
+    assert cut.max() < 200  # cropped to the middle: the object is gone
+    assert kept[:12].max() > 200  # still there, near the top
+    bars = kept[:, :3].max(), kept[:, -3:].max()  # 128x64 -> 43x21 shown, 32 rows of it kept
+    assert max(bars) == 0 and kept[:, 8:24].min() > 60

@@ -180,6 +180,29 @@ def test_resize_crop_random_and_uint8():
     assert small.shape == (2, 20, 20, 3) and scale == 0.5 and str(small.dtype) == "torch.uint8"
 
 
+@pytest.mark.parametrize("max_crop", [0.0, 0.1, 0.25, 0.5, 1.0])
+@pytest.mark.parametrize("shape", [(128, 64), (90, 160), (64, 64), (48, 200)])
+def test_resize_crop_bound(max_crop, shape):
+    """No axis loses more than ``max_crop`` of its resized extent; what does not fit is padded
+    black, centred; the content that remains is a uniform rescale (same scale on both axes)."""
+    h, w = shape
+    frames = np.full((1, h, w, 3), 200, np.uint8)
+    out, scale, (top, left) = resize_crop(frames, (64, 64), "random", np.random.default_rng(3), max_crop)
+    assert out.shape == (1, 64, 64, 3)
+    content = out[0, :, :, 0].numpy() > 100
+    rows, cols = int(content.any(1).sum()), int(content.any(0).sum())
+    new_h, new_w = round(h * scale), round(w * scale)
+    for kept, extent in ((rows, new_h), (cols, new_w)):
+        assert kept >= extent * (1 - max_crop) - 1.5  # cropped within the bound (+rounding)
+    assert rows == 64 or cols == 64  # one axis is always filled
+    if max_crop == 1.0:
+        assert content.all()  # classic cover + crop: no bars
+    if rows < 64:
+        assert top < 0 and not content[: (64 - rows) // 2].any()
+    with pytest.raises(ValueError, match="max_crop"):
+        resize_crop(frames, (64, 64), max_crop=1.5)
+
+
 def test_probe_rejects_without_decoding():
     mp4 = encode_mp4(smooth_video(6, 32, 32), fps=8.0)
     with pytest.raises(ProbeError) as info:

@@ -153,6 +153,10 @@ class DataConfig:
     # Target fps resampled from the source timestamps (instead of frame_stride).
     fps: Optional[float] = None
     crop: Crop = Crop.center
+    # Most a crop may remove of a frame's resized width/height; beyond it the clip is
+    # letterboxed (black bars), so a portrait clip in a square bucket keeps its top and
+    # bottom. 1.0 = resize to cover + crop (content at the edges is lost); 0 = always fit.
+    max_crop: float = 0.25
     # Resolution x length buckets, each with its own batch size ({height, width, num_frames,
     # batch_size}); empty = one bucket (resolution, num_frames, batch_size).
     buckets: list[BucketConfig] = field(default_factory=list)

@@ -75,6 +75,7 @@ class LoaderFactory:
             input=d.input,
             fps=d.fps,
             crop=d.crop,
+            max_crop=d.max_crop,
             buckets=[OmegaConf.to_container(b) for b in d.buckets] or None,
             upscale=d.upscale,
             max_skip_fraction=d.max_skip_fraction,

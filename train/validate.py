@@ -330,6 +330,8 @@ def _validate_data(cfg: Any) -> None:
     _check(d.fps is None or (d.fps > 0 and d.frame_stride == 1), "data.fps",
            "must be > 0 and cannot be combined with data.frame_stride != 1")
     _check(0.0 <= d.max_skip_fraction <= 1.0, "data.max_skip_fraction", "must be in [0, 1]")
+    _check(0.0 <= d.max_crop <= 1.0, "data.max_crop",
+           "must be in [0, 1]: the most a crop may remove of a resized side (1 = crop to cover)")
     _check(d.decode_threads >= 1, "data.decode_threads", "must be >= 1")
     _check(not d.get("exclude") or os.path.isfile(d.exclude), "data.exclude",
            f"opt-out list {d.get('exclude')!r} is not a file")
