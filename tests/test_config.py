@@ -81,9 +81,9 @@ def test_wrong_type_is_rejected_naming_it(override: str, key: str) -> None:
     ("data.num_frames=16", "data.num_frames"),
     ("data.resolution=[60,64]", "data.resolution"),
     ("model.dit.in_channels=7", "model.dit.in_channels"),
+    ("data.input=latent", "data.input"),
     ("data.fps=0", "data.fps"),
     ("data.max_crop=1.5", "data.max_crop"),
-    ("data.fps=0", "data.fps"),
     ("data.buckets=[{height:64,width:64,num_frames:17,batch_size:2},"
      "{height:40,width:64,num_frames:9,batch_size:4}]", "data.buckets[1]"),
     ("data.buckets=[{height:64,width:64,num_frames:8,batch_size:2}]", "data.buckets[0]"),
