@@ -49,7 +49,7 @@ from worldline.train.tasks import clean_prefix_inputs
 log = logging.getLogger(__name__)
 
 __all__ = ["SelfForcingObjective", "FakeScoreStep", "FrameModel", "self_rollout",
-           "dmd_loss", "teacher_trajectory", "load_score_models"]
+           "dmd_loss", "teacher_trajectory", "load_score_models", "unused_nulls"]
 
 #: The DiT's model call for one span of latent frames (see :class:`FrameModel`).
 FrameFn = Callable[..., Any]
@@ -172,6 +172,16 @@ def _x0(x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
     return x_t - t[:, None, :, None, None].to(v.dtype) * v
 
 
+def unused_nulls(module: nn.Module) -> Tensor:
+    """0 times the sum of ``module``'s null embeddings (text, action, camera, audio,
+    references): the student always sees its conditions, so they would get no gradient, no
+    optimizer state and a checkpoint whose keys differ from a fresh optimizer's (which DCP
+    fills for every parameter); under DDP the term also keeps the reducer fed."""
+    terms = [getattr(p, "to_local", lambda: p)().sum() for n, p in module.named_parameters()
+             if p.requires_grad and n.rsplit(".", 1)[-1].startswith(("null_", "ref_embed"))]
+    return 0.0 * torch.stack(terms).sum() if terms else torch.zeros(())
+
+
 def load_score_models(cfg: Any, device: torch.device) -> tuple[nn.Module, nn.Module]:
     """(teacher, fake score): two copies of the ``stage.init_from`` world model on
     ``device``, the teacher frozen in eval mode. Their conditions must be the teacher's:
@@ -236,6 +246,12 @@ class FakeScoreStep:
             loss = flow_loss(fn(x_in, t_in, 0, None, refs), velocity_target(clip, noise),
                              mask=mask)
             loss.backward()
+            for p in self.score.parameters():
+                if p.grad is None:
+                    # Unused here (e.g. the null text): a zero gradient gives it optimizer
+                    # state that stays zero, so every checkpoint has the same keys as a
+                    # fresh optimizer's DCP state (which initialises all of them).
+                    p.grad = torch.zeros_like(p)
             self.optimizer.step()
             total = total + loss.detach() / self.updates
         return {"fake_loss": total}
@@ -327,6 +343,7 @@ class SelfForcingObjective(FlowObjective):
             x_in, t_in, mask = clean_prefix_inputs(x0, x_k, t_k, prefix, False)
             v = FrameModel(pipe.forward_model, pipe, cond)(x_in, t_in, 0, None, refs)
             loss = flow_loss(_x0(x_in, t_in, v), states[-1], mask=mask)
+            loss = loss + unused_nulls(pipe.world_model).to(dev)
             return loss, {"sf/ode": loss.detach(), "sf/dmd": zero}
         ctx = x0[:, :, :n0]
         noise = torch.randn((b, x0.shape[1], n - n0, *x0.shape[3:]), generator=g, device=dev)
@@ -343,5 +360,6 @@ class SelfForcingObjective(FlowObjective):
             v_fake = FrameModel(self.fake.score, pipe, cond)(x_in, t_in, 0, None, refs)
         x0_real, x0_fake = _x0(x_in, t_in, v_real), _x0(x_in, t_in, v_fake)
         loss = dmd_loss(gen, x0_real[:, :, n0:], x0_fake[:, :, n0:])
+        loss = loss + unused_nulls(pipe.world_model).to(dev)
         self.fake.pending = (clip, cond, refs, prefix, pipe)
         return loss, {"sf/ode": zero, "sf/dmd": loss.detach()}
