@@ -191,6 +191,11 @@ def load_score_models(cfg: Any, device: torch.device) -> tuple[nn.Module, nn.Mod
     from worldline.train.pipeline_io import build_models
     from worldline.train.stages import load_init_weights
 
+    if not cfg.stage.init_from:
+        from worldline.train.config import ConfigError
+
+        raise ConfigError("invalid config: stage.init_from: self-forcing distils a trained "
+                          "teacher: set it to a pretrain/controllability run")
     plain = to_container(cfg)
     _, wm = build_models({**plain, "stage": {**plain["stage"], "lora": {"enabled": False}}},
                          autoencoder=False)
