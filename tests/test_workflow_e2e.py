@@ -122,7 +122,7 @@ def workflow(tmp_path_factory) -> Path:
         run(cwd, cmd, extra)
     for cmd in cmds["Real-time world model"]:  # distil runs/control, roll out past its window
         run(cwd, cmd, SMOKE if cmd[0] == "worldline-train" else
-            ["experiment=smoke", "sample.rollout_frames=4"])
+            ["experiment=smoke", "sample.rollout_frames=2", "sample.window=1"])
     return cwd / "runs"
 
 
