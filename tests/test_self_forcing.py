@@ -176,7 +176,8 @@ def test_self_forcing_trains_on_the_smoke_world_and_resumes_bitwise(teacher) -> 
     from worldline.train.tracking import read_metrics
 
     root, ds = teacher
-    common = ["stage=self_forcing", f"stage.init_from={root / 'teacher'}", "train.steps=4",
+    common = ["stage=self_forcing", f"stage.init_from={root / 'teacher'}",
+              "stage.conditions=[text,actions,camera]", "train.steps=4",
               "train.ckpt_every=2", "train.log_every=1", "train.keep_last=3",
               "stage.self_forcing.ode_init_steps=1", "stage.self_forcing.teacher_steps=4",
               "stage.self_forcing.student_steps=2", "optim.lr=1e-3",
