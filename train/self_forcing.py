@@ -213,8 +213,9 @@ def load_score_models(cfg: Any, device: torch.device) -> tuple[nn.Module, nn.Mod
 class FakeScoreStep:
     """The fake score's own AdamW: after each student update, ``updates`` flow-loss steps on
     the student's (detached) last rollout, so it tracks the student's distribution. The
-    randomness is a function of (seed, step): a resumed run draws the same. Replicated with
-    DDP across ranks; saved as ``fake_score``/``fake_optim``."""
+    randomness is a function of (seed, step): a resumed run draws the same. With gradient
+    accumulation it fits the last micro-batch's samples (as the PatchGAN does). Replicated
+    with DDP across ranks (not sharded under FSDP); saved as ``fake_score``/``fake_optim``."""
 
     def __init__(self, score: nn.Module, lr: float, updates: int, flow: Any, seed: int,
                  distributed: bool) -> None:
@@ -277,7 +278,9 @@ class FakeScoreStep:
 
 class SelfForcingObjective(FlowObjective):
     """Stage ``self_forcing`` (module docstring): ODE-pair warm-up, then the student's own
-    rollout scored by DMD. Evaluation and samples are the flow objective's."""
+    rollout scored by DMD. Evaluation and samples are the flow objective's; so are
+    ``tokens``/``flops`` (one flow step's worth: the logged MFU undercounts this stage's
+    rollout, teacher and fake-score passes)."""
 
     def __init__(self, stage: Any, seed: int, teacher: nn.Module, fake: FakeScoreStep,
                  configured_clip: Optional[Callable[[], tuple[int, int, int]]] = None) -> None:
