@@ -251,7 +251,8 @@ class FakeScoreStep:
             self.optimizer.zero_grad(set_to_none=True)
             loss = flow_loss(fn(x_in, t_in, 0, None, refs), velocity_target(clip, noise),
                              mask=mask)
-            loss.backward()
+            # the null embeddings join the graph: DDP's reducer expects every parameter
+            (loss + unused_nulls(self.score).to(dev)).backward()
             for p in self.score.parameters():
                 if p.grad is None:
                     # Unused here (e.g. the null text): a zero gradient gives it optimizer
