@@ -8,9 +8,11 @@ rollout therefore
 2. for each new frame, integrates the flow ODE on that frame's tokens only; every step
    attends to the cached K/V of the past (no recomputation of the past);
 3. runs the finished frame once more at time 0 and appends its K/V to the cache;
-4. keeps at most `window` past frames (references are never evicted), so the per-frame cost
-   is bounded however long the rollout runs. RoPE time positions keep increasing (frame
-   index), which 3D RoPE handles at any size.
+4. keeps at most `window` recent past frames (references are never evicted), plus the first
+   `sink` frames for good as an attention sink (StreamingLLM / Self-Forcing: a model trained
+   on short clips always saw its first frames; evicting them shifts every attention row), so
+   the per-frame cost is bounded however long the rollout runs. RoPE time positions keep
+   increasing (frame index), which 3D RoPE handles at any size.
 
 Classifier-free guidance runs the conditional, text-dropped and fully unconditional branches
 as one batch of 3B, each with its own cache (their past K/V differ), and combines them with
@@ -40,14 +42,17 @@ KV = list[tuple[Tensor, Tensor]]
 
 
 class KVCache:
-    """Per-block K/V of reference tokens (kept) and past video frames (a rolling window), in
-    preallocated :class:`~worldline.models.kv_cache.KVBlock` buffers (references first).
+    """Per-block K/V of reference tokens (kept) and past video frames (the first ``sink``
+    frames kept, then a rolling window of ``window`` recent ones), in preallocated
+    :class:`~worldline.models.kv_cache.KVBlock` buffers (references first).
 
     Tensors are [B, H, N, Dh] with RoPE already applied at their absolute positions.
     """
 
-    def __init__(self, window: int | None = None) -> None:
-        self.window = window
+    def __init__(self, window: int | None = None, sink: int = 0) -> None:
+        if sink < 0:
+            raise ValueError(f"sink frames must be >= 0, got {sink}")
+        self.window, self.sink = window, sink
         self.blocks: list[KVBlock] | None = None
         self.ref_tokens = 0
         self.tokens_per_frame = 0
@@ -75,10 +80,11 @@ class KVCache:
                 blk.commit(k[:, :, nv:], v[:, :, nv:])
             blk.commit(k[:, :, :nv], v[:, :, :nv])
         self.ref_tokens += ref_tokens
-        if self.window is not None and self.num_frames > self.window:
-            extra = (self.num_frames - self.window) * tokens_per_frame
+        if self.window is not None and self.num_frames > self.window + self.sink:
+            # The oldest frames after the sink go; the sink stays where it is.
+            extra = (self.num_frames - self.window - self.sink) * tokens_per_frame
             for blk in self.blocks:
-                blk.drop(self.ref_tokens, extra)
+                blk.drop(self.ref_tokens + self.sink * tokens_per_frame, extra)
         self.next_frame += frames
 
 
@@ -142,6 +148,7 @@ def rollout(
     audio_valid: Tensor | None = None,
     refs: Tensor | None = None,
     window: int | None = None,
+    sink: int = 0,
     num_steps: int = 8,
     shift: float = 1.0,
     text_scale: float = 1.0,
@@ -166,7 +173,8 @@ def rollout(
             camera) and their validity [B, T_pix] bool (tensor audio only); CFG's fully
             unconditional branch drops them with the actions.
         refs: reference latents [B, K, C, h, w] (cached once, never evicted).
-        window: past frames kept in the cache (None: all).
+        window: recent past frames kept in the cache (None: all).
+        sink: the first frames (context first) kept for good besides the window.
         text_scale, action_scale: guidance scales (1 = off); see flow.guided_velocity.
         use_cache: False recomputes the visible past at every step (the reference
             computation the cache must match; cost grows with the context).
@@ -222,7 +230,10 @@ def rollout(
                    rep(_controls(camera, start, n, tf)), drop_a, frame_causal=True,
                    refs=rep(with_refs), frame_start=start, past_kv=past, return_kv=kv, **aud)
 
-    cache = KVCache(window)
+    if not use_cache and sink and window is not None:
+        # The recomputed past must be contiguous in time (one frame_start); a sink is not.
+        raise ValueError("an attention sink needs the KV cache (use_cache=True)")
+    cache = KVCache(window, sink)
     frames: list[Tensor] = []  # clean latent frames so far (for the uncached path)
     n0 = 0
     if context is not None:

@@ -81,7 +81,8 @@ class WorldModel(nn.Module):
         audio: Tensor | None = None,
         audio_valid: Tensor | None = None,
         drop_audio: Tensor | None = None,
-    ) -> Tensor:
+        **rollout_kw,
+    ) -> Tensor | tuple[Tensor, list]:
         """Velocity prediction.
 
         Args:
@@ -96,8 +97,11 @@ class WorldModel(nn.Module):
             audio, audio_valid, drop_audio: per-pixel-frame audio features [B, T_pix,
                 audio_dim] (LogMelFrames), their validity [B, T_pix] bool and the audio CFG
                 dropout mask [B] bool (DiTArgs.audio_dim > 0).
+            rollout_kw: the DiT's KV-cache arguments (frame_start, past_kv, return_kv,
+                audio_past), so a frame-by-frame rollout can run through the module a
+                DDP/FSDP wrapper trains (train/self_forcing.py).
         Returns:
-            velocity [B, C, t, h, w].
+            velocity [B, C, t, h, w] (with return_kv also the per-block K/V).
         """
         b = x_t.shape[0]
         if text_emb is None and text_ids is not None:
@@ -118,7 +122,7 @@ class WorldModel(nn.Module):
                 text_mask = text_mask.bool() | drop.view(b, 1)
         return self.dit(x_t, t, text_emb, text_mask, actions, camera, drop_actions, refs=refs,
                         frame_causal=frame_causal, audio=audio, audio_valid=audio_valid,
-                        drop_audio=drop_audio)
+                        drop_audio=drop_audio, **rollout_kw)
 
     def num_params(self) -> int:
         """Number of parameters (text encoder + DiT + null text embedding)."""

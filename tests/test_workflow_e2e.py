@@ -24,16 +24,19 @@ from worldline.train.tracking import read_metrics
 pytestmark = pytest.mark.slow
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-SECTIONS = ("Pretrain", "Add control", "Fine-tune on your studio's style", "Resume", "Evaluate")
+SECTIONS = ("Pretrain", "Add control", "Fine-tune on your studio's style", "Resume", "Evaluate",
+            "Real-time world model")
 
 # Smoke scale-down per (tool, stage); these replace the README's values of the same keys.
 SMOKE = ["experiment=smoke", "logger=none"]
-STEPS = {"autoencoder": 20, "pretrain_progressive": 16, "controllability": 12, "finetune": 12}
+STEPS = {"autoencoder": 20, "pretrain_progressive": 16, "controllability": 12, "finetune": 12,
+         "self_forcing": 4}
 EXTRA = {
     # Step up 5 -> 9 frames at step 8 (the default schedule steps up at 200).
     "pretrain_progressive": ["stage.schedule=[{step: 0, resolution: [32, 32], num_frames: 5}, "
                  "{step: 8, resolution: [32, 32], num_frames: 9}]"],
     "controllability": ["stage.freeze_policy.steps=6"],
+    "self_forcing": ["stage.self_forcing.ode_init_steps=2", "stage.self_forcing.teacher_steps=4"],
     # Validate every 4 steps; with min_delta 100 nothing after the first validation counts
     # as an improvement, so patience 1 stops the run right after the step-8 validation.
     "finetune": ["stage.validation.every=4", "stage.validation.patience=1",
@@ -117,6 +120,9 @@ def workflow(tmp_path_factory) -> Path:
         else:
             extra += ["sample.num_steps=3", "sample.rollout_frames=1"]
         run(cwd, cmd, extra)
+    for cmd in cmds["Real-time world model"]:  # distil runs/control, roll out past its window
+        run(cwd, cmd, SMOKE if cmd[0] == "worldline-train" else
+            ["experiment=smoke", "sample.rollout_frames=2", "sample.window=1"])
     return cwd / "runs"
 
 
@@ -262,6 +268,12 @@ def test_action_following_fails_for_a_model_blind_to_its_actions(workflow: Path)
     blind = ev.action_following(ev.rollout_video(None, seed=0))
     assert blind["action_following/divergence_other_actions"] == 0.0
     assert blind["action_following/pass"] == 0.0 and blind["action_following/divergence_other_seed"] > 0
+
+
+def test_self_forcing_student_trains_and_rolls_out(workflow: Path) -> None:
+    rows = [r for r in read_metrics(workflow / "realtime") if "loss" in r]
+    assert rows and rows[-1]["step"] == 4 and rows[-1]["fake_loss"] > 0
+    assert list((workflow / "realtime" / "samples" / "manual").glob("*.mp4"))
 
 
 def test_rollout_sample_writes_video(workflow: Path) -> None:

@@ -277,6 +277,11 @@ def build_trainer(cfg: DictConfig) -> Trainer:
         pipe = WorldPipeline(frozen, module, pipeline_settings(cfg))
         _attach_text_encoder(pipe, cfg, device, loaders)
         objective: Any = FlowObjective(cfg.stage, cfg.run.seed, lambda: loaders.clip_shape)
+        if cfg.stage.name == "self_forcing":  # + frozen teacher, fake score, its optimizer
+            from worldline.train.self_forcing import SelfForcingObjective
+
+            objective = SelfForcingObjective.build(cfg, device, dims.world_size > 1,
+                                                   lambda: loaders.clip_shape)
     else:
         pipe = WorldPipeline(module, None, pipeline_settings(cfg))
         objective = AutoencoderObjective(cfg.stage.ae, device, dims.world_size > 1)

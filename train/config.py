@@ -329,6 +329,9 @@ class SampleConfig:
     # rollout: latent frames to generate after the first image, and the KV-cache window.
     rollout_frames: int = 4
     window: Optional[int] = None
+    # rollout: the first latent frames kept in the cache for good besides the window (an
+    # attention sink for rollouts longer than training; see models/rollout.py).
+    sink_frames: int = 0
 
 
 @dataclass

@@ -26,7 +26,8 @@ def _enum(name: str, *values: str) -> type[ConfigEnum]:
     return ConfigEnum(name, [(v, v) for v in values], module=__name__, qualname=name)  # type: ignore[return-value]
 
 
-StageName = _enum("StageName", "autoencoder", "pretrain", "controllability", "finetune")
+StageName = _enum("StageName", "autoencoder", "pretrain", "controllability", "finetune",
+                  "self_forcing")
 Objective = _enum("Objective", "autoencoder", "flow")
 Condition = _enum("Condition", "text", "actions", "camera", "refs", "audio")
 DistBackend = _enum("DistBackend", "single", "ddp", "fsdp", "deepspeed_zero1", "deepspeed_zero2",

@@ -8,7 +8,7 @@ from typing import Optional
 
 from worldline.train.config_enums import Condition, Objective, StageName
 
-__all__ = ['FlowConfig', 'TaskMixConfig', 'PhaseConfig', 'FreezePolicyConfig', 'LoraConfig', 'ValidationConfig', 'PriorConfig', 'AutoencoderLossConfig', 'StageConfig']
+__all__ = ['FlowConfig', 'TaskMixConfig', 'PhaseConfig', 'FreezePolicyConfig', 'LoraConfig', 'ValidationConfig', 'PriorConfig', 'AutoencoderLossConfig', 'SelfForcingConfig', 'StageConfig']
 
 
 @dataclass
@@ -118,6 +118,35 @@ class AutoencoderLossConfig:
 
 
 @dataclass
+class SelfForcingConfig:
+    """Stage ``self_forcing`` (train/self_forcing.py): a few-step causal student distilled from
+    the frozen ``stage.init_from`` teacher by rolling out on its own KV cache (Self-Forcing)
+    with distribution-matching distillation (DMD) against a trained fake score."""
+
+    # Euler steps per latent frame of the student (its sampler: rollout num_steps).
+    student_steps: int = 4
+    # Teacher steps for the CausVid ODE pairs of the warm-up (and the benchmark's teacher).
+    teacher_steps: int = 16
+    # Classifier-free guidance of the real (teacher) score over text + actions (1 = off).
+    guidance_scale: float = 1.0
+    # The fake score's own AdamW and its updates per student update.
+    fake_lr: float = 1e-4
+    fake_updates: int = 1
+    # Optimizer steps of ODE-pair regression (student x0 from the teacher's trajectory)
+    # before DMD starts; 0 = DMD from the first step.
+    ode_init_steps: int = 0
+    # Clean latent frames of each training clip the student continues from (real frames).
+    context_frames: int = 1
+    # DMD noise levels are drawn uniformly in [min_t, max_t] (then resolution-shifted).
+    min_t: float = 0.02
+    max_t: float = 0.98
+    # Rollout cache for long rollouts: past frames kept (null: all) and the oldest frames
+    # kept for good as an attention sink.
+    kv_window: Optional[int] = None
+    sink_frames: int = 0
+
+
+@dataclass
 class StageConfig:
     """What a stage trains: objective, conditionings, and where its weights start from."""
 
@@ -145,3 +174,4 @@ class StageConfig:
     num_refs: int = 1
     # Set train.steps from passes over the training data (small studio sets); None: steps.
     epochs: Optional[int] = None
+    self_forcing: SelfForcingConfig = field(default_factory=SelfForcingConfig)

@@ -385,8 +385,9 @@ class WorldPipeline:
                 first_frame: Optional[Tensor] = None, context: Optional[Tensor] = None,
                 actions: Optional[Tensor] = None, camera: Optional[Tensor] = None,
                 refs: Optional[Tensor] = None, window: Optional[int] = None,
-                num_steps: int = 8, cfg_scale: float = 1.0, action_cfg_scale: float = 1.0,
-                seed: int = 0, height: Optional[int] = None, width: Optional[int] = None,
+                sink_frames: int = 0, num_steps: int = 8, cfg_scale: float = 1.0,
+                action_cfg_scale: float = 1.0, seed: int = 0,
+                height: Optional[int] = None, width: Optional[int] = None,
                 batch: Optional[Mapping[str, Any]] = None,
                 return_latents: bool = False, audio: Optional[Tensor] = None) -> Tensor:
         """Roll the world forward ``num_frames`` latent frames, one at a time with the KV
@@ -398,7 +399,9 @@ class WorldPipeline:
         one row per pixel frame of the whole video ([T, S] or [N, T, S]); ``audio``: a
         waveform of the whole video ([S] / [N, S] at ``settings.audio_rate``), streamed
         to the model frame by frame (each latent frame hears only its own and earlier
-        audio)."""
+        audio). ``window``/``sink_frames``: the KV cache keeps the ``window`` most recent past
+        frames plus the first ``sink_frames`` for good (None: everything); a self-forcing
+        student rolls out with ``num_steps`` 1-4."""
         from worldline.models.rollout import rollout as kv_rollout
 
         dit = self.transformer
@@ -437,8 +440,9 @@ class WorldPipeline:
                          null_text=self.world_model.null_text, actions=cond["actions"],
                          camera=cond["camera"], audio=cond["audio"],
                          audio_valid=cond["audio_valid"], refs=refs, window=window,
-                         num_steps=num_steps, shift=self.shift_for(latent_shape),
-                         text_scale=cfg_scale, action_scale=action_cfg_scale, generator=g)
+                         sink=sink_frames, num_steps=num_steps,
+                         shift=self.shift_for(latent_shape), text_scale=cfg_scale,
+                         action_scale=action_cfg_scale, generator=g)
         z = torch.cat([context, gen], 2)
         return z if return_latents else self.decode(z)
 

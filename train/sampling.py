@@ -134,7 +134,7 @@ def run_sample(cfg: DictConfig) -> list[Path]:
             if prefix is None:  # the data's first frames
                 prefix = pipe.latents(batch)[:n, :, :1]
             videos = pipe.rollout(prompts, s.rollout_frames, context=prefix, window=s.window,
-                                  **kw)
+                                  sink_frames=s.sink_frames, **kw)
         else:
             videos = pipe.generate(prompts, num_frames=cfg.data.num_frames, height=size[0],
                                    width=size[1], prefix=prefix, solver=s.solver,

@@ -209,6 +209,35 @@ def _validate_stage(cfg: Any) -> None:
     _check(st.prior.ratio == 0 or bool(st.prior.shards), "stage.prior.shards",
            "required when stage.prior.ratio > 0 (the pretraining shards to mix in)")
     _check(st.epochs is None or st.epochs >= 1, "stage.epochs", "must be >= 1")
+    if st.name == "self_forcing":
+        _validate_self_forcing(cfg)
+
+
+def _validate_self_forcing(cfg: Any) -> None:
+    """Rules of stage=self_forcing (train/self_forcing.py)."""
+    # stage.init_from (the teacher) is mandatory in conf/stage/self_forcing.yaml (???), and
+    # checked when the teacher is loaded: worldline-sample/-eval validate a finished run's
+    # config with init_from cleared, since sampling the student needs no teacher.
+    st, sf = cfg.stage, cfg.stage.self_forcing
+    _check(bool(cfg.model.dit.frame_causal) and cfg.model.dit.patch_size[0] == 1,
+           "model.dit.frame_causal", "the student rolls out on a KV cache: needs "
+           "frame_causal=true and patch_size[0]=1")
+    _check(1 <= sf.student_steps <= 4, "stage.self_forcing.student_steps", "must be in 1..4")
+    _check(sf.teacher_steps >= sf.student_steps and sf.teacher_steps % sf.student_steps == 0,
+           "stage.self_forcing.teacher_steps",
+           "must be a multiple of student_steps (the ODE pairs are read at the student's times)")
+    _check(sf.guidance_scale >= 0 and sf.fake_lr > 0 and sf.fake_updates >= 1,
+           "stage.self_forcing", "guidance_scale >= 0, fake_lr > 0, fake_updates >= 1")
+    _check(sf.ode_init_steps >= 0 and sf.context_frames >= 0, "stage.self_forcing",
+           "ode_init_steps and context_frames must be >= 0")
+    _check(0.0 < sf.min_t < sf.max_t < 1.0, "stage.self_forcing.min_t",
+           "need 0 < min_t < max_t < 1")
+    _check((sf.kv_window is None or sf.kv_window >= 1) and sf.sink_frames >= 0,
+           "stage.self_forcing.kv_window", "kv_window >= 1 (or null), sink_frames >= 0")
+    _check(str(cfg.dist.backend) in ("single", "ddp", "fsdp"), "dist.backend",
+           "the fake score is trained beside the student with DCP checkpoints: single, ddp "
+           "or fsdp")
+    _check(st.lora.enabled is False, "stage.lora", "self-forcing trains the whole student")
 
 
 def _validate_faults(cfg: Any) -> None:
