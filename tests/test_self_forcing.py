@@ -155,38 +155,31 @@ def test_bad_self_forcing_configs_fail_in_validate(override: str, key: str) -> N
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> tuple[Path, Path]:
-    """A seconds-long smoke teacher (action/camera-conditioned pretrain run)."""
-    from worldline.train.main import run_training
-
-    root = tmp_path_factory.mktemp("sf")
-    ds = root / "_datasets"
-    run_training(compose_cfg(smoke_overrides(root, "ae", ds, "stage=autoencoder",
-                                             "train.steps=2", "train.ckpt_every=2")))
-    run_training(compose_cfg(smoke_overrides(
-        root, "teacher", ds, "stage=pretrain", f"stage.autoencoder_from={root / 'ae'}",
-        "stage.conditions=[text,actions,camera]", "train.steps=3", "train.ckpt_every=3")))
-    return root, ds
+def teacher(tmp_path_factory, play_model) -> tuple[Path, Path, Path]:
+    """The session's tiny action-conditioned smoke run (tests/_play.py; built once for the
+    play and eval tests too) as the teacher: (root for the student runs, its datasets, the
+    teacher run)."""
+    return tmp_path_factory.mktemp("sf"), play_model["root"] / "_datasets", play_model["run"]
 
 
 def test_self_forcing_trains_on_the_smoke_world_and_resumes_bitwise(teacher) -> None:
-    """ODE warm-up (step 1), then DMD with fake-score updates; 4 steps straight equal 2 steps
-    + resume=auto + 2: student, fake score, both optimizers bitwise."""
+    """ODE warm-up (step 1), then DMD with a fake-score update (step 2); 2 steps straight
+    equal 1 step + resume=auto + 1: student, fake score, both optimizers bitwise."""
     from worldline.train.build import build_trainer
     from worldline.train.tracking import read_metrics
 
-    root, ds = teacher
-    common = ["stage=self_forcing", f"stage.init_from={root / 'teacher'}",
-              "stage.conditions=[text,actions,camera]", "train.steps=4",
-              "train.ckpt_every=2", "train.log_every=1", "train.keep_last=3",
+    root, ds, teacher_run = teacher
+    common = ["stage=self_forcing", f"stage.init_from={teacher_run}",
+              "stage.conditions=[text,actions]", "train.steps=2",
+              "train.ckpt_every=1", "train.log_every=1", "train.keep_last=3",
               "stage.self_forcing.ode_init_steps=1", "stage.self_forcing.teacher_steps=4",
               "stage.self_forcing.student_steps=2", "optim.lr=1e-3",
-              "stage.self_forcing.fake_lr=1e-3"]
+              "stage.self_forcing.fake_lr=1e-3", "run.threads=1"]
     a = build_trainer(compose_cfg(smoke_overrides(root, "sf_a", ds, *common)))
     start = {n: p.detach().clone() for n, p in a.module.named_parameters()}
     a.train()
     rows = [r for r in read_metrics(root / "sf_a") if "loss" in r]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows] == [1, 2]
     assert rows[0]["fake_loss"] == 0 and all(r["fake_loss"] > 0 for r in rows[1:])
     assert rows[0]["sf/dmd"] == 0 and all(r["sf/ode"] == 0 for r in rows[1:])
     assert any(not torch.equal(start[n], p) for n, p in a.module.named_parameters())
@@ -194,11 +187,11 @@ def test_self_forcing_trains_on_the_smoke_world_and_resumes_bitwise(teacher) -> 
     assert all(not p.requires_grad for p in teacher_w.values())
 
     shutil.copytree(root / "sf_a", root / "sf_b")
-    shutil.rmtree(root / "sf_b" / "checkpoints" / "step_4")
-    (root / "sf_b" / "checkpoints" / "latest").write_text("step_2")
+    shutil.rmtree(root / "sf_b" / "checkpoints" / "step_2")
+    (root / "sf_b" / "checkpoints" / "latest").write_text("step_1")
     b = build_trainer(compose_cfg(smoke_overrides(root, "sf_b", ds, *common)))
     b.train()
-    assert b.state.step == 4
+    assert b.state.step == 2
     for x, y in ((a.module, b.module), (a.objective.fake.score, b.objective.fake.score)):
         for (n, p), (_, q) in zip(x.named_parameters(), y.named_parameters()):
             assert torch.equal(p, q), n
