@@ -173,6 +173,7 @@ class FlowEvaluator:
         n = acts.shape[0]
         other = acts.roll(1, 0) if n > 1 else (acts + 1) % self.pipe.transformer.args.num_actions
         gen_other = self.rollout_video(other, seed=0)
+        self.gen_other = gen_other  # kept for the action report's contact sheet
         gen_seed = self.rollout_video(None, seed=1)
         other_actions = float((gen_true - gen_other).abs().mean())
         noise = float((gen_true - gen_seed).abs().mean())  # the seed-to-seed noise floor
