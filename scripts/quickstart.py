@@ -4,8 +4,9 @@ It runs two real stages on the embedded synthetic world (generated on first use 
 WebDataset shards), in one process, through the same code path as ``worldline-train``:
 
 1. ``stage=autoencoder``  → ``<run.root>/<name>-autoencoder/``
-2. ``stage=pretrain`` with ``stage.conditions=[text,actions,camera]`` → ``<run.root>/<name>-world/``
-   (latents from the frozen stage-1 model; an action-conditioned world model)
+2. ``stage=pretrain`` with ``stage.conditions=[text,actions,camera]``
+   → ``<run.root>/<name>-world/`` (latents from the frozen stage-1 model; an
+   action-conditioned world model)
 
 then reports whether that model follows its actions on held-out clips (train/action_report.py):
 ``<name>-world/action_report.json`` and ``action_contact_sheet.png``, and a table on screen.
@@ -86,16 +87,22 @@ def main(argv: list[str] | None = None) -> int:
         world_dir = Path(world_cfg.run.root) / world_cfg.run.name
         t_world = time.perf_counter() - t0
         # The job's verdict: does the world model follow its actions? (held-out clips)
-        rep = action_report(world_cfg, world_dir, num_clips=args.report_clips)
+        try:
+            rep = action_report(world_cfg, world_dir, num_clips=args.report_clips)
+        except ValueError as e:  # e.g. overridden stage.conditions without actions
+            rep = None
+            print(f"worldline-quickstart: no action report: {e}", file=sys.stderr)
     total = time.perf_counter() - t0
-    print(f"\n{format_report(rep)}")
+    if rep is not None:
+        print(f"\n{format_report(rep)}")
     print(f"\nautoencoder: {ae_dir}  ({t_ae:.0f}s)")
     print(f"world model: {world_dir}  ({t_world - t_ae:.0f}s)")
     samples = sorted((world_dir / "samples").glob("step_*"), key=lambda p: int(p.name[5:]))
     if samples:
         print(f"samples:     {samples[-1]}  (contact_sheet.png, generated_*.mp4)")
-    print(f"report:      {world_dir / 'action_report.json'}, {rep['contact_sheet']}  "
-          f"({total - t_world:.0f}s)")
+    if rep is not None:
+        print(f"report:      {world_dir / 'action_report.json'}, {rep['contact_sheet']}  "
+              f"({total - t_world:.0f}s)")
     print(f"total:       {total:.0f}s")
     return 0
 
