@@ -47,6 +47,43 @@ def test_quickstart_sample_video_decodes(quickstart: Path) -> None:
     assert frames.std() > 1.0  # not a blank video
 
 
+REPORT_FIELDS = (
+    "psnr_gain_over_copy_last_db", "psnr_db", "copy_last_psnr_db", "psnr_moving_db",
+    "copy_last_psnr_moving_db", "psnr_moving_gain_over_copy_last_db",
+    "position_error_true_actions", "position_error_other_actions",
+    "position_error_ground_truth", "divergence_other_actions", "noise_floor",
+    "ratio_to_seed_noise", "pass")
+
+
+def test_quickstart_ends_with_an_action_following_report(quickstart: Path) -> None:
+    """The world stage is action-conditioned and the job reports on held-out clips whether
+    its rollouts follow the actions: action_report.json + a labelled contact sheet."""
+    import math
+
+    from PIL import Image
+
+    world = quickstart / "quickstart-world"
+    cfg = (world / "config.yaml").read_text()
+    assert "- actions" in cfg and "- camera" in cfg  # stage.conditions
+    rep = json.loads((world / "action_report.json").read_text())
+    assert rep["data_split"] == "heldout" and rep["horizon_latent_frames"] == 2  # 9 frames / 4
+    for k in REPORT_FIELDS:
+        assert k in rep, k
+    for k in REPORT_FIELDS:
+        v = rep[k]
+        if k.startswith("position_error_") and k != "position_error_ground_truth":
+            # 30 steps may draw no recognisable sprite: null, and then no detection at all.
+            assert v is None and rep[k.replace("position_error", "detections")] == 0 \
+                or math.isfinite(v), (k, v)
+        else:
+            assert v is not None and math.isfinite(v), (k, v)
+    assert rep["noise_floor"] > 0 and rep["position_error_ground_truth"] < 2  # detector works
+    sheet = Image.open(world / "action_contact_sheet.png")
+    rows = json.loads(sheet.text["rows"])
+    assert rows[:3] == ["ground truth", "rollout, true actions", "rollout, other actions"]
+    assert len(rows) == 12  # 4 clips x 3 labelled rows
+
+
 def test_eval_cli_reports_deterministic_metrics(quickstart: Path, tmp_path: Path) -> None:
     world = quickstart / "quickstart-world"
     reports = []

@@ -225,6 +225,10 @@ def test_eval_reports_every_metric(workflow: Path) -> None:
     assert rep["reference/noise_floor"] >= 0 and rep["reference/pass"] in (0.0, 1.0)
     assert rep["reference/gain_over_other_ref"] == pytest.approx(
         rep["reference/similarity_with_ref"] - rep["reference/similarity_other_ref"], abs=1e-6)
+    # The same on the subject's region (the sprite boxes the synthetic world drew).
+    assert rep["reference/subject_noise_floor"] >= 0 and rep["reference/subject_pass"] in (0.0, 1.0)
+    assert 0 <= rep["reference/subject_similarity_with_ref"] <= 1 + 1e-6
+    assert rep["reference/subject_feature"] == "colour_histogram on sprite boxes"
     # Text: the caption against an empty prompt and a shuffled caption, same noise floor.
     assert rep["text/noise_floor"] >= 0 and rep["text/pass"] in (0.0, 1.0)
     assert rep["text/gain_over_no_text"] == pytest.approx(

@@ -21,7 +21,8 @@ Flow checkpoints (``eval.metrics`` picks the groups):
 * ``reference``: similarity of generated frames to the reference image with it, without it
   and with another clip's reference as the condition (a local TorchScript feature
   extractor, or a built-in colour histogram); the seed-to-seed noise floor of that
-  similarity; ``pass`` when both gains exceed 3x the noise floor.
+  similarity; ``pass`` when both gains exceed 3x the noise floor. On the synthetic world the
+  same again on the subject's region (``reference/subject_*``, train/subject_region.py).
 * ``text``: the same paired measurement for the caption: similarity of samples to the clip
   their caption describes, with the caption, with an empty prompt and with another clip's
   caption (shuffled), the seed-to-seed noise floor, ``pass`` at 3x the floor.
@@ -51,6 +52,7 @@ from worldline.models.metrics import moving_mask, psnr, ssim
 from worldline.train.dist import all_reduce_scalars
 from worldline.train.pipeline import to_unit_range
 from worldline.train.plots import line_plot
+from worldline.train.subject_region import subject_region_steering
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +175,7 @@ class FlowEvaluator:
         n = acts.shape[0]
         other = acts.roll(1, 0) if n > 1 else (acts + 1) % self.pipe.transformer.args.num_actions
         gen_other = self.rollout_video(other, seed=0)
+        self.gen_other = gen_other  # kept for the action report's contact sheet
         gen_seed = self.rollout_video(None, seed=1)
         other_actions = float((gen_true - gen_other).abs().mean())
         noise = float((gen_true - gen_seed).abs().mean())  # the seed-to-seed noise floor
@@ -251,10 +254,11 @@ class FlowEvaluator:
         # same reference at another seed (the seed-to-seed noise floor of the similarity).
         other = pipe.generate(prompts, refs=refs.roll(1, 0), **kw) if len(prompts) > 1 else None
         reseeded = pipe.generate(prompts, refs=refs, **{**kw, "seed": 1})
-        feat = self._features()
-        r = feat(ref_px)
-        return _paired_steering("reference", self._similarity(r), with_r, without,
-                                other, reseeded, self.e.feature_extractor)
+        rep = _paired_steering("reference", self._similarity(self._features()(ref_px)),
+                               with_r, without, other, reseeded, self.e.feature_extractor)
+        # Next to the whole frame: the same on the subject's region (synthetic world).
+        return rep | subject_region_steering(self, ref_px, self.video.shape[2] - 1,
+                                             (with_r, without, other, reseeded), _paired_steering)
 
     @torch.no_grad()
     def text_adherence(self) -> dict[str, Any]:
