@@ -67,7 +67,7 @@ def test_moving_region_psnr_catches_an_erased_small_object() -> None:
     """A textured static background with a 3 px sprite moving across it (issue 17's small
     objects). A reconstruction that erases the sprite keeps a high whole-frame PSNR; the
     moving-region PSNR exposes it. A faithful one scores high on both."""
-    from worldline.models.metrics import moving_mask, psnr
+    from worldline.models.metrics import moving_mask, moving_verdict, psnr
 
     g = torch.Generator().manual_seed(0)
     bg = torch.rand(1, 3, 1, 48, 48, generator=g).expand(1, 3, 9, 48, 48) * 0.4 - 0.2
@@ -82,6 +82,11 @@ def test_moving_region_psnr_catches_an_erased_small_object() -> None:
     assert whole > 24 and moving < 10  # fine overall, the object is gone
     assert psnr(faithful, video, mask=mask).item() > 35
     assert torch.isnan(psnr(bg, bg, mask=moving_mask(bg))).all()  # nothing moves: NaN
+    # The verdict refuses the eraser whatever its whole-frame PSNR, and passes the faithful one.
+    ok, msg = moving_verdict(whole, moving)
+    assert not ok and "NOT good" in msg
+    assert moving_verdict(psnr(faithful, video).item(), psnr(faithful, video, mask=mask).item())[0]
+    assert not moving_verdict(40.0, float("nan"))[0]  # nothing moved: unverified, not good
 
 
 def test_paired_steering_passes_only_above_three_times_the_seed_noise() -> None:
