@@ -13,7 +13,7 @@ alone, so it costs one frame difference and needs no labels.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -21,9 +21,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from worldline.models.metrics import moving_mask
-
-if TYPE_CHECKING:
-    from worldline.models.autoencoder import AutoencoderArgs
 
 __all__ = ["autoencoder_loss", "moving_weights"]
 
@@ -43,7 +40,7 @@ def autoencoder_loss(
     recon: Tensor,
     mean: Tensor,
     logvar: Tensor,
-    args: "AutoencoderArgs",
+    args: Any,
     *,
     perceptual: nn.Module | None = None,
     disc_logits: Tensor | None = None,
