@@ -89,6 +89,40 @@ def test_moving_region_psnr_catches_an_erased_small_object() -> None:
     assert not moving_verdict(40.0, float("nan"))[0]  # nothing moved: unverified, not good
 
 
+def test_autoencoder_eval_refuses_an_eraser_with_high_whole_frame_psnr(caplog) -> None:
+    """``AutoencoderObjective.evaluate`` on the synthetic world: an "autoencoder" that returns
+    each clip perfectly except for the 2-4 px agent dots (the same clip rendered without
+    them) has a high whole-frame PSNR, yet ``moving_ok`` is False, with a warning."""
+    import dataclasses
+    import logging
+
+    import numpy as np
+
+    from worldline.data.synthetic import SyntheticWorldConfig, render_clip
+    from worldline.train.objectives import AutoencoderObjective
+
+    cfg = SyntheticWorldConfig(num_frames=9, height=64, width=64)
+
+    def video_of(c: SyntheticWorldConfig) -> torch.Tensor:
+        return torch.from_numpy(np.stack([render_clip(c, i)["frames"] for i in range(2)])
+                                ).permute(0, 4, 1, 2, 3)
+
+    video = video_of(cfg)
+    erased = video_of(dataclasses.replace(cfg, agents=False)).float() / 127.5 - 1
+    ae_cfg = SimpleNamespace(perceptual_path=None, gan_weight=0.1, gan_start=-1,
+                             moving_weight=0.0, moving_psnr_min=30.0)
+    obj = AutoencoderObjective(ae_cfg, torch.device("cpu"), distributed=False)
+    obj.reconstruct = lambda pipe, x: erased
+    pipe = SimpleNamespace(device=torch.device("cpu"))
+    with caplog.at_level(logging.WARNING, logger="worldline.train.objectives"):
+        rep = obj.evaluate(pipe, [{"video": video}], 1)
+    assert rep["psnr"] > 25 and rep["psnr_moving"] < rep["psnr"] - 3  # 28.0 vs 23.2 dB
+    assert rep["moving_ok"] is False and rep["psnr_moving_min"] == 30.0
+    assert "NOT good" in caplog.text
+    obj.reconstruct = lambda pipe, x: x  # a perfect reconstruction passes
+    assert obj.evaluate(pipe, [{"video": video}], 1)["moving_ok"] is True
+
+
 def test_paired_steering_passes_only_above_three_times_the_seed_noise() -> None:
     """The paired-seed verdict shared by the reference and text groups: a condition that pulls
     samples to their target passes; one that changes nothing, or moves them no more than a
