@@ -62,16 +62,18 @@ def autoencoder_loss(
         weighted by adv_weight (0 before the discriminator's warm-up ends).
     """
     diff = recon.float() - x.float()
-    l1 = diff.abs().mean()
-    l2 = diff.pow(2).mean()
+    ad, d2 = diff.abs(), diff.pow(2)
+    l1, l2 = ad.mean(), d2.mean()
     mean, logvar = mean.float(), logvar.float()
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
     parts = {"l1": l1.detach(), "l2": l2.detach(), "kl": kl.detach()}
     if moving_weight > 0:
-        w = moving_weights(x, moving_weight, moving_dilate)
-        rec = args.l1_weight * (w * diff.abs()).mean() + args.l2_weight * (w * diff.pow(2)).mean()
-        m = w > 1
-        parts["l1_moving"] = ((diff.abs() * m).sum() / (m.sum() * x.shape[1]).clamp_min(1)).detach()
+        with torch.no_grad():  # the mask is data, not a path for gradients
+            w = moving_weights(x, moving_weight, moving_dilate)
+        rec = (w * (args.l1_weight * ad + args.l2_weight * d2)).mean()
+        with torch.no_grad():
+            m = w > 1
+            parts["l1_moving"] = (ad * m).sum() / (m.sum() * x.shape[1]).clamp_min(1)
     else:
         rec = args.l1_weight * l1 + args.l2_weight * l2
     loss = rec + args.kl_weight * kl
