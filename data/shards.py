@@ -335,6 +335,8 @@ def synthetic_dataset_dir(root: str | os.PathLike, cfg) -> Path:
     if not fields.get("audio"):  # silent worlds keep the names they had before sound existed
         fields.pop("audio", None)
         fields.pop("audio_rate", None)
+    if not fields.get("agents"):  # worlds without agent dots keep their pre-agent names
+        fields.pop("agents", None)
     blob = json.dumps({"cfg": fields, "version": SYNTHETIC_VERSION}, sort_keys=True)
     return Path(root) / f"synthetic-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
 

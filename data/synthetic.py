@@ -5,6 +5,13 @@ that is larger than the view, with a few sprites of persistent identity (shape +
 moving by discrete per-frame actions. Everything a world model might condition on is
 recorded: actions ``[T, S]``, camera position ``[T, 2]``, sprite tracks and a caption.
 
+Agents (``agents=True``, the default): each action slot also drives a small (2-4 px), fast
+dot of its own colour (``AGENT_COLOURS``), drawn on top of everything and kept inside the
+view. They are the hard case for an autoencoder: a world model that must follow the actions
+needs them, yet erasing them barely moves whole-frame PSNR (models/metrics.py). Their start
+positions come from a generator of their own, so sprites, camera and caption are the same
+with and without them; ``clip["agents"][i]["positions"]`` follows ``sprites``' conventions.
+
 Conventions (world pixels, origin top-left, (x, y) order):
 - ``camera[t]`` is the top-left corner of the view in the world at frame ``t``;
 - ``sprites[i]["positions"][t]`` is the top-left corner of sprite ``i`` at frame ``t``;
@@ -37,7 +44,7 @@ import numpy as np
 from worldline.data.video import encode_mp4
 
 # Bump when rendering changes, so cached datasets (keyed by a config hash) are regenerated.
-SYNTHETIC_VERSION = 1
+SYNTHETIC_VERSION = 1  # agents are versioned by their config field (data/shards.py)
 
 ACTION_NAMES = ("stay", "up", "down", "left", "right")
 NUM_ACTIONS = 5
@@ -84,6 +91,7 @@ class SyntheticWorldConfig:
     codec: str = "libx264"
     audio: bool = False  # a tone per moving sprite in the mp4 (module docstring)
     audio_rate: int = 16000
+    agents: bool = True  # a small fast dot per action slot (module docstring)
 
 
 # One tone per colour (index as in COLOURS), about a fourth apart: well separated for a
@@ -151,6 +159,39 @@ def _sprite_size(cfg: SyntheticWorldConfig) -> int:
 
 def _sprite_step(cfg: SyntheticWorldConfig) -> int:
     return max(1, min(cfg.height, cfg.width) // 32)
+
+
+# Agent dot colours by action slot (cycled): each is more than 50 levels away in some channel
+# from every sprite colour (eval's colour-based sprite tracking tolerates 32).
+AGENT_COLOURS = ((255, 0, 255), (0, 255, 0), (255, 128, 192), (0, 128, 255))
+
+
+def _agent_size(cfg: SyntheticWorldConfig) -> int:
+    """Side of an agent dot: 2 px at 32, 3 px at 64, 4 px from 80 px frames up."""
+    return int(np.clip(min(cfg.height, cfg.width) // 20, 2, 4))
+
+
+def _agent_step(cfg: SyntheticWorldConfig) -> int:
+    """Pixels an agent moves per frame: twice a sprite's step (2 px at 32, 4 px at 64), more
+    than its own size at 64 px, so consecutive positions do not overlap."""
+    return 2 * _sprite_step(cfg)
+
+
+def _agent_positions(cfg: SyntheticWorldConfig, index: int, actions: np.ndarray,
+                     camera: np.ndarray) -> np.ndarray:
+    """int64 ``[S, T, 2]`` world top-left corners of the agent dots. Same action semantics as
+    the sprites (``actions[t]`` moves frame ``t`` to ``t + 1``), clamped to the view of the
+    frame they land in so a dot is always visible."""
+    T, S = actions.shape
+    size, step = _agent_size(cfg), _agent_step(cfg)
+    rng = np.random.default_rng([cfg.seed, index, 1])  # not the clip's: the rest is unchanged
+    span = np.array([cfg.width - size, cfg.height - size])
+    pos = np.zeros((S, T, 2), np.int64)
+    pos[:, 0] = camera[0] + rng.integers(0, np.maximum(span, 0) + 1, size=(S, 2))
+    for ti in range(1, T):
+        moved = pos[:, ti - 1] + step * ACTION_DELTAS[actions[ti - 1]]
+        pos[:, ti] = np.clip(moved, camera[ti], camera[ti] + span)
+    return pos
 
 
 @functools.lru_cache(maxsize=64)
@@ -236,7 +277,8 @@ def render_clip(cfg: SyntheticWorldConfig, index: int, actions: np.ndarray | Non
     Returns a dict: ``frames`` uint8 ``[T, H, W, 3]``, ``actions`` int64 ``[T, S]``,
     ``camera`` float32 ``[T, 2]`` (view top-left (x, y) in world pixels), ``caption`` str,
     ``sprites`` list of ``{"shape", "colour", "positions": int64 [T, 2]}``, ``location`` str,
-    ``pan`` str. With ``cfg.audio``: ``audio`` float32 ``[round(T * audio_rate / fps)]``
+    ``pan`` str, ``sprite_size``. With ``cfg.agents``: ``agents`` list of ``{"colour": [r, g, b],
+    "positions": int64 [T, 2]}`` (one per action slot) and ``agent_size``. With ``cfg.audio``: ``audio`` float32 ``[round(T * audio_rate / fps)]``
     (``render_audio``) and each sprite's ``tone_hz``.
     """
     T, H, W, S = cfg.num_frames, cfg.height, cfg.width, cfg.num_sprites
@@ -274,6 +316,10 @@ def render_clip(cfg: SyntheticWorldConfig, index: int, actions: np.ndarray | Non
         moved = positions[:, ti - 1] + step * ACTION_DELTAS[actions[ti - 1]]
         positions[:, ti] = np.clip(moved, 0, upper)
 
+    agent_size = _agent_size(cfg)
+    agent_pos = (_agent_positions(cfg, index, actions, camera) if cfg.agents
+                 else np.zeros((0, T, 2), np.int64))
+
     frames = np.empty((T, H, W, 3), np.uint8)
     palette = list(COLOURS.values())
     for ti in range(T):
@@ -289,6 +335,9 @@ def render_clip(cfg: SyntheticWorldConfig, index: int, actions: np.ndarray | Non
                 continue
             sub = mask[vy0 - y0 : vy1 - y0, vx0 - x0 : vx1 - x0]
             view[vy0:vy1, vx0:vx1][sub] = palette[colours[si]]
+        for si in range(len(agent_pos)):  # dots on top: small, but always in view
+            x0, y0 = agent_pos[si, ti] - camera[ti]
+            view[y0 : y0 + agent_size, x0 : x0 + agent_size] = AGENT_COLOURS[si % len(AGENT_COLOURS)]
 
     sprites = [
         {"shape": SHAPES[shapes[i]], "colour": list(COLOURS)[colours[i]], "positions": positions[i]}
@@ -304,6 +353,10 @@ def render_clip(cfg: SyntheticWorldConfig, index: int, actions: np.ndarray | Non
         "pan": pan,
         "sprite_size": size,
     }
+    if cfg.agents:
+        clip["agents"] = [{"colour": list(AGENT_COLOURS[i % len(AGENT_COLOURS)]),
+                           "positions": agent_pos[i]} for i in range(S)]
+        clip["agent_size"] = agent_size
     if cfg.audio:  # after all random draws: clips are the same with and without sound
         tones = [tone_of(s["colour"]) for s in sprites]
         for sprite, tone in zip(sprites, tones):
@@ -344,6 +397,8 @@ def clip_to_sample(cfg: SyntheticWorldConfig, index: int, clip: dict | None = No
                  **({"tone_hz": s["tone_hz"]} if "tone_hz" in s else {})}
                 for s in clip["sprites"]
             ],
+            **({"agents": [{"colour": a["colour"], "positions": a["positions"].tolist()}
+                           for a in clip["agents"]]} if "agents" in clip else {}),
             "caption": clip["caption"],
             "meta": meta,
         },

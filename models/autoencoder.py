@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from worldline.models.ae_losses import autoencoder_loss  # re-exported: its old home
 from worldline.models.init import reset_default_parameters
 
 __all__ = ["AutoencoderArgs", "VideoAutoencoder", "autoencoder_loss"]
@@ -558,43 +559,3 @@ class VideoAutoencoder(nn.Module):
         with torch.no_grad():
             clone(torch.empty(1, self.args.in_channels, T, H, W, device="meta"), sample=False)
         return float(3 * 2 * macs)
-
-
-def autoencoder_loss(
-    x: Tensor,
-    recon: Tensor,
-    mean: Tensor,
-    logvar: Tensor,
-    args: AutoencoderArgs,
-    *,
-    perceptual: nn.Module | None = None,
-    disc_logits: Tensor | None = None,
-    adv_weight: float | Tensor = 0.0,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Weighted L1 + L2 reconstruction + KL(q(z|x) || N(0, I)) [+ perceptual] [+ GAN].
-
-    All terms are means (per pixel, per latent element) so weights do not depend on clip
-    size. Returns (total loss, {"loss", "l1", "l2", "kl"[, "perceptual"][, "g_adv"]}) as
-    tensors; no host sync.
-
-    perceptual: a models.losses.PerceptualLoss (or any (recon, x) -> scalar module), weighted
-        by args.perceptual_weight. disc_logits: discriminator logits on `recon` (gradients
-        must flow to recon), hinge generator loss weighted by adv_weight (0 before the
-        discriminator's warm-up ends).
-    """
-    diff = recon.float() - x.float()
-    l1 = diff.abs().mean()
-    l2 = diff.pow(2).mean()
-    mean, logvar = mean.float(), logvar.float()
-    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
-    loss = args.l1_weight * l1 + args.l2_weight * l2 + args.kl_weight * kl
-    parts = {"l1": l1.detach(), "l2": l2.detach(), "kl": kl.detach()}
-    if perceptual is not None and args.perceptual_weight > 0:
-        p = perceptual(recon, x)
-        loss = loss + args.perceptual_weight * p
-        parts["perceptual"] = p.detach()
-    if disc_logits is not None:
-        g = -disc_logits.float().mean()  # hinge GAN, generator side: -mean D(G(z))
-        loss = loss + adv_weight * g
-        parts["g_adv"] = g.detach()
-    return loss, {"loss": loss.detach(), **parts}

@@ -21,11 +21,14 @@ from worldline.data.shards import (
 )
 from worldline.data.synthetic import (
     ACTION_DELTAS,
+    AGENT_COLOURS,
     ACTION_NAMES,
     COLOURS,
     NUM_ACTIONS,
     PAN_DIRECTIONS,
     SyntheticWorldConfig,
+    _agent_size,
+    _agent_step,
     _sprite_size,
     _sprite_step,
     clip_to_sample,
@@ -76,7 +79,8 @@ def test_caption_names_sprites_location_and_pan(data_small_cfg):
 
 
 def test_sprites_move_according_to_actions_and_are_drawn():
-    cfg = SyntheticWorldConfig(num_frames=17, height=64, width=64)
+    # Without agent dots: one drawn on top may cover the sprite pixel checked below.
+    cfg = SyntheticWorldConfig(num_frames=17, height=64, width=64, agents=False)
     size, step = _sprite_size(cfg), _sprite_step(cfg)
     world_h, world_w = world_size(cfg)
     moved = 0
@@ -94,6 +98,37 @@ def test_sprites_move_according_to_actions_and_are_drawn():
         cx, cy = top["positions"][0] - clip["camera"][0].astype(int) + size // 2
         np.testing.assert_array_equal(clip["frames"][0, cy, cx], COLOURS[top["colour"]])
     assert moved > 10  # the random policy does move sprites
+
+
+def test_agents_are_small_fast_dots_the_actions_drive():
+    """One 2-4 px dot per action slot, moved by that slot's action twice a sprite's step,
+    kept in view, drawn on top; sprites, camera and caption are those of the world without
+    agents, and the shard's json carries their tracks."""
+    assert [_agent_size(SyntheticWorldConfig(height=h, width=h)) for h in (32, 64, 128)] == [2, 3, 4]
+    cfg = SyntheticWorldConfig(num_frames=17, height=64, width=64)
+    size, step = _agent_size(cfg), _agent_step(cfg)
+    assert step > size  # fast: a dot never overlaps where it was
+    moved = 0
+    for index in range(6):
+        clip, plain = render_clip(cfg, index), render_clip(dataclasses.replace(cfg, agents=False), index)
+        assert "agents" not in plain and clip["caption"] == plain["caption"]
+        for a, b in zip(clip["sprites"], plain["sprites"]):
+            np.testing.assert_array_equal(a["positions"], b["positions"])
+        cam = clip["camera"].astype(int)
+        assert len(clip["agents"]) == cfg.num_sprites and clip["agent_size"] == size
+        for s, agent in enumerate(clip["agents"]):
+            pos = agent["positions"]
+            expected = np.clip(pos[:-1] + step * ACTION_DELTAS[clip["actions"][:-1, s]],
+                               cam[1:], cam[1:] + [cfg.width - size, cfg.height - size])
+            np.testing.assert_array_equal(pos[1:], expected)
+            moved += int((pos[1:] != pos[:-1]).any())
+        top = clip["agents"][-1]  # drawn last: every pixel of its box has its colour
+        for t in range(cfg.num_frames):
+            x, y = top["positions"][t] - cam[t]
+            assert (clip["frames"][t, y:y + size, x:x + size] == AGENT_COLOURS[cfg.num_sprites - 1]).all()
+        meta = clip_to_sample(cfg, index, clip)["json"]
+        assert meta["agents"][0]["positions"] == clip["agents"][0]["positions"].tolist()
+    assert moved > 5
 
 
 def test_background_is_static_per_location():

@@ -67,7 +67,7 @@ def test_moving_region_psnr_catches_an_erased_small_object() -> None:
     """A textured static background with a 3 px sprite moving across it (issue 17's small
     objects). A reconstruction that erases the sprite keeps a high whole-frame PSNR; the
     moving-region PSNR exposes it. A faithful one scores high on both."""
-    from worldline.models.metrics import moving_mask, psnr
+    from worldline.models.metrics import moving_mask, moving_verdict, psnr
 
     g = torch.Generator().manual_seed(0)
     bg = torch.rand(1, 3, 1, 48, 48, generator=g).expand(1, 3, 9, 48, 48) * 0.4 - 0.2
@@ -82,6 +82,45 @@ def test_moving_region_psnr_catches_an_erased_small_object() -> None:
     assert whole > 24 and moving < 10  # fine overall, the object is gone
     assert psnr(faithful, video, mask=mask).item() > 35
     assert torch.isnan(psnr(bg, bg, mask=moving_mask(bg))).all()  # nothing moves: NaN
+    # The verdict refuses the eraser whatever its whole-frame PSNR, and passes the faithful one.
+    ok, msg = moving_verdict(whole, moving)
+    assert not ok and "NOT good" in msg
+    assert moving_verdict(psnr(faithful, video).item(), psnr(faithful, video, mask=mask).item())[0]
+    assert not moving_verdict(40.0, float("nan"))[0]  # nothing moved: unverified, not good
+
+
+def test_autoencoder_eval_refuses_an_eraser_with_high_whole_frame_psnr(caplog) -> None:
+    """``AutoencoderObjective.evaluate`` on the synthetic world: an "autoencoder" that returns
+    each clip perfectly except for the 2-4 px agent dots (the same clip rendered without
+    them) has a high whole-frame PSNR, yet ``moving_ok`` is False, with a warning."""
+    import dataclasses
+    import logging
+
+    import numpy as np
+
+    from worldline.data.synthetic import SyntheticWorldConfig, render_clip
+    from worldline.train.objectives import AutoencoderObjective
+
+    cfg = SyntheticWorldConfig(num_frames=9, height=64, width=64)
+
+    def video_of(c: SyntheticWorldConfig) -> torch.Tensor:
+        return torch.from_numpy(np.stack([render_clip(c, i)["frames"] for i in range(2)])
+                                ).permute(0, 4, 1, 2, 3)
+
+    video = video_of(cfg)
+    erased = video_of(dataclasses.replace(cfg, agents=False)).float() / 127.5 - 1
+    ae_cfg = SimpleNamespace(perceptual_path=None, gan_weight=0.1, gan_start=-1,
+                             moving_weight=0.0, moving_psnr_min=30.0)
+    obj = AutoencoderObjective(ae_cfg, torch.device("cpu"), distributed=False)
+    obj.reconstruct = lambda pipe, x: erased
+    pipe = SimpleNamespace(device=torch.device("cpu"))
+    with caplog.at_level(logging.WARNING, logger="worldline.train.objectives"):
+        rep = obj.evaluate(pipe, [{"video": video}], 1)
+    assert rep["psnr"] > 25 and rep["psnr_moving"] < rep["psnr"] - 3  # 28.0 vs 23.2 dB
+    assert rep["moving_ok"] is False and rep["psnr_moving_min"] == 30.0
+    assert "NOT good" in caplog.text
+    obj.reconstruct = lambda pipe, x: x  # a perfect reconstruction passes
+    assert obj.evaluate(pipe, [{"video": video}], 1)["moving_ok"] is True
 
 
 def test_paired_steering_passes_only_above_three_times_the_seed_noise() -> None:

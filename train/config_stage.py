@@ -108,6 +108,11 @@ class AutoencoderLossConfig:
     # A local TorchScript file or pickled nn.Module (e.g. an exported LPIPS/VGG) mapping
     # images in [-1, 1] to features; weighted by model.autoencoder.perceptual_weight.
     perceptual_path: Optional[str] = None
+    # Pixels that move (ground-truth frame differences, models/ae_losses.py) count
+    # 1 + moving_weight times in L1/L2: keeps small moving objects that plain means erase.
+    moving_weight: float = 0.0
+    # Evaluation calls the autoencoder good (moving_ok) only at this moving-region PSNR (dB).
+    moving_psnr_min: float = 30.0
     # 3D PatchGAN discriminator, switched on at this optimizer step (-1: no GAN); its own
     # AdamW at disc_lr, replicated (DDP) across ranks.
     gan_start: int = -1

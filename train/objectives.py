@@ -28,7 +28,7 @@ from worldline.models.flow import (
     sample_timesteps,
     velocity_target,
 )
-from worldline.models.metrics import moving_mask, psnr, ssim
+from worldline.models.metrics import moving_mask, moving_verdict, psnr, ssim
 from worldline.train.pipeline import WorldPipeline, to_unit_range
 from worldline.train.tasks import TaskProbs, clean_prefix_inputs, sample_prefix_lengths
 
@@ -282,6 +282,8 @@ class AutoencoderObjective:
 
             self.perceptual = PerceptualLoss.from_path(ae_cfg.perceptual_path).to(device)
         self.gan_weight = ae_cfg.gan_weight
+        self.moving_weight = float(ae_cfg.moving_weight)
+        self.moving_psnr_min = float(ae_cfg.moving_psnr_min)
         # FLOPs per clip shape: the autoencoder counts them with a meta-device forward
         # (~0.2-0.7 s), so once per shape, never per batch.
         self._flops: dict[tuple, float] = {}
@@ -313,7 +315,7 @@ class AutoencoderObjective:
             self.disc.pair = (x.detach(), recon.detach())
         loss, parts = autoencoder_loss(x, recon, mean, logvar, pipe.autoencoder.args,
                                        perceptual=self.perceptual, disc_logits=logits,
-                                       adv_weight=adv)
+                                       adv_weight=adv, moving_weight=self.moving_weight)
         if self.disc is not None and logits is None:  # same logged keys every step
             parts["g_adv"] = torch.zeros((), device=pipe.device)
         return loss, parts
@@ -337,7 +339,9 @@ class AutoencoderObjective:
     def evaluate(self, pipe: WorldPipeline, loader: Any, num_batches: int,
                  timesteps: Sequence[float] = ()) -> dict[str, float]:
         """Reconstruction PSNR/SSIM over the first ``num_batches`` batches in fixed order, and
-        PSNR over the pixels that move (``psnr_moving``; ``moving_fraction`` of them)."""
+        PSNR over the pixels that move (``psnr_moving``; ``moving_fraction`` of them), and
+        ``moving_ok``: whether ``psnr_moving`` reaches ``stage.ae.moving_psnr_min`` (a loud
+        warning when not: whole-frame PSNR alone never makes an autoencoder good)."""
         it = iter(loader)
         vals, sims, moving, frac = [], [], [], []
         for _ in range(num_batches):
@@ -349,8 +353,12 @@ class AutoencoderObjective:
             mask = moving_mask(x)
             moving.append(psnr(recon, x, mask=mask))
             frac.append(mask.flatten(1).float().mean(1))
-        return {"psnr": float(torch.cat(vals).mean()), "ssim": float(torch.cat(sims).mean()),
-                "psnr_moving": float(torch.cat(moving).nanmean()),
+        whole, moving_db = float(torch.cat(vals).mean()), float(torch.cat(moving).nanmean())
+        ok, msg = moving_verdict(whole, moving_db, self.moving_psnr_min)
+        (log.info if ok else log.warning)("autoencoder eval: %s", msg)
+        return {"psnr": whole, "ssim": float(torch.cat(sims).mean()),
+                "psnr_moving": moving_db, "moving_ok": ok,
+                "psnr_moving_min": self.moving_psnr_min,
                 "moving_fraction": float(torch.cat(frac).mean()),
                 "num_clips": len(torch.cat(vals))}
 
@@ -360,7 +368,10 @@ class AutoencoderObjective:
         """Input clips and their reconstructions, with the reconstruction PSNR."""
         x = to_unit_range(batch["video"])
         recon = self.reconstruct(pipe, x)
+        whole = float(psnr(recon, x).mean())
+        moving_db = float(psnr(recon, x, mask=moving_mask(x)).nanmean())
+        ok, msg = moving_verdict(whole, moving_db, self.moving_psnr_min)
+        log.info("autoencoder samples: %s", msg)
         return ({"input": x, "reconstruction": recon},
-                {"sample/psnr": float(psnr(recon, x).mean()),
-                 "sample/psnr_moving": float(psnr(recon, x, mask=moving_mask(x)).nanmean())},
-                None)
+                {"sample/psnr": whole, "sample/psnr_moving": moving_db,
+                 "sample/moving_ok": float(ok)}, None)
