@@ -166,6 +166,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     a = ap.parse_args(argv)
     if a.quick:
         a.frames, a.size, a.batch, a.rounds, a.steps, a.warmup = 9, 32, 2, 2, 1, 1
+        # A smoke test inside a test suite: one thread and no loader worker, so another job on
+        # a 2-core host cannot leave OpenMP threads spinning on descheduled siblings (a
+        # suite run took 300 s for this 8 s command beside another test process).
+        a.threads, a.workers = a.threads or 1, 0
     with tempfile.TemporaryDirectory(prefix="bench_trainer_") as tmp:
         res = bench(a.model, a.frames, a.size, a.batch, a.rounds, a.steps, a.warmup,
                     a.threads, a.log_every, a.workers, list(a.overrides), Path(tmp))
