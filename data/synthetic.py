@@ -46,6 +46,10 @@ from worldline.data.video import encode_mp4
 # Bump when rendering changes, so cached datasets (keyed by a config hash) are regenerated.
 SYNTHETIC_VERSION = 1  # agents are versioned by their config field (data/shards.py)
 
+# Held-out clips (validation, worldline-eval, benchmarks) come from the same world settings
+# with the seed moved by this much: clips no training run drew.
+HELDOUT_SEED_OFFSET = 1000
+
 ACTION_NAMES = ("stay", "up", "down", "left", "right")
 NUM_ACTIONS = 5
 # (dx, dy) per action in units of the sprite step; y grows downwards.

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from worldline.data.synthetic import SyntheticWorldConfig, render_clip
+from worldline.data.synthetic import HELDOUT_SEED_OFFSET, SyntheticWorldConfig, render_clip
 from worldline.models.metrics import moving_mask, moving_verdict, psnr
 from worldline.train.pipeline import WorldPipeline
 
@@ -42,7 +42,7 @@ def agent_mask(clip: dict, shape: tuple[int, int, int]) -> np.ndarray:
 def measure(run: Path, clips: int, batch: int, use_ema: bool = True) -> dict:
     cfg = OmegaConf.load(run / "config.yaml")
     syn = SyntheticWorldConfig(**{**OmegaConf.to_container(cfg.data.synthetic), "agents": True})
-    syn = dataclasses.replace(syn, seed=syn.seed + 1000)
+    syn = dataclasses.replace(syn, seed=syn.seed + HELDOUT_SEED_OFFSET)
     ae = WorldPipeline.from_pretrained(run, use_ema=use_ema).autoencoder.eval()
     whole, moving, agents = [], [], []
     for start in range(0, clips, batch):

@@ -64,11 +64,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args(argv)
 
+    from worldline.data.synthetic import HELDOUT_SEED_OFFSET
     from worldline.train.inverse_dynamics import synthetic_clips
     from worldline.train.pipeline import WorldPipeline
 
     torch.manual_seed(0)
-    world, (frames, res) = _world(Path(a.teacher), 1000)
+    world, (frames, res) = _world(Path(a.teacher), HELDOUT_SEED_OFFSET)
     teacher = WorldPipeline.from_pretrained(a.teacher)
     student = WorldPipeline.from_pretrained(a.student)
     tf = teacher.transformer.args.temporal_downsample

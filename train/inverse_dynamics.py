@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from worldline.data.synthetic import NUM_ACTIONS, SyntheticWorldConfig, render_clip
+from worldline.data.synthetic import HELDOUT_SEED_OFFSET, NUM_ACTIONS, SyntheticWorldConfig, render_clip
 from worldline.models.inverse_dynamics import (InverseDynamics, frame_pairs, matched_accuracy,
                                                matched_loss)
 
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     world = SyntheticWorldConfig(height=a.size, width=a.size, num_sprites=a.sprites)
     t0 = time.perf_counter()
     train = synthetic_clips(world, range(a.train_clips), a.frames)
-    heldout = synthetic_clips(dataclasses.replace(world, seed=world.seed + 1000),
+    heldout = synthetic_clips(dataclasses.replace(world, seed=world.seed + HELDOUT_SEED_OFFSET),
                               range(a.eval_clips), a.frames)
     t1 = time.perf_counter()
     idm = train_idm(train, a.steps, seed=a.seed)

@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from worldline.data.loader import ShardLoader
 from worldline.data.probe import VideoLimits
 from worldline.data.stage_loader import StageLoader
+from worldline.data.synthetic import HELDOUT_SEED_OFFSET
 
 __all__ = ["LoaderFactory"]
 
@@ -155,7 +156,7 @@ class LoaderFactory:
         if d.kind == "synthetic":
             syn = d.synthetic
             streams = self.dp_world * max(1, int(d.num_workers))
-            return {"synthetic": {"seed": syn.seed + 1000,
+            return {"synthetic": {"seed": syn.seed + HELDOUT_SEED_OFFSET,
                                   "num_clips": max(syn.clips_per_shard * streams,
                                                    min_clips * self.dp_world)}}
         return {}
