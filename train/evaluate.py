@@ -52,7 +52,7 @@ from worldline.models.metrics import moving_mask, psnr, ssim
 from worldline.train.dist import all_reduce_scalars
 from worldline.train.pipeline import to_unit_range
 from worldline.train.plots import line_plot
-from worldline.train.subject_region import subject_region_steering
+from worldline.train.subject_region import masked_colour_histogram, subject_region_steering
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +62,7 @@ __all__ = ["run_eval", "FlowEvaluator", "colour_histogram", "frechet_distance"]
 def colour_histogram(images: torch.Tensor, bins: int = 8) -> torch.Tensor:
     """Built-in appearance statistic: joint RGB histogram, L2-normalised.
     images [N, 3, H, W] in [-1, 1] → [N, bins³]."""
-    q = ((images.clamp(-1, 1) + 1) / 2 * (bins - 1e-6)).long()  # [N, 3, H, W] in [0, bins)
-    idx = (q[:, 0] * bins + q[:, 1]) * bins + q[:, 2]
-    hist = torch.zeros(images.shape[0], bins**3, device=images.device)
-    hist.scatter_add_(1, idx.flatten(1), torch.ones_like(idx.flatten(1), dtype=hist.dtype))
-    return torch.nn.functional.normalize(hist, dim=1)
+    return masked_colour_histogram(images, None, bins)
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -11,7 +11,7 @@ the whole-frame figure by :meth:`FlowEvaluator.reference_consistency` as
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -19,15 +19,16 @@ __all__ = ["masked_colour_histogram", "sprite_masks", "subject_similarity",
            "subject_region_steering"]
 
 
-def masked_colour_histogram(images: torch.Tensor, mask: torch.Tensor,
+def masked_colour_histogram(images: torch.Tensor, mask: Optional[torch.Tensor],
                             bins: int = 8) -> torch.Tensor:
-    """Joint RGB histogram of the pixels where ``mask`` is true, L2-normalised (the
-    masked form of ``evaluate.colour_histogram``). images [N, 3, H, W] in [-1, 1], mask
+    """Joint RGB histogram of the pixels where ``mask`` is true (None: all of them; that is
+    ``evaluate.colour_histogram``), L2-normalised. images [N, 3, H, W] in [-1, 1], mask
     [N, H, W] bool → [N, bins³]; an empty mask gives a zero vector (cosine 0: no subject)."""
     q = ((images.clamp(-1, 1) + 1) / 2 * (bins - 1e-6)).long()
     idx = ((q[:, 0] * bins + q[:, 1]) * bins + q[:, 2]).flatten(1)
     hist = torch.zeros(images.shape[0], bins**3, device=images.device)
-    hist.scatter_add_(1, idx, mask.flatten(1).to(hist.dtype))
+    counts = torch.ones_like(idx, dtype=hist.dtype) if mask is None else mask.flatten(1).to(hist.dtype)
+    hist.scatter_add_(1, idx, counts)
     return torch.nn.functional.normalize(hist, dim=1)
 
 
