@@ -523,16 +523,13 @@ def resize_crop(
     video = torch.from_numpy(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
     scale = max(out_h / h, out_w / w)
     if max_crop < 1.0:
-        # Largest scale whose crop removes at most max_crop of the resized extent per axis.
+        # Largest scale whose crop removes at most max_crop of the resized extent per axis
+        # (each bound is >= the fit-inside scale, so the frame never shrinks below a fit).
         keep = 1.0 - max_crop
-        scale = max(min(scale, out_h / (h * keep), out_w / (w * keep)), min(out_h / h, out_w / w))
+        scale = min(scale, out_h / (h * keep), out_w / (w * keep))
     new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
-    if max_crop >= 1.0:
+    if max_crop >= 1.0:  # cover: never a pixel short of the bucket
         new_h, new_w = max(out_h, new_h), max(out_w, new_w)
-    if abs(new_h - out_h) <= 1 and new_h != h:
-        new_h = out_h  # rounding must not turn an exact fit into a 1-pixel bar
-    if abs(new_w - out_w) <= 1 and new_w != w:
-        new_w = out_w
     if (new_h, new_w) == (h, w):
         scale = 1.0
     over_h, over_w = max(0, new_h - out_h), max(0, new_w - out_w)
