@@ -74,9 +74,10 @@ def _load(args: argparse.Namespace):
     from worldline.train.play.controls import ActionSpace
 
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dev == "cpu":  # denormals cost 20x on CPU (BENCHMARKS.md); the Trainer sets it too
-        torch.set_flush_denormal(True)
-        torch.set_num_threads(max(1, args.threads))
+    if dev == "cpu":  # as worldline-sample will for the replay (its command names the threads)
+        from worldline.train.dist import cpu_setup
+
+        cpu_setup(max(1, args.threads))
     pipe = WorldPipeline.from_pretrained(args.run, device=dev)
     if pipe.world_model is None:
         raise SystemExit(f"worldline-play: {args.run} is an autoencoder; play needs a world model")

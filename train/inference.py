@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from worldline.train.config import ConfigError, command_line_keys
-from worldline.train.dist import init_distributed, pick_device
+from worldline.train.dist import cpu_setup, init_distributed, pick_device
 from worldline.train.loaders import LoaderFactory
 from worldline.train.objectives import AutoencoderObjective, FlowObjective
 from worldline.train.pipeline import WorldPipeline
@@ -94,7 +94,10 @@ def load_for_inference(cfg: DictConfig, checkpoint: str, use_ema: bool) -> Infer
     cfg = _clip_size_from_model(cfg, pipe, path)
     validate(cfg)
     info = init_distributed(cfg.dist.timeout_s)  # no-op for one process
-    pipe.to(pick_device())
+    device = pick_device()
+    if device.type == "cpu":  # as the Trainer and worldline-play: replays are bitwise
+        cpu_setup(cfg.run.threads)
+    pipe.to(device)
     pipe.eval()
     dp = info.world_size // max(1, cfg.dist.cp)
     loaders = LoaderFactory(cfg, info.rank // max(1, cfg.dist.cp), dp)

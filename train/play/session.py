@@ -374,6 +374,8 @@ class PlaySession:
                f"sample.window={s['window']}", f"data.resolution=[{h},{w}]"]
         if self.audio is not None:
             cmd.append(f"sample.audio={self.audio.path}")
+        if pipe.device.type == "cpu":  # thread count changes CPU reductions' bits
+            cmd.append(f"run.threads={torch.get_num_threads()}")
         doc["replay"] = {"command": shlex.join(cmd), "args": cmd[1:], "frames": n,
                          "exact": rec["exact"] and n == rec["frames"], "settings": s,
                          "prompt": rec["prompt"], "context": self.context.id}
