@@ -160,7 +160,11 @@ def test_preempted_job_requeues_resumes_and_matches(torchrun_job, slurm_env, roo
 
 def test_submitit_sweep_on_slurm(slurm_env, root, datasets) -> None:
     """2 sweep jobs on the cluster; job 0 gets submitit's time-limit signal (USR2) mid-run:
-    it stops after the step, checkpoints, submitit requeues it and it resumes from that step."""
+    it stops after the step, checkpoints, submitit requeues it and it resumes from that step.
+
+    Both jobs stall 10 s at the start of step 6 (failpoint) and the signal is sent once step 5
+    is logged, so it lands mid-run however fast the steps are: without the stall a smoke step
+    takes ~0.1 s and under CI load the signal once arrived after the last step."""
     name, steps = "c-sweep", 30
     sweep = root / name
     cmd = [str(BIN / "worldline-train"), "-m", "launcher=slurm", "experiment=smoke",
@@ -169,11 +173,12 @@ def test_submitit_sweep_on_slurm(slurm_env, root, datasets) -> None:
            f"run.root={root}", f"run.name={name}", f"data.root={datasets}",
            "optim.lr=1e-4,3e-4", "hydra.launcher.cpus_per_task=1",
            "hydra.launcher.timeout_min=10", "hydra.launcher.signal_delay_s=60"]
+    env = {**slurm_env, "WORLDLINE_FAILPOINTS": "stall:steps=6,secs=10"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=slurm_env)
+                            env=env)
     try:
         deadline = time.monotonic() + 120
-        while len(losses(sweep / "0")) < 4:
+        while len(losses(sweep / "0")) < 5:
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
             time.sleep(0.2)
         # submitit submits the sweep as one job array: <array id>_0 and _1.
@@ -200,5 +205,5 @@ def test_submitit_sweep_on_slurm(slurm_env, root, datasets) -> None:
     assert len(job_ids) == 2  # two SLURM jobs (the array's tasks), not one process
     log = "".join(p.read_text() for p in (sweep / ".submitit" / tasks[0]).glob("*_log.*"))
     stop = int(log.split("stopping at step ")[1].split("/")[0])
-    assert stop < steps and "Requeued job" in log
+    assert stop in (5, 6) and "Requeued job" in log
     assert f"resumed from {sweep / '0' / 'checkpoints' / f'step_{stop}'} at step {stop}" in log
