@@ -36,6 +36,9 @@ from torch import Tensor
 
 from worldline.models.ae_losses import autoencoder_loss  # re-exported: its old home
 from worldline.models.init import reset_default_parameters
+from worldline.models.pixel_codec import (PixelDecoder, PixelEncoder, depth_to_space_time,
+                                          pixel_latent_channels, space_time_to_depth,
+                                          stream_first)
 
 __all__ = ["AutoencoderArgs", "VideoAutoencoder", "autoencoder_loss"]
 
@@ -60,6 +63,10 @@ class AutoencoderArgs:
     # Optional terms (off by default): weight of a user-supplied perceptual network
     # (models.losses.PerceptualLoss; the path lives in the trainer config).
     perceptual_weight: float = 0.0
+    # "conv": the learned causal VAE. "pixel": the lossless, parameter-free codec
+    # (models/pixel_codec.py; latent_channels = in_channels * temporal * spatial^2; the conv
+    # fields are unused): the world model diffuses in pixel space, as DIAMOND does.
+    kind: str = "conv"
 
 
 def _log2(n: int, name: str) -> int:
@@ -162,36 +169,6 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
-def _space_time_to_depth(x: Tensor, ft: int, fs: int, first: bool = True) -> Tensor:
-    """[B, C, T, H, W] -> [B, C*ft*fs*fs, T', H/fs, W/fs], causally: with ft = 2 frame 0 is
-    replicated in front so T = 1 + 2n -> 1 + n and output frame i holds frames 2i-1, 2i.
-    first=False (a later chunk of a stream): no replication, T = 2n -> n."""
-    if ft > 1 and first:
-        x = torch.cat([x[:, :, :1].expand(-1, -1, ft - 1, -1, -1), x], dim=2)
-    b, c, t, h, w = x.shape
-    x = x.view(b, c, t // ft, ft, h // fs, fs, w // fs, fs).permute(0, 1, 3, 5, 7, 2, 4, 6)
-    return x.reshape(b, c * ft * fs * fs, t // ft, h // fs, w // fs)
-
-
-def _depth_to_space_time(x: Tensor, ft: int, fs: int, first: bool = True) -> Tensor:
-    """Inverse of _space_time_to_depth (drops the replicated leading frames when first)."""
-    b, c, t, h, w = x.shape
-    c_out = c // (ft * fs * fs)
-    x = x.view(b, c_out, ft, fs, fs, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
-    x = x.reshape(b, c_out, t * ft, h * fs, w * fs)
-    return x[:, :, ft - 1 :] if first else x
-
-
-def _stream_first(m: nn.Module) -> bool:
-    """True unless m is streaming and has already seen a chunk (then marks it as seen)."""
-    st = m._stream
-    if st is None:
-        return True
-    first = not st.get("seen", False)
-    st["seen"] = True
-    return first
-
-
 class Downsample(nn.Module):
     """Stride-2 causal conv in time and/or space: T = 1 + 2n -> 1 + n, H -> H / 2.
 
@@ -209,10 +186,10 @@ class Downsample(nn.Module):
         self._stream: dict | None = None  # see CausalConv3d
 
     def forward(self, x: Tensor) -> Tensor:
-        first = _stream_first(self)
+        first = stream_first(self)
         h = self.conv(x)
         if self.group:
-            s = _space_time_to_depth(x, self.ft, self.fs, first)
+            s = space_time_to_depth(x, self.ft, self.fs, first)
             h = h + s.view(s.shape[0], -1, self.group, *s.shape[2:]).mean(2)
         return h
 
@@ -231,7 +208,7 @@ class Upsample(nn.Module):
         self._stream: dict | None = None  # see CausalConv3d
 
     def forward(self, x: Tensor) -> Tensor:
-        first = _stream_first(self)
+        first = stream_first(self)
         h = x
         if self.ft > 1:
             h = h.repeat_interleave(2, dim=2)[:, :, (1 if first else 0) :]
@@ -240,7 +217,7 @@ class Upsample(nn.Module):
         h = self.conv(h)
         if self.repeats:
             rep = x.repeat_interleave(self.repeats, dim=1)
-            h = h + _depth_to_space_time(rep, self.ft, self.fs, first)
+            h = h + depth_to_space_time(rep, self.ft, self.fs, first)
         return h
 
 
@@ -385,10 +362,23 @@ class VideoAutoencoder(nn.Module):
 
     def __init__(self, args: AutoencoderArgs) -> None:
         super().__init__()
-        _stage_plan(args)  # validate before building anything
         self.args = args
-        self.encoder = Encoder(args)
-        self.decoder = Decoder(args)
+        if args.kind == "pixel":
+            ft, fs = args.temporal_downsample, args.spatial_downsample
+            _log2(ft, "temporal_downsample"), _log2(fs, "spatial_downsample")
+            want = pixel_latent_channels(args.in_channels, ft, fs)
+            if args.latent_channels != want:
+                raise ValueError(f"the pixel codec's latent_channels must be in_channels x "
+                                 f"temporal_downsample x spatial_downsample^2 = {want}, got "
+                                 f"{args.latent_channels}")
+            self.encoder: nn.Module = PixelEncoder(ft, fs)
+            self.decoder: nn.Module = PixelDecoder(ft, fs)
+        elif args.kind == "conv":
+            _stage_plan(args)  # validate before building anything
+            self.encoder = Encoder(args)
+            self.decoder = Decoder(args)
+        else:
+            raise ValueError(f"autoencoder kind must be 'conv' or 'pixel', got {args.kind!r}")
         # Per-channel latent statistics, measured after AE training and used by the diffusion
         # stage so its inputs are ~unit variance. Persistent: they travel with checkpoints.
         self.register_buffer("latent_mean", torch.empty(args.latent_channels))

@@ -37,6 +37,7 @@ from torch import Tensor
 from worldline.models.attention import CrossAttentionProjections, attention
 from worldline.models.audio import AudioCrossAttention, audio_cross_attn
 from worldline.models.conditioning import ConditionEmbedder
+from worldline.models.flow import velocity_from_x0
 from worldline.models.init import reset_default_parameters
 from worldline.models.kv_cache import KVBlock
 from worldline.models.layout import (  # noqa: F401 - re-exported: the old home of these
@@ -68,6 +69,11 @@ class DiTArgs:
     freq_dim: int = 256  # sinusoidal timestep features
     # Image-to-video: one extra input channel marks clean conditioning frames (1) vs noisy (0).
     mask_channel: bool = False
+    # What the network outputs: "v" the flow velocity (noise - x0), or "x" the clean latents
+    # x0, which forward turns into the velocity (JiT, Li & He 2025: a transformer whose
+    # tokens are wider than its hidden size cannot carry the noise through to predict it,
+    # but can predict the clean signal; the pixel codec's 768-value tokens need "x").
+    prediction: str = "v"
     # Default attention pattern: False = full spacetime, True = block-causal per latent frame
     # (diffusion forcing / rollout). forward(frame_causal=...) overrides per call.
     frame_causal: bool = False
@@ -460,6 +466,8 @@ class VideoDiT(nn.Module):
                 kvs.append(kv)
         n_video = math.prod(grid)
         out = self.unpatchify(self.final(h[:, :n_video], c), grid).to(x.dtype)
+        if a.prediction == "x":  # every caller (training, sampler, KV rollout) gets velocity
+            out = velocity_from_x0(x, t, out)
         return (out, kvs) if return_kv else out
 
     def _ref_tokens(self, refs: Tensor) -> tuple[Tensor, Tensor]:

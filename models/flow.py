@@ -124,6 +124,19 @@ def interpolate(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
     return x0 + te * (noise - x0)
 
 
+# x-prediction's velocity divides by t; JiT clips it at 0.05 so near-clean steps stay bounded.
+X_PRED_T_MIN = 0.05
+
+
+def velocity_from_x0(x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
+    """The flow velocity implied by a clean-latent prediction (``DiTArgs.prediction="x"``):
+    x_t = (1 - t) x0 + t noise, so v = noise - x0 = (x_t - x0) / t, t clipped at
+    X_PRED_T_MIN. x_t [B, C(+mask), T, h, w]; t [B] or [B, T]; x0 [B, C, T, h, w]."""
+    tt = t.float().clamp_min(X_PRED_T_MIN)
+    tt = tt.view(-1, 1, 1, 1, 1) if tt.dim() == 1 else tt.view(tt.shape[0], 1, -1, 1, 1)
+    return ((x_t[:, : x0.shape[1]].float() - x0.float()) / tt).to(x0.dtype)
+
+
 def velocity_target(x0: Tensor, noise: Tensor) -> Tensor:
     """Velocity of the linear path, noise - x0 (independent of t)."""
     return noise - x0

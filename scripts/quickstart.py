@@ -3,7 +3,8 @@
 It runs two real stages on the embedded synthetic world (generated on first use as mp4
 WebDataset shards), in one process, through the same code path as ``worldline-train``:
 
-1. ``stage=autoencoder``  → ``<run.root>/<name>-autoencoder/``
+1. ``stage=autoencoder``  → ``<run.root>/<name>-autoencoder/`` (skipped for a pixel-space
+   model, ``model=tiny_pixel``: its codec has nothing to train)
 2. ``stage=pretrain`` with ``stage.conditions=[text,actions,camera]``
    → ``<run.root>/<name>-world/`` (latents from the frozen stage-1 model; an
    action-conditioned world model)
@@ -63,14 +64,20 @@ def main(argv: list[str] | None = None) -> int:
         # model whose rollouts follow the actions, not a text-to-video model. Its task mix
         # leans to what a rollout does (continue from given frames), as stage=controllability.
         world_over = ["stage=pretrain", f"run.name={args.name}-world",
-                      f"stage.autoencoder_from={ae_dir}",
                       "stage.conditions=[text,actions,camera]", "stage.tasks.t2v=0.2",
                       "stage.tasks.i2v=0.4", "stage.tasks.continuation=0.4", *args.overrides]
         if args.world_steps:
             world_over.append(f"train.steps={args.world_steps}")
+        # A pixel-space model (model=tiny_pixel) has no autoencoder to train.
+        pixel = compose("config", overrides=world_over).model.autoencoder.get("kind") == "pixel"
+        if not pixel:
+            world_over.insert(2, f"stage.autoencoder_from={ae_dir}")
         world_cfg = compose("config", overrides=world_over)
+        stages = [("world-model", world_cfg)] if pixel else [("autoencoder", ae_cfg),
+                                                              ("world-model", world_cfg)]
+        t_ae = 0.0
         try:
-            for name, cfg in (("autoencoder", ae_cfg), ("world-model", world_cfg)):
+            for name, cfg in stages:
                 trainer = run_training(cfg)
                 if trainer.stopped_by:
                     # A stop signal stops the whole job: the next stage must not start on a
@@ -95,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - t0
     if rep is not None:
         print(f"\n{format_report(rep)}")
-    print(f"\nautoencoder: {ae_dir}  ({t_ae:.0f}s)")
+    print(f"\nautoencoder: {'none (pixel space)' if pixel else ae_dir}  ({t_ae:.0f}s)")
     print(f"world model: {world_dir}  ({t_world - t_ae:.0f}s)")
     samples = sorted((world_dir / "samples").glob("step_*"), key=lambda p: int(p.name[5:]))
     if samples:

@@ -146,8 +146,13 @@ def measure_latent_stats(pipe: WorldPipeline, loader: Any, num_batches: int = 8)
     dims = [0, 2, 3, 4]
     ae.latent_mean.copy_(lat.float().mean(dims))
     ae.latent_std.copy_(lat.float().std(dims).clamp_min(1e-4))
-    log.info("latent stats: mean %s std %s", [round(v, 3) for v in ae.latent_mean.tolist()],
-             [round(v, 3) for v in ae.latent_std.tolist()])
+    m, s = ae.latent_mean, ae.latent_std
+    if m.numel() <= 16:
+        log.info("latent stats: mean %s std %s", [round(v, 3) for v in m.tolist()],
+                 [round(v, 3) for v in s.tolist()])
+    else:  # the pixel codec's 192 channels would fill the screen
+        log.info("latent stats (%d channels): mean %.3f..%.3f std %.3f..%.3f", m.numel(),
+                 m.min(), m.max(), s.min(), s.max())
 
 
 def _frozen_autoencoder(cfg: DictConfig, device: torch.device,
@@ -163,15 +168,15 @@ def _frozen_autoencoder(cfg: DictConfig, device: torch.device,
     # is then initialised from stays what it always was (golden losses depend on it).
     ae = materialize(build_on_meta(lambda: _ae_of(cfg)), device).requires_grad_(False).eval()
     src = st.autoencoder_from or st.init_from
-    if src:
-        _, _, key = load_autoencoder(src, into=ae)
-        if key == "model":  # straight from an autoencoder run: no statistics yet
-            # The same clips on every rank and for every loader layout (rank 0 of 1, one
-            # stream): per-rank statistics would train each rank on differently normalised
-            # latents, and a single process would not match its distributed twin.
-            first = LoaderFactory(cfg, pin_memory=loaders.pin_memory)
-            measure_latent_stats(WorldPipeline(ae), first.make({"num_workers": 0},
-                                                               shuffle=False))
+    # The pixel codec has no weights; a run without a source measures its statistics here.
+    key = load_autoencoder(src, into=ae)[2] if src else (
+        "model" if ae.args.kind == "pixel" else None)
+    if key == "model":  # straight from an autoencoder run: no statistics yet
+        # The same clips on every rank and for every loader layout (rank 0 of 1, one
+        # stream): per-rank statistics would train each rank on differently normalised
+        # latents, and a single process would not match its distributed twin.
+        first = LoaderFactory(cfg, pin_memory=loaders.pin_memory)
+        measure_latent_stats(WorldPipeline(ae), first.make({"num_workers": 0}, shuffle=False))
     return ae
 
 

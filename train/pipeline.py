@@ -84,7 +84,10 @@ class WorldPipeline:
 
     @property
     def device(self) -> torch.device:
-        return next(self.autoencoder.parameters()).device
+        # Buffers too: the pixel codec has no parameters, only its latent statistics.
+        return next(self.autoencoder.buffers(), None).device \
+            if next(self.autoencoder.parameters(), None) is None \
+            else next(self.autoencoder.parameters()).device
 
     @property
     def conditions(self) -> set[str]:

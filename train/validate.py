@@ -107,12 +107,28 @@ def validate(cfg: DictConfig | WorldlineConfig) -> None:
     )
     _check(dit.text_dim == cfg.model.text.dim or bool(cfg.model.text_encoder.pretrained),
            "model.dit.text_dim", f"{dit.text_dim} != model.text.dim ({cfg.model.text.dim})")
+    _check(dit.get("prediction", "v") in ("v", "x"), "model.dit.prediction",
+           f"must be v (velocity) or x (clean latents), got {dit.get('prediction')!r}")
+    _check(dit.get("prediction", "v") == "v" or dit.get("arch", "worldline") == "worldline",
+           "model.dit.prediction", "x-prediction is built into Worldline's own DiT only "
+           "(model.dit.arch=worldline)")
     _check(dit.hidden_size % dit.num_heads == 0, "model.dit.num_heads",
            f"does not divide model.dit.hidden_size ({dit.hidden_size})")
+    pixel = ae.get("kind", "conv") == "pixel"
+    _check(ae.get("kind", "conv") in ("conv", "pixel"), "model.autoencoder.kind",
+           f"must be conv or pixel, got {ae.get('kind')!r}")
+    _check(not (pixel and cfg.stage.objective == "autoencoder"), "model.autoencoder.kind",
+           "the pixel codec has no weights to train: skip the autoencoder stage and train a "
+           "latent stage directly (no stage.autoencoder_from needed)")
+    if pixel:
+        want = ae.in_channels * ae.temporal_downsample * ae.spatial_downsample ** 2
+        _check(ae.latent_channels == want, "model.autoencoder.latent_channels",
+               f"the pixel codec's latents have in_channels x temporal_downsample x "
+               f"spatial_downsample^2 = {want} channels, got {ae.latent_channels}")
     if cfg.stage.objective == "flow" and cfg.stage.name != "autoencoder":
         _check(
             cfg.stage.autoencoder_from is not None or cfg.stage.init_from is not None
-            or bool(cfg.model.vae.pretrained),
+            or bool(cfg.model.vae.pretrained) or pixel,
             "stage.autoencoder_from",
             "a latent stage needs a trained autoencoder: set stage.autoencoder_from=<run dir> "
             "(train one with stage=autoencoder), or run worldline-quickstart",
