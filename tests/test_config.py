@@ -137,7 +137,7 @@ def test_enum_fields_behave_like_their_strings(tmp_path) -> None:
 
 
 def test_model_sizes_come_from_conf_model() -> None:
-    assert model_config_names() == ["1B", "3B", "7B", "base", "small", "tiny"]
+    assert model_config_names() == ["1B", "3B", "7B", "base", "small", "tiny", "tiny_pixel"]
     for name in model_config_names():
         m = load_model_config(name)
         assert m.name == name and m.dit.hidden_size % m.dit.num_heads == 0

@@ -136,7 +136,8 @@ def test_per_frame_timesteps_in_forward():
 def test_sizes_on_meta_device():
     # The sizes are defined once, in conf/model/<size>.yaml; counted here with the same
     # conditioning for every size (16 latent channels, text_dim 1024, 3 action slots).
-    nominal = {"tiny": 1.3e6, "small": 30e6, "base": 120e6, "1B": 1e9, "3B": 3e9, "7B": 7e9}
+    nominal = {"tiny": 1.3e6, "tiny_pixel": 1.3e6, "small": 30e6, "base": 120e6, "1B": 1e9,
+               "3B": 3e9, "7B": 7e9}
     assert set(nominal) == set(model_config_names())
     for name, target in nominal.items():
         size = load_model_config(name).dit
