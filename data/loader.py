@@ -154,10 +154,12 @@ def repeated_keys(shards: str | os.PathLike | Sequence[str]) -> dict[int, frozen
     return out
 
 
-def resize_center_crop(frames: np.ndarray, size: tuple[int, int]) -> tuple[torch.Tensor, float]:
+def resize_center_crop(frames: np.ndarray, size: tuple[int, int],
+                       max_crop: float = 1.0) -> tuple[torch.Tensor, float]:
     """``frames`` uint8 ``[T, h, w, 3]`` -> (contiguous uint8 ``[T, H, W, 3]``, scale): an
-    aspect-preserving resize to cover ``size``, then a centre crop (see ``video.resize_crop``)."""
-    out, scale, _ = resize_crop(frames, size, "center")
+    aspect-preserving resize to cover ``size``, then a centre crop of at most ``max_crop`` of
+    each side, letterboxing the rest (see ``video.resize_crop``)."""
+    out, scale, _ = resize_crop(frames, size, "center", max_crop=max_crop)
     return out.contiguous(), scale
 
 

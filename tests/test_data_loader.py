@@ -69,6 +69,24 @@ def test_resize_and_crop_preserve_aspect():
     assert up[0, :, :20].max() == 0 and up[0, :, 28:].min() == 200
 
 
+def test_user_images_are_fitted_as_training_clips_are(tmp_path):
+    """worldline-sample's first frame / references and worldline-play's uploads: a portrait
+    image in a square model keeps an object near its top (data.max_crop), as clips did in
+    training; the old cover-and-crop cut it off."""
+    from PIL import Image
+
+    from worldline.train.sampling import load_image
+
+    rgb = np.full((128, 64, 3), 90, np.uint8)
+    rgb[20:32, 20:44] = (255, 0, 0)  # a red object 16-25% down a 1:2 portrait
+    Image.fromarray(rgb).save(tmp_path / "portrait.png")
+    red = lambda img: int(((img[0] > 200) & (img[1] < 50)).sum())  # noqa: E731
+    assert red(load_image(tmp_path / "portrait.png", (32, 32))) > 0  # data default: 0.25
+    assert red(load_image(tmp_path / "portrait.png", (32, 32), max_crop=1.0)) == 0
+    fitted = load_image(tmp_path / "portrait.png", (32, 32), max_crop=0.0)
+    assert fitted.shape == (3, 32, 32) and int(fitted[:, :, 0].max()) == 0  # letterboxed
+
+
 def test_loader_resizes_and_scales_camera(data_synthetic_dir, data_small_cfg):
     loader = ShardLoader(data_synthetic_dir, batch_size=2, num_frames=9, resolution=(16, 24), shuffle_shards=False,
                          max_crop=1.0)

@@ -38,19 +38,30 @@ log = logging.getLogger(__name__)
 __all__ = ["load_image", "load_controls", "sample_audio", "run_sample"]
 
 
-def load_image(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
-    """An image file → uint8 [3, H, W], aspect-preserving resize + center crop to ``size``."""
+def fit_image(rgb: np.ndarray, size: tuple[int, int], max_crop: float) -> torch.Tensor:
+    """uint8 [h, w, 3] → [3, H, W] at ``size`` as training clips are fitted (``data.max_crop``:
+    an aspect-preserving resize, a centre crop of at most that fraction of a side, black bars
+    for the rest), so a portrait first frame keeps what the model would have seen of it."""
+    from worldline.data.loader import resize_center_crop
+
+    frames, _ = resize_center_crop(rgb[None], size, max_crop)
+    return frames[0].permute(2, 0, 1).contiguous()
+
+
+def load_image(path: str | Path, size: tuple[int, int],
+               max_crop: float | None = None) -> torch.Tensor:
+    """An image file → uint8 [3, H, W] at ``size`` (:func:`fit_image`; ``max_crop`` None: the
+    data default, ``data.max_crop``'s)."""
     from PIL import Image
+
+    from worldline.data.video import DEFAULT_MAX_CROP
 
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no image at {p}")
-    from worldline.data.loader import resize_center_crop
-
     with Image.open(p) as img:
         rgb = np.array(img.convert("RGB"))
-    frames, _ = resize_center_crop(rgb[None], size)
-    return frames[0].permute(2, 0, 1).contiguous()
+    return fit_image(rgb, size, DEFAULT_MAX_CROP if max_crop is None else max_crop)
 
 
 def load_controls(path: str | Path) -> dict[str, torch.Tensor]:
@@ -95,7 +106,7 @@ def sample_audio(cfg: DictConfig, pipe, path: Path) -> Optional[torch.Tensor]:
 def run_sample(cfg: DictConfig) -> list[Path]:
     """Generate per ``cfg.sample`` and write the files; returns their paths."""
     from worldline.train.inference import load_for_inference, probe_batch
-    from worldline.train.media import save_samples
+    from worldline.train.media import frames_sha256, save_samples, to_uint8_frames
 
     s = cfg.sample
     if not s.checkpoint:
@@ -115,14 +126,15 @@ def run_sample(cfg: DictConfig) -> list[Path]:
     size = tuple(cfg.data.resolution)
     prefix: Optional[torch.Tensor] = None
     if s.first_image:
-        img = load_image(s.first_image, size).to(pipe.device)
+        img = load_image(s.first_image, size, cfg.data.max_crop).to(pipe.device)
         prefix = pipe.encode_images(img[None])[:, :, None].expand(n, -1, -1, -1, -1)
     refs: Optional[torch.Tensor] = None
     if s.refs:
         if "refs" not in pipe.conditions:
             raise ConfigError(f"invalid config: sample.refs: {path} was not trained with "
                               "reference images (stage.conditions has no refs)")
-        imgs = torch.stack([load_image(r, size) for r in s.refs]).to(pipe.device)
+        imgs = torch.stack([load_image(r, size, cfg.data.max_crop) for r in s.refs]
+                           ).to(pipe.device)
         refs = pipe.encode_images(imgs)[None].expand(n, -1, -1, -1, -1)
     ctl = load_controls(s.actions) if s.actions else {}
     audio = sample_audio(cfg, pipe, path)
@@ -157,5 +169,6 @@ def run_sample(cfg: DictConfig) -> list[Path]:
         "checkpoint": str(path), "mode": s.mode, "seed": s.seed, "num_steps": s.num_steps,
         "cfg_scale": s.cfg_scale, "action_cfg_scale": s.action_cfg_scale,
         "audio_cfg_scale": s.audio_cfg_scale, "audio": s.audio,
-        "first_image": s.first_image, "refs": list(s.refs), "actions": s.actions}, indent=1))
+        "first_image": s.first_image, "refs": list(s.refs), "actions": s.actions,
+        "frames_sha256": [frames_sha256(f) for f in to_uint8_frames(videos)]}, indent=1))
     return [*files["videos"].values(), *files["images"].values()]

@@ -40,12 +40,13 @@ class Context:
 
 
 def _fit(rgb: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 [h, w, 3] → [3, H, W], aspect-preserving resize + centre crop (as
-    ``worldline-sample sample.first_image=`` does, so a saved frame replays identically)."""
-    from worldline.data.loader import resize_center_crop
+    """uint8 [h, w, 3] → [3, H, W] as ``worldline-sample sample.first_image=`` fits it at the
+    data default ``data.max_crop`` (a recording saves the fitted frame, so it replays
+    identically)."""
+    from worldline.data.video import DEFAULT_MAX_CROP
+    from worldline.train.sampling import fit_image
 
-    frames, _ = resize_center_crop(rgb[None], size)
-    return frames[0].permute(2, 0, 1).contiguous()
+    return fit_image(rgb, size, DEFAULT_MAX_CROP)
 
 
 def image_from_bytes(data: bytes, size: tuple[int, int]) -> torch.Tensor:
