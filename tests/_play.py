@@ -61,6 +61,8 @@ def _make(root: Path, audio: bool) -> dict[str, Path]:
 def replay_matches(doc: dict, folder: Path, mp4: Path, model: dict[str, Path]) -> None:
     """Run a recording's own ``worldline-sample`` replay command (``doc`` = its actions.json,
     ``folder`` holds actions.json + first.png) and assert it gives ``mp4``'s frames."""
+    import json
+
     import decord
     import numpy as np
 
@@ -76,6 +78,10 @@ def replay_matches(doc: dict, folder: Path, mp4: Path, model: dict[str, Path]) -
         vr = decord.VideoReader(str(p))
         return vr.get_batch(list(range(len(vr)))).asnumpy()
 
+    # Bitwise: the generated pixels (their digest; same latents, same decode). The mp4s are
+    # only close: libx264 does not always encode the same frames to the same bytes.
+    config = json.loads((folder / "out" / "sample_config.json").read_text())
+    assert config["frames_sha256"][0] == doc["replay"]["frames_sha256"]
     mine, theirs = frames(mp4), frames(folder / "out" / "generated_0.mp4")
-    assert mine.shape[1:] == (32, 32, 3)
-    np.testing.assert_array_equal(mine, theirs)  # same latents, same decode, same encoder
+    assert mine.shape[1:] == (32, 32, 3) and mine.shape == theirs.shape
+    assert np.abs(mine.astype(int) - theirs).mean() < 2

@@ -173,7 +173,6 @@ def test_headless_recording_replays_with_worldline_sample(play_model, tmp_path: 
     (replay / "first.png").write_bytes(out.with_suffix(".first.png").read_bytes())
     replay_matches(doc, replay, out, play_model)
     assert len(decord.VideoReader(str(out))) == 9
-    assert out.read_bytes() == (replay / "out" / "generated_0.mp4").read_bytes()
     # Headless from the trained run dir too, and --script needs --out.
     assert cli("worldline-play", str(play_model["run"]), "--script", str(script),
                timeout=60).returncode == 2

@@ -16,6 +16,17 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     return v.permute(0, 2, 3, 4, 1).cpu().numpy()
 
 
+def frames_sha256(frames: np.ndarray) -> str:
+    """SHA-256 of uint8 frames [T, H, W, 3] (C order): the identity of generated pixels.
+
+    mp4 bytes are not: the same frames through libx264 came out different in about one
+    process in four here (decoded pixels off by up to 20 levels), so worldline-play's
+    recordings and their worldline-sample replays compare these digests, not files."""
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(frames, np.uint8).tobytes()).hexdigest()
+
+
 def save_samples(out_dir: Path, videos: dict[str, torch.Tensor], fps: float,
                  captions: Optional[list[str]] = None,
                  audio: Optional[dict[str, torch.Tensor]] = None,

@@ -349,7 +349,7 @@ class PlaySession:
         does), ``actions.json`` (worldline-sample's sample.actions format + ``replay``) and
         ``first.png`` (the context frame, for sample.first_image)."""
         from worldline.data.video import encode_mp4
-        from worldline.train.media import to_uint8_frames
+        from worldline.train.media import frames_sha256, to_uint8_frames
 
         rec, pipe = self.recording, self.pipe
         n = len(rec["latents"]) - 1
@@ -377,6 +377,7 @@ class PlaySession:
         if pipe.device.type == "cpu":  # thread count changes CPU reductions' bits
             cmd.append(f"run.threads={torch.get_num_threads()}")
         doc["replay"] = {"command": shlex.join(cmd), "args": cmd[1:], "frames": n,
+                         "frames_sha256": frames_sha256(frames),
                          "exact": rec["exact"] and n == rec["frames"], "settings": s,
                          "prompt": rec["prompt"], "context": self.context.id}
         return {"session.mp4": mp4, "actions.json": json.dumps(doc, indent=1).encode(),
