@@ -1,8 +1,9 @@
 """``worldline-play`` in a real headless Chromium (Debian's chromium + chromium-driver, via
 selenium), on a tiny trained action-conditioned model: the page loads, frames arrive, holding
 two different keys sends different actions and gives different frames, fps and latency are
-shown, and recording downloads an mp4 + actions JSON + first frame. Writes the README's
-screenshot (docs/play.png, with WORLDLINE_PLAY_SCREENSHOT=1). Chromium is installed by scripts/ensure_chromium.sh (~60 s)."""
+shown, and recording downloads an mp4 + actions JSON + first frame. With
+WORLDLINE_PLAY_SCREENSHOT=1 it rewrites the README's screenshot (docs/play.png). Chromium is
+installed by scripts/ensure_chromium.sh (~60 s)."""
 from __future__ import annotations
 
 
