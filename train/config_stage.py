@@ -26,6 +26,10 @@ class FlowConfig:
     ref_dropout: float = 0.1
     # Per-sample audio dropout (its own mask: "no audio" stays a valid input at sampling).
     audio_dropout: float = 0.1
+    # Extra loss weight on latent positions whose pixels move (1 + moving_weight there, as
+    # stage.ae.moving_weight does for the autoencoder): moving objects are a few percent of
+    # a world's pixels but all of its dynamics. 0: off. Needs pixel batches (not latent caches).
+    moving_weight: float = 0.0
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from worldline.models.conditioning import draw_references
@@ -154,10 +155,26 @@ class FlowObjective:
                                                     pipe.transformer.args.mask_channel)
         pred = pipe.velocity(x_in, t_in, cond, drop_text=drop_text, drop_actions=drop_actions,
                              drop_audio=drop_audio, refs=pipe.ref_input(refs))
+        if f.moving_weight > 0 and "video" in batch:
+            loss_mask = loss_mask * self._moving_latent_weights(pipe, batch["video"], x0)
         loss = flow_loss(pred, velocity_target(x0, noise), mask=loss_mask) + extra
         parts = {f"task_frac/{name}": (task == i).float().mean()
                  for i, name in enumerate(("t2v", "i2v", "continuation"))}
         return loss, parts
+
+    @torch.no_grad()
+    def _moving_latent_weights(self, pipe: WorldPipeline, video: Tensor, x0: Tensor) -> Tensor:
+        """[B, 1, t, h, w]: 1 + stage.flow.moving_weight on latent positions whose pixel block
+        moves (``moving_mask`` max-pooled over each latent position's pixels, the first
+        frame alone as the causal autoencoder groups them), else 1."""
+        v = video.to(pipe.device)
+        moving = moving_mask(to_unit_range(v) if v.dtype == torch.uint8 else v).float()
+        t, h, w = x0.shape[2:]
+        ft = (moving.shape[2] - 1) // max(1, t - 1) if t > 1 else 1
+        fs_h, fs_w = moving.shape[3] // h, moving.shape[4] // w
+        moving = torch.cat([moving[:, :, :1].expand(-1, -1, ft - 1, -1, -1), moving], 2)
+        pooled = F.max_pool3d(moving, (ft, fs_h, fs_w))
+        return 1.0 + self.stage.flow.moving_weight * pooled
 
     @torch.no_grad()
     def evaluate(self, pipe: WorldPipeline, loader: Any, num_batches: int,

@@ -181,6 +181,7 @@ def _validate_stage(cfg: Any) -> None:
     f = st.flow
     for k in ("text_dropout", "action_dropout", "ref_dropout", "audio_dropout"):
         _check(0.0 <= f[k] <= 1.0, f"stage.flow.{k}", "must be in [0, 1]")
+    _check(f.moving_weight >= 0, "stage.flow.moving_weight", "must be >= 0 (0: off)")
     _check("actions" not in active or dit.num_action_slots > 0 or dit.action_dim > 0,
            "stage.conditions", "actions need model.dit.num_action_slots or model.dit.action_dim")
     _check("camera" not in active or dit.camera_dim > 0, "stage.conditions",
