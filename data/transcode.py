@@ -278,7 +278,7 @@ def transcode(data: bytes, codec: str = "libx264", crf: int = 20, max_side: int 
     """
     import av
 
-    from worldline.data.video import _codec_options
+    from worldline.data.video import _codec_options, keep_scheduling
 
     out_buf = io.BytesIO()
     with av.open(io.BytesIO(data)) as src:
@@ -288,7 +288,7 @@ def transcode(data: bytes, codec: str = "libx264", crf: int = 20, max_side: int 
         sar = sar if sar > 0 else Fraction(1)
         rate = stream.average_rate or stream.guessed_rate or Fraction(25)
         tb = stream.time_base or Fraction(1, 1000)
-        with av.open(out_buf, mode="w", format="mp4") as dst:
+        with keep_scheduling(), av.open(out_buf, mode="w", format="mp4") as dst:
             out = dst.add_stream(codec, rate=Fraction(rate).limit_denominator(1001))
             options = _codec_options(codec, crf, "veryfast")
             if options:

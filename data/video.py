@@ -54,6 +54,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -85,6 +86,26 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
     if frames.shape[0] == 0:
         raise ValueError("cannot encode a video with 0 frames")
     return frames
+
+
+@contextmanager
+def keep_scheduling():
+    """Restore the calling thread's CPU scheduling policy on exit.
+
+    Opening FFmpeg's SVT-AV1 encoder (libsvtav1) as root switches the calling thread to
+    SCHED_FIFO priority 99 (measured here: policy 0 -> 1 after one avcodec_open2), and every
+    process it starts afterwards inherits that. On a 2-core machine a real-time trainer whose
+    OpenMP threads spin then starves everything else, itself included: a test run that had
+    encoded AV1 early took 18 min for 5 smoke steps. Every encoder we open is wrapped in this."""
+    if not hasattr(os, "sched_getscheduler"):  # not Linux
+        yield
+        return
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        yield
+    finally:
+        if (os.sched_getscheduler(0), os.sched_getparam(0)) != (policy, param):
+            os.sched_setscheduler(0, policy, param)
 
 
 def _codec_options(codec: str, crf: int, preset: str) -> dict[str, str]:
@@ -143,7 +164,7 @@ def encode_mp4(
             raise ValueError("timestamps must be one increasing value (ms-distinct) per frame")
     _, height, width, _ = frames.shape
     buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
+    with keep_scheduling(), av.open(buf, mode="w", format="mp4") as container:
         # limit_denominator keeps NTSC rates (29.97 -> 30000/1001) exact and others small.
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt

@@ -8,6 +8,24 @@ import pytest
 from _slurm import slurm_env  # noqa: F401  (the local SLURM cluster, shared by slurm tests)
 
 
+@pytest.fixture(autouse=True)
+def _scheduling_policy_unchanged():
+    """Fail a test that leaves the test process on another CPU scheduling policy: every
+    later subprocess inherits it (libsvtav1 once made the whole suite SCHED_FIFO 99 and a
+    later trainer starved; data/video.py keep_scheduling). The policy is restored first."""
+    import os
+
+    if not hasattr(os, "sched_getscheduler"):
+        yield
+        return
+    before = (os.sched_getscheduler(0), os.sched_getparam(0))
+    yield
+    after = (os.sched_getscheduler(0), os.sched_getparam(0))
+    if after != before:
+        os.sched_setscheduler(0, *before)
+        pytest.fail(f"the test left scheduling policy {after[0]} (was {before[0]})")
+
+
 @pytest.fixture(scope="session")
 def data_small_cfg():
     """A small synthetic world: 6 shards x 4 clips of 9 frames at 32x32 (fast to decode)."""

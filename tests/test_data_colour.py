@@ -24,6 +24,7 @@ from worldline.data.buckets import Bucket, BucketSet
 from worldline.data.ingest import IngestOptions, make_shards
 from worldline.data.probe import probe_video
 from worldline.data.samples import iter_tar_samples
+from worldline.data.video import keep_scheduling
 from worldline.scripts.make_shards import main as shards_main
 
 BARS, TEST = "smptebars=size=64x48:rate=8", "testsrc2=size=64x48:rate=8"
@@ -35,7 +36,8 @@ def lavfi_video(spec: str, fmt: str, codec: str, pix_fmt: str, *, frames: int = 
     """``frames`` frames of the lavfi source ``spec`` encoded with ``codec`` in ``fmt``, the
     colour tags written into the stream (``colorspace``: a PyAV Colorspace name)."""
     buf = io.BytesIO()
-    with av.open(spec, format="lavfi") as src, av.open(buf, "w", format=fmt) as dst:
+    with keep_scheduling(), av.open(spec, format="lavfi") as src, \
+            av.open(buf, "w", format=fmt) as dst:
         inp = src.streams.video[0].codec_context
         out = dst.add_stream(codec, rate=8)
         out.width, out.height, out.pix_fmt = inp.width, inp.height, pix_fmt

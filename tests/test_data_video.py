@@ -215,3 +215,21 @@ def test_probe_rejects_without_decoding():
         with pytest.raises(ProbeError) as info:
             probe_video(junk)
         assert info.value.reason == reason
+
+
+def test_encoders_leave_the_scheduling_policy_alone():
+    """libsvtav1 switches the thread that opens it to SCHED_FIFO 99 when run as root; every
+    later child (trainers, daemons) would inherit it. encode_mp4 restores the policy."""
+    import os
+
+    import av
+
+    if "libsvtav1" not in av.codecs_available or not hasattr(os, "sched_getscheduler"):
+        pytest.skip("needs FFmpeg's libsvtav1 encoder on Linux")
+    before = (os.sched_getscheduler(0), os.sched_getparam(0))
+    frames = np.zeros((5, 64, 64, 3), np.uint8)
+    try:
+        encode_mp4(frames, 8.0, codec="libsvtav1")
+    except (av.FFmpegError, ValueError):
+        pass  # the option set may not suit SVT-AV1; opening it is what changes the policy
+    assert (os.sched_getscheduler(0), os.sched_getparam(0)) == before
