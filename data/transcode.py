@@ -278,7 +278,8 @@ def transcode(data: bytes, codec: str = "libx264", crf: int = 20, max_side: int 
     """
     import av
 
-    from worldline.data.video import _codec_options, keep_scheduling
+    from worldline.data.scheduling import keep_scheduling
+    from worldline.data.video import _codec_options
 
     out_buf = io.BytesIO()
     with av.open(io.BytesIO(data)) as src:

@@ -54,7 +54,6 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -64,6 +63,7 @@ import numpy as np
 from PIL import Image
 
 from worldline.data.atomic import atomic_write_bytes
+from worldline.data.scheduling import keep_scheduling
 
 POSITIONS = ("start", "center", "random")
 CROPS = ("center", "random")
@@ -86,26 +86,6 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
     if frames.shape[0] == 0:
         raise ValueError("cannot encode a video with 0 frames")
     return frames
-
-
-@contextmanager
-def keep_scheduling():
-    """Restore the calling thread's CPU scheduling policy on exit.
-
-    Opening FFmpeg's SVT-AV1 encoder (libsvtav1) as root switches the calling thread to
-    SCHED_FIFO priority 99 (measured here: policy 0 -> 1 after one avcodec_open2), and every
-    process it starts afterwards inherits that. On a 2-core machine a real-time trainer whose
-    OpenMP threads spin then starves everything else, itself included: a test run that had
-    encoded AV1 early took 18 min for 5 smoke steps. Every encoder we open is wrapped in this."""
-    if not hasattr(os, "sched_getscheduler"):  # not Linux
-        yield
-        return
-    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
-    try:
-        yield
-    finally:
-        if (os.sched_getscheduler(0), os.sched_getparam(0)) != (policy, param):
-            os.sched_setscheduler(0, policy, param)
 
 
 def _codec_options(codec: str, crf: int, preset: str) -> dict[str, str]:

@@ -12,7 +12,7 @@ from _slurm import slurm_env  # noqa: F401  (the local SLURM cluster, shared by 
 def _scheduling_policy_unchanged():
     """Fail a test that leaves the test process on another CPU scheduling policy: every
     later subprocess inherits it (libsvtav1 once made the whole suite SCHED_FIFO 99 and a
-    later trainer starved; data/video.py keep_scheduling). The policy is restored first."""
+    later trainer starved; data/scheduling.py keep_scheduling). The policy is restored first."""
     import os
 
     if not hasattr(os, "sched_getscheduler"):

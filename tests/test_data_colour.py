@@ -24,7 +24,7 @@ from worldline.data.buckets import Bucket, BucketSet
 from worldline.data.ingest import IngestOptions, make_shards
 from worldline.data.probe import probe_video
 from worldline.data.samples import iter_tar_samples
-from worldline.data.video import keep_scheduling
+from worldline.data.scheduling import keep_scheduling
 from worldline.scripts.make_shards import main as shards_main
 
 BARS, TEST = "smptebars=size=64x48:rate=8", "testsrc2=size=64x48:rate=8"
