@@ -18,7 +18,6 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from worldline.models.conditioning import draw_references
@@ -30,6 +29,7 @@ from worldline.models.flow import (
     velocity_target,
 )
 from worldline.models.metrics import moving_mask, moving_verdict, psnr, ssim
+from worldline.models.pixel_codec import space_time_to_depth
 from worldline.train.pipeline import WorldPipeline, to_unit_range
 from worldline.train.tasks import TaskProbs, clean_prefix_inputs, sample_prefix_lengths
 
@@ -169,12 +169,11 @@ class FlowObjective:
         frame alone as the causal autoencoder groups them), else 1."""
         v = video.to(pipe.device)
         moving = moving_mask(to_unit_range(v) if v.dtype == torch.uint8 else v).float()
-        t, h, w = x0.shape[2:]
+        t, h = x0.shape[2:4]
         ft = (moving.shape[2] - 1) // max(1, t - 1) if t > 1 else 1
-        fs_h, fs_w = moving.shape[3] // h, moving.shape[4] // w
-        moving = torch.cat([moving[:, :, :1].expand(-1, -1, ft - 1, -1, -1), moving], 2)
-        pooled = F.max_pool3d(moving, (ft, fs_h, fs_w))
-        return 1.0 + self.stage.flow.moving_weight * pooled
+        # The autoencoder's own causal grouping, then "any pixel of the block moves".
+        blocks = space_time_to_depth(moving, ft, moving.shape[3] // h)
+        return 1.0 + self.stage.flow.moving_weight * blocks.amax(1, keepdim=True)
 
     @torch.no_grad()
     def evaluate(self, pipe: WorldPipeline, loader: Any, num_batches: int,

@@ -21,6 +21,7 @@ Load a trained run, a checkpoint, an export or a pipeline folder and roll out (C
 from __future__ import annotations
 
 import logging
+from itertools import chain
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -85,9 +86,7 @@ class WorldPipeline:
     @property
     def device(self) -> torch.device:
         # Buffers too: the pixel codec has no parameters, only its latent statistics.
-        return next(self.autoencoder.buffers(), None).device \
-            if next(self.autoencoder.parameters(), None) is None \
-            else next(self.autoencoder.parameters()).device
+        return next(chain(self.autoencoder.parameters(), self.autoencoder.buffers())).device
 
     @property
     def conditions(self) -> set[str]:

@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from worldline.models.pixel_codec import pixel_latent_channels
 from worldline.train.config import ConfigError, WorldlineConfig
 from worldline.train.config_enums import ActivationCheckpointing
 
@@ -121,7 +122,8 @@ def validate(cfg: DictConfig | WorldlineConfig) -> None:
            "the pixel codec has no weights to train: skip the autoencoder stage and train a "
            "latent stage directly (no stage.autoencoder_from needed)")
     if pixel:
-        want = ae.in_channels * ae.temporal_downsample * ae.spatial_downsample ** 2
+        want = pixel_latent_channels(ae.in_channels, ae.temporal_downsample,
+                                     ae.spatial_downsample)
         _check(ae.latent_channels == want, "model.autoencoder.latent_channels",
                f"the pixel codec's latents have in_channels x temporal_downsample x "
                f"spatial_downsample^2 = {want} channels, got {ae.latent_channels}")
