@@ -41,7 +41,11 @@ def _fail_cleanly(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any
             print(f"worldline: error: {e}", file=sys.stderr, flush=True)
             sys.exit(2)
         except TrainingAborted as e:  # non-finite streak, failed save (train/guard.py)
-            print(f"worldline: aborted: {e}", file=sys.stderr, flush=True)
+            # One write, newline included: every rank prints this to the same pipe, and
+            # print()'s separate newline write let two ranks' lines run together (CI, unbuffered
+            # stderr). Writes under PIPE_BUF are atomic.
+            sys.stderr.write(f"worldline: aborted: {e}\n")
+            sys.stderr.flush()
             sys.exit(1)
 
     wrapper.__name__ = fn.__name__
